@@ -1,0 +1,17 @@
+"""Gates (routers): every one maps ``(T, D)`` tokens to a :class:`RoutingResult`."""
+
+from mtl.moe.gates.base import Router
+from mtl.moe.gates.dense import DenseSoftmaxGate
+from mtl.moe.gates.dynamic import ExpertChoiceGate, TopPGate
+from mtl.moe.gates.sigmoid import SigmoidBiasGate
+from mtl.moe.gates.topk import NoisyTopKGate, TopKGate
+
+__all__ = [
+    "DenseSoftmaxGate",
+    "ExpertChoiceGate",
+    "NoisyTopKGate",
+    "Router",
+    "SigmoidBiasGate",
+    "TopKGate",
+    "TopPGate",
+]

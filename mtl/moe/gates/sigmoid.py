@@ -1,0 +1,78 @@
+"""Sigmoid scoring with auxiliary-loss-free balancing (DeepSeek-V3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtl.moe.gates.base import Router, check_k
+from mtl.moe.routing import RoutingResult
+
+
+class SigmoidBiasGate(Router):
+    """Sigmoid affinities, top-k selection on ``score + bias``, no auxiliary loss.
+
+    The per-expert bias ``b`` is not learned by gradient: it only shifts which
+    experts are *selected*; the combine weights come from the unbiased sigmoid
+    scores of the selected experts, normalised to sum to 1 and multiplied by
+    ``route_scale``. After each optimiser step, :meth:`update_bias` moves ``b``
+    toward balance: ``b += rate * sign(mean_load - load)``, centred so that the
+    bias does not drift (as torchtitan does).
+
+    Args:
+        d_model: gate input width.
+        num_experts: ``E``.
+        k: experts per token.
+        route_scale: factor on the normalised weights.
+        bias_update_rate: ``gamma`` of the update rule (DeepSeek-V3 uses 1e-3).
+        normalize: normalise the chosen scores to sum 1.
+
+    Example:
+        >>> gate = SigmoidBiasGate(d_model=8, num_experts=4, k=2)
+        >>> r = gate(torch.randn(16, 8))
+        >>> gate.update_bias(torch.tensor([16.0, 8.0, 8.0, 0.0]))
+        >>> gate.expert_bias_E.argmax().item()
+        3
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_experts: int,
+        k: int,
+        route_scale: float = 1.0,
+        bias_update_rate: float = 1e-3,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__(d_model=d_model, num_experts=num_experts)
+        self.k = check_k(k, num_experts)
+        if bias_update_rate < 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
+        self.route_scale = route_scale
+        self.bias_update_rate = bias_update_rate
+        self.normalize = normalize
+        self.register_buffer("expert_bias_E", torch.zeros(num_experts))
+
+    def route(self, logits_TE: Tensor, x_TD: Tensor) -> RoutingResult:
+        scores_TE = torch.sigmoid(logits_TE)
+        experts_TK = torch.topk(scores_TE + self.expert_bias_E, self.k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, experts_TK)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        weights_TK = weights_TK * self.route_scale
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+        return RoutingResult(
+            weights_TK=weights_TK,
+            experts_TK=experts_TK,
+            logits_TE=logits_TE,
+            probs_TE=probs_TE,
+            extras={"expert_bias_E": self.expert_bias_E.detach().clone()},
+        )
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_E: Tensor) -> None:
+        """Move the selection bias toward balance given the observed load ``(E,)``."""
+        load_E = tokens_per_expert_E.to(self.expert_bias_E)
+        delta_E = self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.expert_bias_E += delta_E - delta_E.mean()

@@ -1,0 +1,144 @@
+"""The one routing result every gate returns, and the statistics derived from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RoutingResult:
+    """What a gate decided for a batch of tokens.
+
+    Every gate, dense or sparse, token-choice or expert-choice, describes its
+    decision as ``K`` slots per token: slot ``(t, j)`` sends token ``t`` to expert
+    ``experts_TK[t, j]`` with combine weight ``weights_TK[t, j]``. Gates whose
+    number of experts per token varies (top-p, expert choice) pad to a fixed ``K``
+    and mark the padding with ``valid_TK = False``. Dense gates use ``K = E``.
+
+    Attributes:
+        weights_TK: ``(T, K)`` float32 combine weights; 0 on invalid slots.
+        experts_TK: ``(T, K)`` int64 expert ids.
+        logits_TE: ``(T, E)`` float32 raw router logits (input of the z-loss).
+        probs_TE: ``(T, E)`` float32 router probabilities over all experts
+            (softmax, or normalised sigmoid scores): input of the balancing losses.
+        valid_TK: ``(T, K)`` bool, or ``None`` when every slot is used.
+        load_estimate_E: ``(E,)`` smooth, differentiable estimate of how many
+            tokens each expert receives (noisy top-k only; Shazeer et al. 2017).
+        extras: gate-specific tensors (kept small), e.g. the selection bias.
+
+    Example:
+        >>> r = RoutingResult(
+        ...     weights_TK=torch.ones(2, 1), experts_TK=torch.tensor([[0], [1]]),
+        ...     logits_TE=torch.zeros(2, 2), probs_TE=torch.full((2, 2), 0.5))
+        >>> r.dense_weights().tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
+    """
+
+    weights_TK: Tensor
+    experts_TK: Tensor
+    logits_TE: Tensor
+    probs_TE: Tensor
+    valid_TK: Tensor | None = None
+    load_estimate_E: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.weights_TK.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs_TE.shape[-1]
+
+    @property
+    def slots(self) -> int:
+        """``K``, the number of expert slots per token (including padding)."""
+        return self.weights_TK.shape[-1]
+
+    def valid(self) -> Tensor:
+        """``(T, K)`` bool mask of used slots (all true when ``valid_TK`` is None)."""
+        if self.valid_TK is None:
+            return torch.ones_like(self.experts_TK, dtype=torch.bool)
+        return self.valid_TK
+
+    def dense_weights(self) -> Tensor:
+        """``(T, E)`` float32 combine weights, zero for experts a token does not use."""
+        w_TK = self.weights_TK
+        if self.valid_TK is not None:
+            w_TK = torch.where(self.valid_TK, w_TK, torch.zeros_like(w_TK))
+        out_TE = torch.zeros(
+            self.num_tokens, self.num_experts, dtype=w_TK.dtype, device=w_TK.device
+        )
+        return out_TE.scatter_add(1, self.experts_TK, w_TK)
+
+
+@dataclass
+class RoutingStats:
+    """Per-call routing statistics, detached from the graph.
+
+    Attributes:
+        tokens_per_expert_E: ``(E,)`` float32 number of token slots each expert
+            computed (after capacity dropping).
+        dropped_slots: scalar, token slots the gate chose but the dispatch dropped.
+        dropped_tokens: scalar, tokens left with no expert at all by dropping
+            (they pass through the residual unchanged).
+        valid_slots: scalar, token slots the gate chose.
+        entropy: scalar, mean per-token entropy (nats) of ``probs_TE``.
+        mean_weight_E: ``(E,)`` mean combine weight each expert receives; for
+            dense gates this is the expert utilisation a task's gate shows.
+    """
+
+    tokens_per_expert_E: Tensor
+    dropped_slots: Tensor
+    dropped_tokens: Tensor
+    valid_slots: Tensor
+    entropy: Tensor
+    mean_weight_E: Tensor
+
+    @property
+    def dropped_fraction(self) -> Tensor:
+        return self.dropped_slots / self.valid_slots.clamp_min(1)
+
+    def as_dict(self, prefix: str = "") -> dict[str, Tensor]:
+        """Scalar statistics for a logger, e.g. ``{"moe/dropped_fraction": ...}``."""
+        load = self.tokens_per_expert_E
+        return {
+            f"{prefix}dropped_fraction": self.dropped_fraction,
+            f"{prefix}router_entropy": self.entropy,
+            # max/mean load: 1.0 is perfect balance, E means one expert takes all
+            f"{prefix}load_max_over_mean": load.max() / load.mean().clamp_min(1e-9),
+        }
+
+
+@torch.no_grad()
+def routing_stats(routing: RoutingResult, kept_TK: Tensor | None = None) -> RoutingStats:
+    """Statistics of one routing decision.
+
+    Args:
+        routing: the gate's decision.
+        kept_TK: ``(T, K)`` bool, the slots the dispatch really computed
+            (``None``: every valid slot).
+
+    Returns:
+        RoutingStats, all tensors detached and on the routing's device.
+    """
+    valid_TK = routing.valid()
+    kept = valid_TK if kept_TK is None else kept_TK & valid_TK
+    E = routing.num_experts
+    ids = routing.experts_TK.masked_fill(~kept, E)
+    tokens_per_expert_E = torch.bincount(ids.reshape(-1), minlength=E + 1)[:E].float()
+    had_expert_T = valid_TK.any(-1)
+    has_expert_T = kept.any(-1)
+    p_TE = routing.probs_TE
+    entropy = -(p_TE * torch.log(p_TE.clamp_min(1e-12))).sum(-1).mean()
+    return RoutingStats(
+        tokens_per_expert_E=tokens_per_expert_E,
+        dropped_slots=(valid_TK & ~kept).sum().float(),
+        dropped_tokens=(had_expert_T & ~has_expert_T).sum().float(),
+        valid_slots=valid_TK.sum().float(),
+        entropy=entropy,
+        mean_weight_E=routing.dense_weights().mean(0),
+    )
