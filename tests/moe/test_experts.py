@@ -1,0 +1,119 @@
+import pytest
+import torch
+from torch import nn
+
+from mtl.moe import ExpertBank, ExpertList
+from mtl.moe.grouped import grouped_matmul
+
+from .reference import expert_forward
+
+
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_grouped_matmul_matches_per_group_matmul(use_grouped_mm: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(11, 8, requires_grad=True)
+    w = torch.randn(4, 8, 12, requires_grad=True)
+    counts = torch.tensor([3, 0, 5, 2])  # one empty group, one padding row
+    y = grouped_matmul(x, w, counts, use_grouped_mm=use_grouped_mm)
+    starts = [0, 3, 3, 8]
+    ref = torch.cat(
+        [x[s : s + c] @ w[e] for e, (s, c) in enumerate(zip(starts, counts.tolist(), strict=True))]
+        + [torch.zeros(1, 12)]
+    )
+    torch.testing.assert_close(y, ref)
+    # sum() gives a stride-0 gradient, which the fused CPU kernel rejects unless handled
+    y.sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref.sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(dims=[6, 10, 6], activation="gelu"),
+        dict(dims=[6, 10, 6], activation="silu", glu=True),
+        dict(dims=[6, 10, 4], activation="relu", bias=True, activate_last=True),
+        dict(dims=[6, 8], activation="relu", bias=True, activate_last=True),
+        dict(dims=[6, 10, 6], activation="silu", glu=True, hidden_sizes=[10, 3, 7]),
+    ],
+)
+def test_forward_all_and_grouped_match_per_expert_reference(kw: dict) -> None:
+    torch.manual_seed(1)
+    bank = ExpertBank(num_experts=3, **kw)
+    x = torch.randn(9, 6)
+    y_all = bank.forward_all(x)
+    for e in range(3):
+        torch.testing.assert_close(y_all[e], expert_forward(bank, e, x))
+    counts = torch.tensor([2, 4, 3])
+    ids = torch.repeat_interleave(torch.arange(3), counts)
+    y_grp = bank.forward_grouped(x, counts, ids)
+    ref = torch.cat([expert_forward(bank, e, x[ids == e]) for e in range(3)])
+    torch.testing.assert_close(y_grp, ref)
+    # per-expert inputs (E, T, D) take each expert's own rows
+    xe = torch.randn(3, 5, 6)
+    y_e = bank.forward_all(xe)
+    for e in range(3):
+        torch.testing.assert_close(y_e[e], expert_forward(bank, e, xe[e]))
+
+
+def test_hidden_sizes_really_shrink_an_expert() -> None:
+    torch.manual_seed(2)
+    bank = ExpertBank(num_experts=2, dims=[4, 8, 4], activation="relu", hidden_sizes=[8, 2])
+    small = ExpertBank(num_experts=1, dims=[4, 2, 4], activation="relu")
+    with torch.no_grad():
+        small.weights[0][0].copy_(bank.weights[0][1][:, :2])
+        small.weights[1][0].copy_(bank.weights[1][1][:2])
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(bank.forward_all(x)[1], small.forward_all(x)[0])
+
+
+def test_from_modules_equals_expert_list() -> None:
+    torch.manual_seed(3)
+    mods = [nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 5)) for _ in range(4)]
+    bank = ExpertBank.from_modules(mods, activation="gelu")
+    lst = ExpertList(mods)
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(bank.forward_all(x), lst.forward_all(x))
+    counts = torch.tensor([1, 2, 0, 3])
+    ids = torch.repeat_interleave(torch.arange(4), counts)
+    torch.testing.assert_close(
+        bank.forward_grouped(x, counts, ids), lst.forward_grouped(x, counts, ids)
+    )
+
+
+def test_batch_norm_experts_normalise_each_expert_separately() -> None:
+    torch.manual_seed(4)
+    bank = ExpertBank(
+        num_experts=3, dims=[4, 6], activation="identity", norm="batch", activate_last=True
+    )
+    with torch.no_grad():
+        bank.weights[0][1] *= 100.0  # one expert with a much larger output scale
+    y = bank.forward_all(torch.randn(256, 4))
+    std_E = y.std(dim=(1, 2))
+    assert torch.allclose(std_E, torch.ones(3), atol=0.05), std_E
+    with pytest.raises(ValueError, match="dense dispatch"):
+        bank.forward_grouped(torch.randn(2, 4), torch.tensor([1, 1, 0]), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize(
+    ("kw", "arg"),
+    [
+        (dict(num_experts=0, dims=[4, 4]), "num_experts"),
+        (dict(num_experts=2, dims=[4]), "dims"),
+        (dict(num_experts=2, dims=[4, 4], activation="tanhh"), "activation"),
+        (dict(num_experts=2, dims=[4, 4, 4], hidden_sizes=[4]), "hidden_sizes"),
+        (dict(num_experts=2, dims=[4, 4], norm="layer"), "norm"),
+    ],
+)
+def test_bad_expert_arguments_name_the_argument(kw: dict, arg: str) -> None:
+    with pytest.raises(ValueError, match=arg):
+        ExpertBank(**kw)
+
+
+def test_mismatched_input_width_is_a_clear_error() -> None:
+    bank = ExpertBank(num_experts=2, dims=[4, 4])
+    with pytest.raises(ValueError, match="width 5"):
+        bank.forward_all(torch.randn(3, 5))

@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+
+from mtl.moe import (
+    cv_squared,
+    importance_loss,
+    load_balance_loss,
+    router_entropy_loss,
+    router_z_loss,
+)
+
+
+@pytest.mark.parametrize(("E", "k"), [(2, 1), (8, 2), (64, 8)])
+def test_load_balance_is_one_for_uniform_routing(E: int, k: int) -> None:
+    T = E * 4
+    probs = torch.full((T, E), 1.0 / E)
+    experts = (torch.arange(T * k) % E).view(T, k)  # every expert gets T*k/E slots
+    assert load_balance_loss(probs, experts).item() == pytest.approx(1.0)
+
+
+def test_load_balance_grows_with_imbalance() -> None:
+    E, T = 4, 100
+    values = []
+    for skew in (0.0, 1.0, 3.0, 10.0):
+        logits = torch.zeros(T, E)
+        logits[:, 0] = skew
+        probs = torch.softmax(logits, -1)
+        experts = torch.topk(probs + torch.rand(T, E) * 1e-3, 1).indices
+        values.append(load_balance_loss(probs, experts).item())
+    assert values == sorted(values) and values[-1] > 3.5  # -> E when one expert takes all
+
+
+def test_load_balance_matches_formula_and_gradient_flows_through_probs_only() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(10, 3, requires_grad=True)
+    probs = torch.softmax(logits, -1)
+    experts = torch.tensor([[0], [0], [1], [2], [0], [1], [0], [0], [2], [1]])
+    f = torch.tensor([5, 3, 2]) / 10
+    expected = 3 * (f * probs.mean(0)).sum()
+    loss = load_balance_loss(probs, experts)
+    torch.testing.assert_close(loss, expected)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert g.abs().sum() > 0
+
+
+def test_load_balance_ignores_invalid_slots() -> None:
+    probs = torch.full((2, 2), 0.5)
+    experts = torch.tensor([[0, 1], [0, 1]])
+    valid = torch.tensor([[True, False], [True, False]])
+    # only expert 0 counted: f = (1, 0) -> 2 * 0.5 = 1.0 ... and all on expert 0
+    assert load_balance_loss(probs, experts, valid).item() == pytest.approx(1.0)
+    probs2 = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
+    assert load_balance_loss(probs2, experts, valid).item() == pytest.approx(1.8)
+
+
+def test_z_loss_value() -> None:
+    logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    expected = (math.log(2) ** 2 + (1 + math.log(2)) ** 2) / 2
+    assert router_z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_cv_losses() -> None:
+    assert cv_squared(torch.ones(5)).item() == 0.0
+    assert cv_squared(torch.tensor([0.0, 2.0])).item() == pytest.approx(1.0)
+    w = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert importance_loss(w).item() == pytest.approx(1.0)
+
+
+def test_entropy_loss() -> None:
+    assert router_entropy_loss(torch.full((3, 4), 0.25)).item() == pytest.approx(math.log(4))
+    assert router_entropy_loss(torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
