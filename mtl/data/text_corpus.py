@@ -36,8 +36,11 @@ import random
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 __all__ = ["DEFAULT_CORPUS_CHARS", "DEFAULT_CORPUS_SEED", "default_corpus", "generate_corpus"]
+
+T = TypeVar("T")
 
 DEFAULT_CORPUS_SEED = 1234
 DEFAULT_CORPUS_CHARS = 400_000
@@ -61,7 +64,7 @@ _THEMES: dict[str, _Theme] = {
     "farm": _Theme(
         _pairs("farmer/farmers cow/cows horse/horses goat/goats hen/hens sheep/sheep barn/barns "
                "field/fields fence/fences apple/apples cart/carts dog/dogs"),
-        "muddy green tired hungry golden brown".split(),
+        ["muddy", "green", "tired", "hungry", "golden", "brown"],
         _pairs("feed/feeds/fed milk/milks/milked plant/plants/planted carry/carries/carried "
                "mend/mends/mended chase/chases/chased"),
         ["in the barn", "by the pond", "across the field", "behind the fence", "near the old mill"],
@@ -69,7 +72,7 @@ _THEMES: dict[str, _Theme] = {
     "sea": _Theme(
         _pairs("sailor/sailors ship/ships boat/boats wave/waves fish/fish net/nets captain/captains "
                "gull/gulls island/islands rope/ropes shell/shells anchor/anchors"),
-        "salty grey wild cold blue empty".split(),
+        ["salty", "grey", "wild", "cold", "blue", "empty"],
         _pairs("pull/pulls/pulled catch/catches/caught sail/sails/sailed watch/watches/watched "
                "tie/ties/tied throw/throws/threw"),
         ["on the deck", "along the shore", "beyond the harbour", "under the pier", "near the lighthouse"],
@@ -77,7 +80,7 @@ _THEMES: dict[str, _Theme] = {
     "city": _Theme(
         _pairs("baker/bakers merchant/merchants street/streets market/markets coin/coins lamp/lamps "
                "tower/towers clock/clocks guard/guards window/windows loaf/loaves letter/letters"),
-        "busy narrow bright noisy rich crowded".split(),
+        ["busy", "narrow", "bright", "noisy", "rich", "crowded"],
         _pairs("sell/sells/sold buy/buys/bought count/counts/counted open/opens/opened "
                "deliver/delivers/delivered guard/guards/guarded"),
         ["in the market", "on the bridge", "at the corner", "behind the bakery", "by the city gate"],
@@ -85,7 +88,7 @@ _THEMES: dict[str, _Theme] = {
     "forest": _Theme(
         _pairs("hunter/hunters fox/foxes wolf/wolves deer/deer owl/owls tree/trees path/paths "
                "mushroom/mushrooms river/rivers stone/stones berry/berries cave/caves"),
-        "dark tall ancient silent mossy icy".split(),
+        ["dark", "tall", "ancient", "silent", "mossy", "icy"],
         _pairs("follow/follows/followed gather/gathers/gathered climb/climbs/climbed find/finds/found "
                "hide/hides/hid cross/crosses/crossed"),
         ["under the oak", "by the stream", "deep in the woods", "near the cave", "on the hill"],
@@ -93,7 +96,7 @@ _THEMES: dict[str, _Theme] = {
     "castle": _Theme(
         _pairs("king/kings queen/queens knight/knights sword/swords crown/crowns dragon/dragons "
                "servant/servants banner/banners shield/shields gate/gates feast/feasts prince/princes"),
-        "royal proud silver noble fierce heavy".split(),
+        ["royal", "proud", "silver", "noble", "fierce", "heavy"],
         _pairs("defend/defends/defended serve/serves/served praise/praises/praised ride/rides/rode "
                "fight/fights/fought polish/polishes/polished"),
         ["in the great hall", "on the walls", "beyond the moat", "in the tower", "at the gate"],
@@ -101,13 +104,13 @@ _THEMES: dict[str, _Theme] = {
     "school": _Theme(
         _pairs("teacher/teachers student/students book/books lesson/lessons pencil/pencils desk/desks "
                "garden/gardens map/maps song/songs bell/bells question/questions friend/friends"),
-        "clever young careful curious patient eager".split(),
+        ["clever", "young", "careful", "curious", "patient", "eager"],
         _pairs("read/reads/read write/writes/wrote draw/draws/drew answer/answers/answered "
                "learn/learns/learned teach/teaches/taught"),
         ["in the classroom", "in the library", "by the window", "in the garden", "after the lesson"],
     ),
 }
-_COMMON_ADJECTIVES = "little big good old happy strange".split()
+_COMMON_ADJECTIVES = ["little", "big", "good", "old", "happy", "strange"]
 _COMMON_TRANSITIVE = _pairs("see/sees/saw want/wants/wanted like/likes/liked "
                             "remember/remembers/remembered bring/brings/brought lose/loses/lost")
 _INTRANSITIVE = _pairs("sleep/sleeps/slept laugh/laughs/laughed wait/waits/waited sing/sings/sang "
@@ -115,7 +118,7 @@ _INTRANSITIVE = _pairs("sleep/sleeps/slept laugh/laughs/laughed wait/waits/waite
                        "listen/listens/listened work/works/worked")
 _SPEECH = _pairs("say/says/said ask/asks/asked whisper/whispers/whispered shout/shouts/shouted "
                  "reply/replies/replied")
-_ADVERBS = "slowly quickly quietly carefully happily again".split()
+_ADVERBS = ["slowly", "quickly", "quietly", "carefully", "happily", "again"]
 _NAMES = [("Anna", "she"), ("Tom", "he"), ("Mira", "she"), ("Peter", "he"), ("Lucy", "she"),
           ("Hugo", "he"), ("Clara", "she"), ("Felix", "he"), ("Rosa", "she"), ("Oscar", "he"),
           ("Nina", "she"), ("Jonas", "he")]
@@ -138,7 +141,7 @@ class _Rng:
     def below(self, n: int) -> int:
         return min(int(self._random() * n), n - 1)
 
-    def pick(self, seq: Sequence[str] | Sequence[tuple[str, ...]]):  # type: ignore[no-untyped-def]
+    def pick(self, seq: Sequence[T]) -> T:
         return seq[self.below(len(seq))]
 
     def chance(self, p: float) -> bool:
@@ -184,7 +187,7 @@ class _Grammar:
 
     def subject(self, p: _Paragraph) -> tuple[str, bool]:
         """A subject and whether it is plural (for verb agreement)."""
-        u = self.rng._random() if False else self.rng.below(100)
+        u = self.rng.below(100)
         if u < 25:
             return p.name, False
         if u < 40:
@@ -294,7 +297,7 @@ def generate_corpus(*, seed: int = DEFAULT_CORPUS_SEED, n_chars: int = DEFAULT_C
 
 
 def _chapter_name(index: int) -> str:
-    """``0 -> "ONE"``, ``10 -> "ELEVEN"`` would need a table; past ten we count in digits."""
+    """Chapter heading word: ``0 -> "ONE"``; past ten, digits (a table would only add lines)."""
     return _NUMBER_WORDS[index] if index < len(_NUMBER_WORDS) else str(index + 1)
 
 

@@ -1,0 +1,400 @@
+"""Token datasets for next-token prediction: a text file (or the embedded corpus)
+tokenised once into an in-memory tensor, split contiguously into train/val, and
+served as fixed-length blocks.
+
+Two loaders, both plain iterables with ``__len__`` that Lightning uses directly:
+
+* :class:`RandomBlockLoader` (training): nanoGPT-style random offsets drawn by a
+  seeded generator, ``steps_per_epoch`` batches per epoch, new offsets each epoch.
+* :class:`PackedBlockLoader` (validation): the split cut into non-overlapping
+  blocks in order, so every val token is a target exactly once per pass.
+
+Each batch is a :class:`TokenBatch` ``(inputs, targets)`` of ``torch.long``
+tensors, both ``(B, T)``, with ``targets[:, t] == inputs[:, t + 1]`` and the
+last target being the token after the block.
+
+Example:
+    >>> dm = TextDataModule(path=None, block_size=64, batch_size=8)
+    >>> x, y = next(iter(dm.train_dataloader()))
+    >>> x.shape, y.shape, bool((x[:, 1:] == y[:, :-1]).all())
+    (torch.Size([8, 64]), torch.Size([8, 64]), True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import pytorch_lightning as pl
+import torch
+
+from mtl.data.text_corpus import default_corpus
+from mtl.data.tokenizers import Tokenizer, build_tokenizer
+
+__all__ = [
+    "PackedBlockLoader",
+    "RandomBlockLoader",
+    "TextDataModule",
+    "TokenBatch",
+    "bigram_cross_entropy",
+    "load_text",
+    "split_tokens",
+    "unigram_cross_entropy",
+]
+
+EMBEDDED_SOURCE = "<embedded corpus>"
+
+
+class TokenBatch(NamedTuple):
+    """A batch for next-token prediction: ``inputs`` and ``targets``, both ``(B, T)`` long."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+
+def load_text(path: str | Path) -> str:
+    """Read a UTF-8 text file; relative paths resolve against the current directory.
+
+    Raises:
+        FileNotFoundError: the file does not exist (message names the resolved path).
+        ValueError: the file is empty, only whitespace, or not UTF-8.
+    """
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(
+            f"text file not found: {resolved} (given as {str(path)!r}; relative paths "
+            f"resolve against the current directory {Path.cwd()}). For the shared data set "
+            "MTL_SHARED_DATA, or pass path=None to use the embedded corpus."
+        )
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text file {resolved} is not valid UTF-8: {err}") from err
+    if not text.strip():
+        raise ValueError(f"text file {resolved} is empty or only whitespace; nothing to train on")
+    return text
+
+
+def split_tokens(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous split: the first ``1 - val_fraction`` of the tokens train, the rest validate.
+
+    Contiguous rather than shuffled so that val blocks are text the model never
+    saw as context, not neighbours of training windows.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = round(len(tokens) * val_fraction)
+    n_train = len(tokens) - n_val
+    return tokens[:n_train], tokens[n_train:]
+
+
+def _check_block_size(tokens: torch.Tensor, block_size: int, split: str) -> None:
+    # A block needs block_size inputs plus one more token for the last target.
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if len(tokens) < block_size + 1:
+        raise ValueError(
+            f"block_size={block_size} is too large for the {split} split: a block needs "
+            f"{block_size + 1} tokens but the split has only {len(tokens)} tokens; "
+            "lower block_size or val_fraction, or use more text"
+        )
+
+
+class RandomBlockLoader:
+    """Training batches at random offsets (nanoGPT style), ``steps`` batches per epoch.
+
+    Epoch ``e`` draws its offsets from a generator seeded with ``(seed, rank, e)``,
+    so the same seed gives the same batches, each epoch sees new windows, and
+    ranks of a multi-GPU run sample different windows. The epoch counter
+    advances on every ``iter()`` and can be set (:meth:`set_epoch`) on resume.
+
+    Args:
+        tokens: 1-D long tensor ``(N,)`` with ``N >= block_size + 1``.
+        block_size: ``T``, the context length.
+        batch_size: ``B``.
+        steps: Batches per epoch (``len(loader)``).
+        seed: Base seed.
+        rank: Process rank, mixed into the seed.
+
+    Example:
+        >>> loader = RandomBlockLoader(tokens=torch.arange(100), block_size=4, batch_size=2, steps=3)
+        >>> len(loader), [tuple(b.inputs.shape) for b in loader]
+        (3, [(2, 4), (2, 4), (2, 4)])
+    """
+
+    def __init__(
+        self,
+        *,
+        tokens: torch.Tensor,
+        block_size: int,
+        batch_size: int,
+        steps: int,
+        seed: int = 0,
+        rank: int = 0,
+    ) -> None:
+        _check_block_size(tokens, block_size, "train")
+        if batch_size < 1 or steps < 1:
+            raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
+        # unfold is a view (N - T, T + 1): row i is tokens[i : i + T + 1], no copy.
+        self._windows = tokens.long().unfold(0, block_size + 1, 1)
+        self.block_size, self.batch_size, self.steps = block_size, batch_size, steps
+        self.seed, self.rank = seed, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` produce the batches of ``epoch``."""
+        self.epoch = epoch
+
+    def offsets(self, epoch: int) -> torch.Tensor:
+        """The ``(steps, B)`` start offsets of ``epoch``; batch ``s`` row ``b`` starts at ``[s, b]``."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + epoch)
+        return torch.randint(len(self._windows), (self.steps, self.batch_size), generator=g)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[TokenBatch]:
+        offsets = self.offsets(self.epoch)
+        self.epoch += 1
+        for row in offsets:
+            window = self._windows[row]  # (B, T + 1), a fresh contiguous copy
+            yield TokenBatch(window[:, :-1].contiguous(), window[:, 1:].contiguous())
+
+
+class PackedBlockLoader:
+    """Deterministic batches of non-overlapping consecutive blocks (validation).
+
+    Block ``i`` has inputs ``tokens[i*T : (i+1)*T]`` and targets one token later,
+    so a pass predicts each of the first ``n_blocks * T`` targets exactly once;
+    the last ``< T`` tokens that do not fill a block are dropped. The last batch
+    may be smaller than ``batch_size``. With ``world_size > 1`` each rank takes
+    every ``world_size``-th block.
+
+    Args:
+        tokens: 1-D long tensor ``(N,)`` with ``N >= block_size + 1``.
+        block_size: ``T``.
+        batch_size: ``B``.
+        rank, world_size: Shard of the blocks this process serves.
+
+    Example:
+        >>> loader = PackedBlockLoader(tokens=torch.arange(10), block_size=3, batch_size=2)
+        >>> [b.inputs.tolist() for b in loader]
+        [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8]]]
+    """
+
+    def __init__(
+        self,
+        *,
+        tokens: torch.Tensor,
+        block_size: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        _check_block_size(tokens, block_size, "val")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n_blocks = (len(tokens) - 1) // block_size
+        used = n_blocks * block_size
+        tokens = tokens.long()
+        self.inputs = tokens[:used].view(n_blocks, block_size)[rank::world_size]
+        self.targets = tokens[1 : used + 1].view(n_blocks, block_size)[rank::world_size]
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.inputs) / self.batch_size)
+
+    def __iter__(self) -> Iterator[TokenBatch]:
+        for start in range(0, len(self.inputs), self.batch_size):
+            stop = start + self.batch_size
+            yield TokenBatch(self.inputs[start:stop], self.targets[start:stop])
+
+
+def unigram_cross_entropy(
+    train_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int
+) -> float:
+    """Cross-entropy (nats/token) of ``eval_tokens`` under the add-one-smoothed unigram
+    distribution of ``train_tokens``: ``-mean(log((count[x] + 1) / (N + V)))``.
+
+    The loss a model reaches by predicting token frequencies and ignoring context;
+    a language model must get clearly below it to have learned anything.
+    """
+    counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1.0
+    log_p = counts.log() - counts.sum().log()
+    return float(-log_p[eval_tokens.long()].mean())
+
+
+def bigram_cross_entropy(
+    train_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int
+) -> float:
+    """Cross-entropy (nats/token) of ``eval_tokens[1:]`` given the previous token, under
+    add-one-smoothed bigram counts of ``train_tokens``: ``(c[a, b] + 1) / (c[a] + V)``.
+
+    Pair counts are kept sparse (sorted unique pair ids), so large vocabularies
+    do not need a ``V x V`` table.
+    """
+    train, ev = train_tokens.long(), eval_tokens.long()
+    pair_ids, pair_counts = torch.unique(train[:-1] * vocab_size + train[1:], return_counts=True)
+    prev_counts = torch.bincount(train[:-1], minlength=vocab_size)
+    query = ev[:-1] * vocab_size + ev[1:]
+    pos = torch.searchsorted(pair_ids, query).clamp(max=len(pair_ids) - 1)
+    c_pair = torch.where(pair_ids[pos] == query, pair_counts[pos], 0).double()
+    p = (c_pair + 1.0) / (prev_counts[ev[:-1]].double() + vocab_size)
+    return float(-p.log().mean())
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Lightning data module for token language modelling on one text.
+
+    The text is read, tokenised and split lazily, on :meth:`setup` or the first
+    access to :attr:`tokenizer` / :attr:`vocab_size` (build the model from
+    ``dm.vocab_size``). Its :meth:`state_dict` (saved in Lightning checkpoints)
+    holds the tokenizer, and :meth:`load_state_dict` refuses a checkpoint whose
+    vocabulary differs.
+
+    Args:
+        path: UTF-8 text file (relative to the current directory), or ``None`` for
+            the embedded generated corpus (:mod:`mtl.data.text_corpus`).
+        tokenizer: ``"char"``, ``"byte"`` or ``"bpe"`` (fitted on the whole text),
+            or a ready :class:`~mtl.data.tokenizers.Tokenizer` (e.g. from a checkpoint).
+        tokenizer_kwargs: Options for :func:`~mtl.data.tokenizers.build_tokenizer`.
+        block_size: Context length ``T``.
+        batch_size: Training batch size ``B``.
+        val_batch_size: Validation batch size (default: ``batch_size``).
+        val_fraction: Fraction of tokens, at the end of the text, held out for validation.
+        steps_per_epoch: Training batches per epoch.
+        seed: Seed of the training offsets.
+
+    Example:
+        >>> dm = TextDataModule(path=None, block_size=32, batch_size=4, steps_per_epoch=10)
+        >>> dm.vocab_size > 30, len(dm.train_dataloader())
+        (True, 10)
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | Path | None,
+        tokenizer: str | Tokenizer = "char",
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
+        block_size: int = 128,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        steps_per_epoch: int = 500,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if block_size < 1 or batch_size < 1 or steps_per_epoch < 1:
+            raise ValueError(
+                "block_size, batch_size and steps_per_epoch must be >= 1, got "
+                f"{block_size}, {batch_size}, {steps_per_epoch}"
+            )
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        # A Tokenizer object is not a hyperparameter Lightning can log as YAML.
+        self.save_hyperparameters(ignore=None if isinstance(tokenizer, str) else ["tokenizer"])
+        self.path = None if path is None else str(path)
+        self.block_size, self.batch_size = block_size, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.val_fraction, self.steps_per_epoch, self.seed = val_fraction, steps_per_epoch, seed
+        self._tokenizer_spec = tokenizer
+        # Hydra passes a DictConfig; a plain dict keeps the tokenizer code OmegaConf-free.
+        self._tokenizer_kwargs = dict(tokenizer_kwargs or {})
+        self._tokenizer: Tokenizer | None = None
+        self._train: torch.Tensor | None = None
+        self._val: torch.Tensor | None = None
+        self._train_loader: RandomBlockLoader | None = None
+        self._restored_epoch = 0
+
+    @property
+    def source(self) -> str:
+        """The text file path, or ``"<embedded corpus>"``."""
+        return EMBEDDED_SOURCE if self.path is None else self.path
+
+    def _prepare(self) -> None:
+        if self._tokenizer is not None:
+            return
+        text = default_corpus() if self.path is None else load_text(self.path)
+        if isinstance(self._tokenizer_spec, Tokenizer):
+            tokenizer = self._tokenizer_spec
+        else:
+            tokenizer = build_tokenizer(self._tokenizer_spec, text, **self._tokenizer_kwargs)
+        train, val = split_tokens(tokenizer.encode(text), self.val_fraction)
+        # Fail here, at set-up, rather than at the first batch of the first epoch.
+        _check_block_size(train, self.block_size, f"train split of {self.source}")
+        _check_block_size(val, self.block_size, f"val split of {self.source}")
+        self._tokenizer, self._train, self._val = tokenizer, train, val
+
+    def setup(self, stage: str | None = None) -> None:
+        self._prepare()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        self._prepare()
+        assert self._tokenizer is not None
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def tokens(self, split: Literal["train", "val"]) -> torch.Tensor:
+        """The 1-D long token tensor of a split."""
+        self._prepare()
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return self._train if split == "train" else self._val  # type: ignore[return-value]
+
+    def _rank(self) -> tuple[int, int]:
+        # Under DDP: shard the val blocks, draw different train offsets on each rank.
+        t = self.trainer
+        return (0, 1) if t is None else (int(t.global_rank), int(t.world_size))
+
+    def train_dataloader(self) -> RandomBlockLoader:
+        rank, _ = self._rank()
+        self._train_loader = RandomBlockLoader(
+            tokens=self.tokens("train"),
+            block_size=self.block_size,
+            batch_size=self.batch_size,
+            steps=self.steps_per_epoch,
+            seed=self.seed,
+            rank=rank,
+        )
+        self._train_loader.set_epoch(self._restored_epoch)
+        return self._train_loader
+
+    def val_dataloader(self) -> PackedBlockLoader:
+        rank, world_size = self._rank()
+        return PackedBlockLoader(
+            tokens=self.tokens("val"),
+            block_size=self.block_size,
+            batch_size=self.val_batch_size,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def unigram_entropy(self, split: Literal["train", "val"] = "val") -> float:
+        """Cross-entropy (nats/token) of ``split`` under the add-one unigram model of train counts."""
+        return unigram_cross_entropy(self.tokens("train"), self.tokens(split), self.vocab_size)
+
+    def bigram_entropy(self, split: Literal["train", "val"] = "val") -> float:
+        """Cross-entropy (nats/token) of ``split`` under the add-one bigram model of train counts."""
+        return bigram_cross_entropy(self.tokens("train"), self.tokens(split), self.vocab_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch = self._train_loader.epoch if self._train_loader is not None else self._restored_epoch
+        return {
+            "tokenizer": self.tokenizer.state_dict(),
+            "fingerprint": self.tokenizer.fingerprint(),
+            "train_epoch": epoch,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "tokenizer" in state_dict:
+            self.tokenizer.check_compatible(state_dict["tokenizer"])
+        self._restored_epoch = int(state_dict.get("train_epoch", 0))
+        if self._train_loader is not None:
+            self._train_loader.set_epoch(self._restored_epoch)
