@@ -1,0 +1,98 @@
+"""Multi-gate mixture of experts (Ma et al., KDD 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+
+from mtl.models.rec.common import (
+    as_loss_weights,
+    as_widths,
+    check_dim,
+    check_tasks,
+    gate_aux_loss,
+    representation_bank,
+)
+from mtl.models.rec.output import MultiTaskOutput
+from mtl.models.rec.towers import TaskTowers
+from mtl.moe import DenseSoftmaxGate, MultiGateMixture
+
+
+class MMoE(nn.Module):
+    """MMoE: ``E`` shared experts, one softmax gate per task, one tower per task.
+
+    ``h_t = sum_e softmax(x W_t + b_t)_e * Expert_e(x)``, ``logit_t = Tower_t(h_t)``.
+    The experts run once (one batched matmul per layer) and every gate mixes
+    their outputs (:class:`~mtl.moe.MultiGateMixture`).
+
+    Args:
+        d_in: width of the embedded input.
+        tasks: task names, in output order.
+        num_experts: ``E``.
+        expert_hidden: widths of each expert MLP; the last is the representation width.
+        tower_hidden: hidden widths of each task tower.
+        dropout: dropout in the towers.
+        expert_activation: expert activation (``relu`` as in the paper, or ``swish``...).
+        expert_norm: per-expert batch norm before each activation (HoME's fix, for ablations).
+        gate_temperature: softmax temperature of the gates.
+        aux_loss_weights: ``{loss name: weight}`` over :mod:`mtl.moe.losses`
+            (``importance``, ``z_loss``, ``entropy``...), averaged over gates.
+
+    Shapes:
+        ``x (B, d_in) ->`` logits ``{task: (B,)}``, gate weights ``{task: (B, E)}``,
+        expert outputs ``(E, B, expert_hidden[-1])``.
+
+    Example:
+        >>> import torch
+        >>> model = MMoE(d_in=16, tasks=["click", "like"], num_experts=4, expert_hidden=[32])
+        >>> out = model(torch.randn(8, 16))
+        >>> out.gate_weights["like"].shape, out.expert_outputs.shape
+        (torch.Size([8, 4]), torch.Size([4, 8, 32]))
+    """
+
+    def __init__(
+        self,
+        *,
+        d_in: int,
+        tasks: Sequence[str],
+        num_experts: int = 8,
+        expert_hidden: Sequence[int] = (256, 128),
+        tower_hidden: Sequence[int] = (64,),
+        dropout: float = 0.0,
+        expert_activation: str = "relu",
+        expert_norm: bool = False,
+        gate_temperature: float = 1.0,
+        aux_loss_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.d_in = check_dim("d_in", d_in)
+        self.tasks = check_tasks(tasks)
+        self.num_experts = check_dim("num_experts", num_experts)
+        widths = as_widths("expert_hidden", expert_hidden, allow_empty=False)
+        self.aux_loss_weights = as_loss_weights(aux_loss_weights)
+        bank = representation_bank(
+            num_experts=num_experts,
+            dims=[d_in, *widths],
+            activation=expert_activation,
+            expert_norm=expert_norm,
+        )
+        gates = {
+            t: DenseSoftmaxGate(d_model=d_in, num_experts=num_experts, temperature=gate_temperature)
+            for t in self.tasks
+        }
+        self.mixture = MultiGateMixture(experts=bank, gates=gates)
+        self.towers = TaskTowers(
+            tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout
+        )
+        self.expert_kinds = ["shared"] * num_experts
+
+    def forward(self, x_BD: Tensor) -> MultiTaskOutput:
+        mix = self.mixture(x_BD)
+        return MultiTaskOutput(
+            logits=self.towers(mix.outputs),
+            aux_loss=gate_aux_loss(list(mix.routing.values()), self.aux_loss_weights, x_BD.device),
+            gate_weights={t: r.dense_weights() for t, r in mix.routing.items()},
+            expert_outputs=mix.expert_outputs_ETD,
+            expert_kinds=list(self.expert_kinds),
+        )

@@ -1,0 +1,63 @@
+"""What every multi-task ranking model returns: :class:`MultiTaskOutput`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def _zero() -> Tensor:
+    return torch.zeros((), dtype=torch.float32)
+
+
+@dataclass
+class MultiTaskOutput:
+    """Predictions and diagnostics of one forward pass of a multi-task model.
+
+    A task appears in ``logits`` or in ``probs``, never in both. The training
+    loop applies a loss on logits (BCE-with-logits, MSE for regression) or on
+    probabilities (BCE on a clamped probability) accordingly.
+
+    Attributes:
+        logits: ``{task: (B,)}`` raw score: a logit for binary tasks, the value
+            for regression tasks.
+        probs: ``{task: (B,)}`` probabilities of tasks the model predicts as a
+            probability directly (ESMM's ``ctcvr = p_ctr * p_cvr``).
+        aux_loss: float32 scalar to add to the task losses (0 when none).
+        gate_weights: ``{task: (B, E)}`` weights of each task's final-level
+            gate over the bank's ``E`` experts (exactly 0 for masked experts);
+            empty for models without gates.
+        expert_outputs: ``(E, B, H)`` outputs of the final-level experts
+            (collapse diagnostics: zero-activation fraction, output scale), or None.
+        expert_kinds: length ``E``: ``"shared"``, ``"group:<name>"`` or
+            ``"task:<name>"`` for each final-level expert.
+
+    Example:
+        >>> out = MultiTaskOutput(logits={"click": torch.zeros(4)})
+        >>> out.probabilities()["click"].tolist(), out.aux_loss.item()
+        ([0.5, 0.5, 0.5, 0.5], 0.0)
+    """
+
+    logits: dict[str, Tensor]
+    probs: dict[str, Tensor] = field(default_factory=dict)
+    aux_loss: Tensor = field(default_factory=_zero)
+    gate_weights: dict[str, Tensor] = field(default_factory=dict)
+    expert_outputs: Tensor | None = None
+    expert_kinds: list[str] = field(default_factory=list)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Names of all predicted outputs: logits first, then probabilities."""
+        return [*self.logits, *self.probs]
+
+    def probabilities(self) -> dict[str, Tensor]:
+        """``{task: (B,)}`` probability of every output, for binary tasks only.
+
+        Logits go through a sigmoid; direct probabilities are returned as they
+        are. Do not use it for regression outputs.
+        """
+        out = {t: torch.sigmoid(v) for t, v in self.logits.items()}
+        out.update(self.probs)
+        return out

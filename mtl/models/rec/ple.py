@@ -1,0 +1,140 @@
+"""Progressive layered extraction (Tang et al., RecSys 2020): stacked CGC levels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtl.models.rec.common import (
+    SHARED_UNIT,
+    as_loss_weights,
+    as_widths,
+    check_dim,
+    check_tasks,
+    gate_aux_loss,
+    representation_bank,
+)
+from mtl.models.rec.output import MultiTaskOutput
+from mtl.models.rec.towers import TaskTowers
+from mtl.moe import DenseSoftmaxGate, MultiGateMixture
+
+
+class PLE(nn.Module):
+    """PLE: ``num_levels`` customized-gate-control (CGC) levels, then one tower per task.
+
+    Each level holds ``S`` shared experts and ``K`` experts per task, stored as
+    one :class:`~mtl.moe.ExpertBank` (order: shared, then task blocks in task
+    order). Task ``t``'s gate is a :class:`~mtl.moe.DenseSoftmaxGate` whose
+    ``expert_mask`` allows only the shared experts and ``t``'s own; every level
+    but the last also has a shared gate over all experts, whose output feeds the
+    next level's shared experts. At level ``l > 0`` each expert reads the
+    representation of its owner (shared experts: the shared output; task
+    experts: their task's output), and each gate is computed from the same
+    representation as its experts. With ``num_levels=1`` this is CGC.
+
+    Args:
+        d_in: width of the embedded input.
+        tasks: task names, in output order.
+        num_levels: number of CGC levels (>= 1).
+        num_shared_experts: ``S`` per level (>= 0).
+        num_task_experts: ``K`` per task per level (>= 0; ``S + K >= 1``).
+        expert_hidden: widths of each expert MLP (same at every level).
+        tower_hidden: hidden widths of each task tower.
+        dropout: dropout in the towers.
+        expert_activation: expert activation.
+        expert_norm: per-expert batch norm before each activation.
+        aux_loss_weights: ``{loss name: weight}``, over every gate of every level,
+            each restricted to the experts it may use.
+
+    Shapes:
+        ``x (B, d_in) ->`` logits ``{task: (B,)}``; gate weights ``{task: (B, E)}``
+        and expert outputs ``(E, B, expert_hidden[-1])`` of the last level, with
+        ``E = S + K * len(tasks)``.
+
+    Example:
+        >>> model = PLE(d_in=16, tasks=["click", "like"], num_levels=2,
+        ...             num_shared_experts=2, num_task_experts=1, expert_hidden=[32])
+        >>> out = model(torch.randn(8, 16))
+        >>> out.expert_kinds
+        ['shared', 'shared', 'task:click', 'task:like']
+    """
+
+    def __init__(
+        self,
+        *,
+        d_in: int,
+        tasks: Sequence[str],
+        num_levels: int = 2,
+        num_shared_experts: int = 2,
+        num_task_experts: int = 2,
+        expert_hidden: Sequence[int] = (256, 128),
+        tower_hidden: Sequence[int] = (64,),
+        dropout: float = 0.0,
+        expert_activation: str = "relu",
+        expert_norm: bool = False,
+        aux_loss_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.d_in = check_dim("d_in", d_in)
+        self.tasks = check_tasks(tasks)
+        self.num_levels = check_dim("num_levels", num_levels)
+        S = check_dim("num_shared_experts", num_shared_experts, minimum=0)
+        K = check_dim("num_task_experts", num_task_experts, minimum=0)
+        if S + K < 1:
+            raise ValueError("PLE needs num_shared_experts + num_task_experts >= 1")
+        widths = as_widths("expert_hidden", expert_hidden, allow_empty=False)
+        self.aux_loss_weights = as_loss_weights(aux_loss_weights)
+
+        # Unit 0 is the shared representation, unit i + 1 is task i's.
+        self.expert_kinds = ["shared"] * S + [f"task:{t}" for t in self.tasks for _ in range(K)]
+        owner = [0] * S + [i + 1 for i in range(len(self.tasks)) for _ in range(K)]
+        self.register_buffer("owner_E", torch.tensor(owner, dtype=torch.long), persistent=False)
+        E = len(owner)
+        self.num_experts = E
+
+        levels = []
+        d_level = d_in
+        for level in range(self.num_levels):
+            gates: dict[str, nn.Module] = {}
+            for i, t in enumerate(self.tasks):
+                allowed = [e for e in range(E) if owner[e] in (0, i + 1)]
+                gates[t] = DenseSoftmaxGate(d_model=d_level, num_experts=E, expert_mask=allowed)
+            if level < self.num_levels - 1 and S > 0:  # without shared experts nothing reads it
+                gates[SHARED_UNIT] = DenseSoftmaxGate(d_model=d_level, num_experts=E)
+            bank = representation_bank(
+                num_experts=E,
+                dims=[d_level, *widths],
+                activation=expert_activation,
+                expert_norm=expert_norm,
+            )
+            levels.append(MultiGateMixture(experts=bank, gates=gates))
+            d_level = widths[-1]
+        self.levels = nn.ModuleList(levels)
+        self.towers = TaskTowers(
+            tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout
+        )
+
+    def forward(self, x_BD: Tensor) -> MultiTaskOutput:
+        routings = []
+        mix = self.levels[0](x_BD)
+        routings += mix.routing.values()
+        for level in self.levels[1:]:
+            reps = mix.outputs
+            # unit 0 is a placeholder when there are no shared experts (never indexed)
+            shared = reps.get(SHARED_UNIT, reps[self.tasks[0]])
+            units_UBH = torch.stack([shared, *(reps[t] for t in self.tasks)])
+            x_EBH = units_UBH.index_select(0, self.owner_E)  # each expert reads its owner's rep
+            gate_inputs = {t: reps[t] for t in self.tasks}
+            if SHARED_UNIT in level.gates:
+                gate_inputs[SHARED_UNIT] = reps[SHARED_UNIT]
+            mix = level(x_EBH, gate_inputs=gate_inputs)
+            routings += mix.routing.values()
+        return MultiTaskOutput(
+            logits=self.towers({t: mix.outputs[t] for t in self.tasks}),
+            aux_loss=gate_aux_loss(routings, self.aux_loss_weights, x_BD.device),
+            gate_weights={t: mix.routing[t].dense_weights() for t in self.tasks},
+            expert_outputs=mix.expert_outputs_ETD,
+            expert_kinds=list(self.expert_kinds),
+        )
