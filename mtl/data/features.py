@@ -1,0 +1,365 @@
+"""Feature specification for tabular multi-task ranking data, and fitting it on a train split.
+
+A :class:`FeatureSpec` is the contract between the data layer and the models: it
+lists the categorical features (with vocabulary size and embedding width), the
+numeric features (with the train mean/std used to standardise them), the tasks and
+the optional user column. :func:`fit_features` learns a spec plus the categorical
+vocabularies from the TRAIN split only, so that validation/test never leak into
+the encoding; unseen categories are then mapped to index 0 (OOV).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import polars as pl
+
+TaskKind = Literal["binary", "regression"]
+TASK_KINDS: tuple[str, ...] = ("binary", "regression")
+
+# Integer columns with at most this many distinct train values are treated as
+# categorical when roles are inferred (codes such as "industry recode 0..51").
+DEFAULT_MAX_INT_CATEGORIES = 1000
+
+
+@dataclass(frozen=True)
+class CategoricalFeature:
+    """A categorical input column.
+
+    Args:
+        name: column name in the source frame.
+        vocab_size: number of categories known from the train split, EXCLUDING the
+            OOV slot; the embedding table therefore has ``vocab_size + 1`` rows and
+            index 0 means unseen / null / too rare.
+        embed_dim: width of this feature's embedding.
+
+    Example:
+        >>> CategoricalFeature(name="device", vocab_size=4, embed_dim=8).vocab_size
+        4
+    """
+
+    name: str
+    vocab_size: int
+    embed_dim: int
+
+
+@dataclass(frozen=True)
+class NumericFeature:
+    """A numeric input column, standardised as ``(x - mean) / std`` with train statistics.
+
+    Example:
+        >>> NumericFeature(name="age", mean=34.5, std=22.3).name
+        'age'
+    """
+
+    name: str
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One prediction target.
+
+    Args:
+        name: label column name.
+        kind: ``"binary"`` (0/1 label, logit output) or ``"regression"``.
+        weight: default loss weight of the task.
+
+    Example:
+        >>> TaskSpec(name="click", kind="binary").weight
+        1.0
+    """
+
+    name: str
+    kind: TaskKind
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(
+                f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}"
+            )
+
+
+@dataclass
+class FeatureSpec:
+    """Everything a model needs to know about the encoded inputs and the tasks.
+
+    The column order here is the column order of ``cat_BF``, ``num_BF`` and
+    ``labels_BT`` in :class:`mtl.data.tabular.TabularTensors`.
+
+    Args:
+        categorical: categorical features, in tensor column order.
+        numeric: numeric features, in tensor column order.
+        tasks: tasks, in label column order.
+        user_column: raw column giving the user id used for per-user metrics, or None.
+
+    Example:
+        >>> spec = FeatureSpec(
+        ...     categorical=[CategoricalFeature("item", 100, 8)],
+        ...     numeric=[NumericFeature("price", 3.0, 1.5)],
+        ...     tasks=[TaskSpec("click", "binary")],
+        ... )
+        >>> spec.n_categorical, spec.n_numeric, spec.task_names
+        (1, 1, ['click'])
+    """
+
+    categorical: list[CategoricalFeature]
+    numeric: list[NumericFeature]
+    tasks: list[TaskSpec]
+    user_column: str | None = None
+
+    @property
+    def n_categorical(self) -> int:
+        return len(self.categorical)
+
+    @property
+    def n_numeric(self) -> int:
+        return len(self.numeric)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (for checkpoints / hyper-parameter logging)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            categorical=[CategoricalFeature(**c) for c in data["categorical"]],
+            numeric=[NumericFeature(**n) for n in data["numeric"]],
+            tasks=[TaskSpec(**t) for t in data["tasks"]],
+            user_column=data.get("user_column"),
+        )
+
+
+@dataclass
+class ColumnRoles:
+    """Which raw column plays which part; what a source hands to the data module.
+
+    Example:
+        >>> ColumnRoles(categorical=["item"], numeric=["price"], labels={"click": "binary"}).label_names
+        ['click']
+    """
+
+    categorical: list[str] = field(default_factory=list)
+    numeric: list[str] = field(default_factory=list)
+    labels: dict[str, TaskKind] = field(default_factory=dict)
+    user_column: str | None = None
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.labels)
+
+    def columns(self) -> list[str]:
+        """All columns needed to encode a frame, without duplicates, in a stable order."""
+        cols = [*self.categorical, *self.numeric, *self.labels]
+        if self.user_column is not None:
+            cols.append(self.user_column)
+        return list(dict.fromkeys(cols))
+
+
+@dataclass
+class FittedFeatures:
+    """A :class:`FeatureSpec` plus the train vocabularies needed to encode any split.
+
+    Args:
+        spec: the fitted spec.
+        vocabularies: per categorical feature, the known category strings; the
+            category at position ``i`` is encoded as ``i + 1`` (0 is OOV).
+
+    Example:
+        >>> train = pl.DataFrame({"c": ["a", "b", "a"], "y": [0, 1, 1]})
+        >>> fitted = fit_features(train, categorical=["c"], numeric=[], labels={"y": "binary"})
+        >>> fitted.vocabularies["c"].to_list()
+        ['a', 'b']
+    """
+
+    spec: FeatureSpec
+    vocabularies: dict[str, pl.Series]
+
+
+def default_embed_dim(vocab_size: int, *, max_dim: int = 16) -> int:
+    """The usual ``6 * vocab**0.25`` rule of thumb, capped at ``max_dim`` and at least 1.
+
+    Example:
+        >>> default_embed_dim(2), default_embed_dim(10), default_embed_dim(100_000)
+        (7, 11, 16)
+    """
+    return max(1, min(max_dim, round(6 * max(vocab_size, 1) ** 0.25)))
+
+
+def infer_roles(
+    df: pl.DataFrame,
+    *,
+    labels: Mapping[str, TaskKind],
+    user_column: str | None = None,
+    exclude: Sequence[str] = (),
+    max_int_categories: int = DEFAULT_MAX_INT_CATEGORIES,
+) -> ColumnRoles:
+    """Guess feature roles from the polars schema.
+
+    String / categorical / enum / boolean columns are categorical; integer columns
+    with at most ``max_int_categories`` distinct values are categorical, other
+    integers and all floats numeric. The user column, being an id, is categorical.
+    Label columns and ``exclude`` are skipped.
+
+    Example:
+        >>> df = pl.DataFrame({"c": ["a", "b"], "n": [0.5, 1.5], "y": [0, 1]})
+        >>> infer_roles(df, labels={"y": "binary"}).categorical
+        ['c']
+    """
+    skip = set(labels) | set(exclude)
+    categorical: list[str] = []
+    numeric: list[str] = []
+    for name, dtype in df.schema.items():
+        if name in skip:
+            continue
+        if (
+            name == user_column
+            or dtype in (pl.String, pl.Categorical, pl.Boolean)
+            or isinstance(dtype, pl.Enum)
+        ):
+            categorical.append(name)
+        elif dtype.is_integer():
+            is_code = df[name].n_unique() <= max_int_categories
+            (categorical if is_code else numeric).append(name)
+        elif dtype.is_float():
+            numeric.append(name)
+        else:
+            raise ValueError(
+                f"column {name!r} has dtype {dtype}, which has no feature role; list it in exclude"
+            )
+    return ColumnRoles(
+        categorical=categorical, numeric=numeric, labels=dict(labels), user_column=user_column
+    )
+
+
+def _fit_vocabulary(col: pl.Series, min_count: int) -> pl.Series:
+    # Strings give one code path for every dtype; sorting makes the index of each
+    # category independent of row order, so the same train split gives the same spec.
+    values = (
+        col.cast(pl.String).drop_nulls().rename("value")
+    )  # fixed names: a column may be called "count"
+    counts = values.value_counts(name="n")
+    known = counts.filter(pl.col("n") >= min_count).get_column("value")
+    return known.sort().rename(col.name)
+
+
+def _fit_numeric(col: pl.Series) -> NumericFeature:
+    bad = col.is_null().sum() + (col.is_nan().sum() if col.dtype.is_float() else 0)
+    if bad:
+        raise ValueError(
+            f"numeric feature {col.name!r} has {bad} null/NaN values in the train split; "
+            "fill them in the source (e.g. fill_numeric_nulls=0.0) or declare the column categorical"
+        )
+    values = col.cast(pl.Float64)
+    mean = float(values.mean())  # type: ignore[arg-type]
+    std = float(values.std(ddof=0))  # type: ignore[arg-type]
+    # A constant column would divide by zero; leaving it unscaled maps it to 0 everywhere.
+    if not math.isfinite(std) or std < 1e-12:
+        std = 1.0
+    return NumericFeature(name=col.name, mean=mean, std=std)
+
+
+def fit_features(
+    train: pl.DataFrame,
+    *,
+    labels: Mapping[str, TaskKind],
+    categorical: Sequence[str] | None = None,
+    numeric: Sequence[str] | None = None,
+    user_column: str | None = None,
+    embed_dim: int | Mapping[str, int] | None = None,
+    max_embed_dim: int = 16,
+    min_count: int = 1,
+    task_weights: Mapping[str, float] | None = None,
+    max_int_categories: int = DEFAULT_MAX_INT_CATEGORIES,
+) -> FittedFeatures:
+    """Fit vocabularies, numeric statistics and embedding widths on the TRAIN split.
+
+    Args:
+        train: the train split (never fit on validation or test).
+        labels: label column -> ``"binary"`` | ``"regression"``, in task order.
+        categorical: categorical columns; with ``numeric`` also None, roles of all
+            non-label columns are inferred with :func:`infer_roles`.
+        numeric: numeric columns (see ``categorical``).
+        user_column: column holding the user id (for per-user metrics), or None.
+        embed_dim: a fixed width for every categorical feature, a per-feature
+            mapping (missing names use the rule), or None for
+            :func:`default_embed_dim` with ``max_embed_dim``.
+        max_embed_dim: cap of the default rule.
+        min_count: categories seen fewer times in train are mapped to OOV (0).
+        task_weights: optional loss weight per task (default 1.0).
+        max_int_categories: see :func:`infer_roles`.
+
+    Returns:
+        A :class:`FittedFeatures` holding the :class:`FeatureSpec` and the vocabularies.
+
+    Example:
+        >>> train = pl.DataFrame({"c": ["x", "y", "y"], "n": [1.0, 2.0, 3.0], "y": [0, 1, 0]})
+        >>> f = fit_features(train, labels={"y": "binary"}, embed_dim=4)
+        >>> [c.vocab_size for c in f.spec.categorical], round(f.spec.numeric[0].mean, 2)
+        ([2], 2.0)
+    """
+    if not labels:
+        raise ValueError("fit_features needs at least one label column")
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if categorical is None and numeric is None:
+        roles = infer_roles(
+            train, labels=labels, user_column=user_column, max_int_categories=max_int_categories
+        )
+        categorical, numeric = roles.categorical, roles.numeric
+    categorical, numeric = list(categorical or []), list(numeric or [])
+    needed = [*categorical, *numeric, *labels] + ([user_column] if user_column else [])
+    missing = [c for c in needed if c not in train.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the train frame (columns: {train.columns})")
+    overlap = (set(categorical) & set(numeric)) | ((set(categorical) | set(numeric)) & set(labels))
+    if overlap:
+        raise ValueError(
+            f"columns {sorted(overlap)} are given more than one role (feature and label, or both feature kinds)"
+        )
+
+    vocabularies: dict[str, pl.Series] = {}
+    cat_features: list[CategoricalFeature] = []
+    for name in categorical:
+        vocab = _fit_vocabulary(train[name], min_count)
+        vocabularies[name] = vocab
+        if isinstance(embed_dim, int):
+            dim = embed_dim
+        elif isinstance(embed_dim, Mapping) and name in embed_dim:
+            dim = int(embed_dim[name])
+        else:
+            dim = default_embed_dim(len(vocab), max_dim=max_embed_dim)
+        cat_features.append(CategoricalFeature(name=name, vocab_size=len(vocab), embed_dim=dim))
+
+    weights = dict(task_weights or {})
+    unknown = set(weights) - set(labels)
+    if unknown:
+        raise ValueError(f"task_weights names {sorted(unknown)} are not labels ({list(labels)})")
+    spec = FeatureSpec(
+        categorical=cat_features,
+        numeric=[_fit_numeric(train[name]) for name in numeric],
+        tasks=[
+            TaskSpec(name=n, kind=k, weight=float(weights.get(n, 1.0))) for n, k in labels.items()
+        ],
+        user_column=user_column,
+    )
+    return FittedFeatures(spec=spec, vocabularies=vocabularies)
+
+
+def build_feature_spec(train: pl.DataFrame, **kwargs: Any) -> FeatureSpec:
+    """Shortcut for ``fit_features(train, **kwargs).spec`` when the vocabularies are not needed."""
+    return fit_features(train, **kwargs).spec

@@ -1,0 +1,163 @@
+"""What every source returns, and the checks that give its files clear error messages.
+
+A source reads raw files (or generates data) into polars frames and declares the
+column roles. Problems are reported with the file, the column and what was
+expected, because a stack trace from deep inside polars or torch does not tell a
+user which of their 80 columns is broken.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from mtl.data.features import ColumnRoles
+
+_EXAMPLES = 5
+
+
+@dataclass
+class SourceData:
+    """Frames and roles produced by a source.
+
+    Args:
+        name: source name (registry key).
+        train: rows for training (the data module may carve validation/test from it).
+        roles: column roles (features, labels and their kinds, user column).
+        val: the source's own validation rows, or None.
+        test: the source's own test rows, or None.
+
+    Example:
+        >>> roles = ColumnRoles(numeric=["x"], labels={"y": "regression"})
+        >>> SourceData(name="toy", train=pl.DataFrame({"x": [0.0], "y": [1.0]}), roles=roles).test is None
+        True
+    """
+
+    name: str
+    train: pl.DataFrame
+    roles: ColumnRoles
+    val: pl.DataFrame | None = None
+    test: pl.DataFrame | None = None
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """Expand ``~`` and env vars; resolve a relative path against the launch directory.
+
+    Under a Hydra run that changed directory, relative paths still mean the
+    directory the user launched from (Hydra's ``to_absolute_path``).
+    """
+    text = os.path.expandvars(os.path.expanduser(os.fspath(path)))
+    if os.path.isabs(text):
+        return Path(text)
+    try:
+        from hydra.utils import to_absolute_path
+
+        return Path(to_absolute_path(text))
+    except Exception:  # hydra missing or not initialised: plain cwd semantics
+        return Path(text).resolve()
+
+
+def require_file(path: Path, what: str, hint: str = "") -> Path:
+    """Raise ``FileNotFoundError`` naming ``what`` and ``path`` unless it is a non-empty file."""
+    if not path.is_file():
+        extra = f"; {hint}" if hint else ""
+        raise FileNotFoundError(f"{what} not found: {path}{extra}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} is empty: {path}")
+    return path
+
+
+def require_dir(path: Path, what: str, hint: str = "") -> Path:
+    """Raise ``FileNotFoundError`` unless ``path`` is a directory."""
+    if not path.is_dir():
+        extra = f"; {hint}" if hint else ""
+        raise FileNotFoundError(f"{what} directory not found: {path}{extra}")
+    return path
+
+
+def read_table(path: Path, what: str, **read_kwargs: Any) -> pl.DataFrame:
+    """Read a CSV (optionally gzipped) or Parquet file and refuse an empty result."""
+    require_file(path, what)
+    if path.suffix == ".parquet":
+        df = pl.read_parquet(path, n_rows=read_kwargs.get("n_rows"))
+    else:
+        df = pl.read_csv(path, **read_kwargs)
+    if df.height == 0:
+        raise ValueError(f"{what} has no data rows: {path}")
+    return df
+
+
+def validate_frame(
+    df: pl.DataFrame,
+    roles: ColumnRoles,
+    *,
+    origin: str,
+    fill_numeric_nulls: float | None = None,
+) -> pl.DataFrame:
+    """Check a raw frame against its roles; return it (with numeric nulls filled if asked).
+
+    Checks: every role column exists; binary labels hold only 0/1 (no nulls);
+    regression labels and numeric features are numeric; numeric features have no
+    null/NaN unless ``fill_numeric_nulls`` gives a fill value.
+
+    Args:
+        df: the raw frame.
+        roles: its column roles.
+        origin: file or split name for the error messages.
+        fill_numeric_nulls: None (default) raises on null/NaN numeric features;
+            a number replaces them by it.
+
+    Raises:
+        ValueError: naming ``origin``, the column and the expected type.
+    """
+    for name, kind in roles.labels.items():
+        if name not in df.columns:
+            expected = "binary 0/1" if kind == "binary" else "numeric"
+            raise ValueError(
+                f"{origin}: missing label column {name!r} (expected {expected}); columns are {df.columns}"
+            )
+    missing = [c for c in roles.columns() if c not in df.columns]
+    if missing:
+        raise ValueError(f"{origin}: missing feature columns {missing}; columns are {df.columns}")
+
+    for name, kind in roles.labels.items():
+        col = df.get_column(name)
+        if kind == "binary":
+            as_text = col.cast(pl.String)
+            ok = as_text.is_in(["0", "1", "0.0", "1.0", "true", "false"]) & col.is_not_null()
+            if not ok.all():
+                bad = col.filter(~ok)
+                examples = bad.unique(maintain_order=True).head(_EXAMPLES).to_list()
+                raise ValueError(
+                    f"{origin}: label column {name!r} must be binary 0/1 but has {len(bad)} other values "
+                    f"(dtype {col.dtype}), e.g. {examples}"
+                )
+        elif not col.dtype.is_numeric():
+            raise ValueError(
+                f"{origin}: regression label {name!r} must be numeric, got dtype {col.dtype}"
+            )
+        elif col.null_count() or (col.dtype.is_float() and col.is_nan().any()):
+            raise ValueError(f"{origin}: regression label {name!r} has null/NaN values")
+
+    fills = []
+    for name in roles.numeric:
+        col = df.get_column(name)
+        if not col.dtype.is_numeric():
+            examples = col.head(_EXAMPLES).to_list()
+            raise ValueError(
+                f"{origin}: numeric feature {name!r} must be a numeric column, got dtype {col.dtype} (e.g. {examples})"
+            )
+        n_bad = col.null_count() + (int(col.is_nan().sum()) if col.dtype.is_float() else 0)
+        if n_bad and fill_numeric_nulls is None:
+            raise ValueError(
+                f"{origin}: numeric feature {name!r} has {n_bad} null/NaN values of {df.height} rows; "
+                "pass fill_numeric_nulls=<value> to fill them"
+            )
+        if n_bad:
+            filled = pl.col(name).fill_nan(None) if col.dtype.is_float() else pl.col(name)
+            fills.append(filled.fill_null(float(fill_numeric_nulls)).alias(name))  # type: ignore[arg-type]
+    return df.with_columns(fills) if fills else df
