@@ -43,7 +43,9 @@ def load_balance_loss(
     counts_E = torch.bincount(ids, weights=weights, minlength=E).to(probs_TE.dtype)
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
     P_E = probs_TE.float().mean(0)
-    return E * torch.dot(f_E.detach(), P_E)
+    # elementwise product + sum, not torch.dot: dot is autocast to low precision
+    # and then rejects the float32 operands under CPU bf16 autocast
+    return E * (f_E.detach() * P_E).sum()
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:

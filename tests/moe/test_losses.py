@@ -71,3 +71,11 @@ def test_cv_losses() -> None:
 def test_entropy_loss() -> None:
     assert router_entropy_loss(torch.full((3, 4), 0.25)).item() == pytest.approx(math.log(4))
     assert router_entropy_loss(torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_load_balance_under_bf16_autocast() -> None:
+    probs = torch.softmax(torch.randn(8, 4), -1)
+    experts = torch.randint(0, 4, (8, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = load_balance_loss(probs, experts)
+    torch.testing.assert_close(loss, load_balance_loss(probs, experts))

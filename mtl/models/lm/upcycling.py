@@ -1,0 +1,242 @@
+"""Build MoE layers from a trained dense SwiGLU FFN: neuron splitting and sparse upcycling.
+
+* :func:`split_ffn` (LLaMA-MoE, Zhu et al. 2024): partition the FFN's hidden
+  neurons into ``E`` disjoint groups, one expert each. SwiGLU is neuron-wise
+  separable, so the experts' outputs *sum* to the dense output: with every
+  expert active at weight 1 the MoE reproduces the FFN exactly. With only
+  ``k`` active, the routed output is rescaled by ``E / k`` (MoELayer's
+  ``output_scale``), as LLaMA-MoE does, to keep the output's scale.
+* :func:`copy_ffn` (sparse upcycling, Komatsuzaki et al. 2023): every expert is
+  a copy of the FFN and the router is new; with combine weights that sum to 1
+  (renormalised top-k) the MoE equals the FFN at initialisation.
+* :func:`upcycle_transformer` swaps the dense FFNs of a :class:`TransformerLM`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from mtl.models.lm.blocks import SwiGLU
+from mtl.models.lm.transformer import TransformerLM
+from mtl.moe import DroplessDispatch, ExpertBank, MoELayer, TopKGate
+
+SplitMethod = Literal["random", "contiguous"]
+
+
+def split_indices(
+    d_hidden: int, num_experts: int, *, method: SplitMethod = "random", seed: int = 0
+) -> list[Tensor]:
+    """Partition ``range(d_hidden)`` into ``num_experts`` groups of near-equal size.
+
+    Args:
+        d_hidden: number of hidden neurons ``H``.
+        num_experts: ``E`` (``<= H``); the first ``H % E`` groups get one extra neuron.
+        method: ``"contiguous"`` (neurons ``[0, H/E)``, ...) or ``"random"``
+            (a seeded permutation, LLaMA-MoE's neuron-independent random split).
+        seed: seed of the random permutation.
+
+    Returns:
+        ``E`` sorted int64 index tensors that together cover every neuron once.
+
+    Example:
+        >>> [g.tolist() for g in split_indices(5, 2, method="contiguous")]
+        [[0, 1, 2], [3, 4]]
+    """
+    if not 1 <= num_experts <= d_hidden:
+        raise ValueError(f"need 1 <= num_experts <= d_hidden ({d_hidden}), got {num_experts}")
+    if method == "contiguous":
+        order = torch.arange(d_hidden)
+    elif method == "random":
+        order = torch.randperm(d_hidden, generator=torch.Generator().manual_seed(seed))
+    else:
+        raise ValueError(f"method must be 'random' or 'contiguous', got {method!r}")
+    base, extra = divmod(d_hidden, num_experts)
+    sizes = [base + (1 if e < extra else 0) for e in range(num_experts)]
+    return [g.sort().values for g in torch.split(order, sizes)]
+
+
+def _gate_k(gate: nn.Module, num_experts: int) -> int:
+    return int(getattr(gate, "k", num_experts))
+
+
+def split_ffn(
+    ffn: SwiGLU,
+    *,
+    num_experts: int,
+    gate: nn.Module | None = None,
+    k: int | None = None,
+    method: SplitMethod = "random",
+    seed: int = 0,
+    groups: Sequence[Tensor] | None = None,
+    dispatch: nn.Module | None = None,
+    aux_loss_weights: Mapping[str, float] | None = None,
+    output_scale: float | None = None,
+) -> MoELayer:
+    """LLaMA-MoE expert construction: split the FFN's hidden neurons into experts.
+
+    Args:
+        ffn: the trained dense FFN (its weights are copied, not shared).
+        num_experts: ``E``.
+        gate: the router; default a new ``TopKGate(k, renormalize=True)``.
+        k: experts per token for the default gate (required without ``gate``).
+        method: ``"random"`` or ``"contiguous"`` neuron split.
+        seed: seed of the random split.
+        groups: explicit neuron groups (overrides ``method``), e.g. from clustering.
+        dispatch: default :class:`~mtl.moe.DroplessDispatch`.
+        aux_loss_weights: the MoE layer's auxiliary losses.
+        output_scale: default ``E / k`` with ``k`` read from the gate (1 for a
+            gate that uses every expert).
+
+    Returns:
+        An :class:`~mtl.moe.MoELayer`; expert ``e`` holds neurons ``groups[e]``
+        (unequal groups are padded and masked with ``hidden_sizes``).
+
+    Example:
+        >>> from mtl.moe.constant_gate import ConstantGate
+        >>> ffn = SwiGLU(d_model=8, d_hidden=32)
+        >>> moe = split_ffn(ffn, num_experts=4, gate=ConstantGate(num_experts=4))
+        >>> x = torch.randn(5, 8)
+        >>> torch.allclose(moe(x).output, ffn(x), atol=1e-6)
+        True
+    """
+    D, H = ffn.d_model, ffn.d_hidden
+    groups = (
+        list(groups)
+        if groups is not None
+        else split_indices(H, num_experts, method=method, seed=seed)
+    )
+    if len(groups) != num_experts:
+        raise ValueError(f"got {len(groups)} neuron groups for num_experts={num_experts}")
+    covered = torch.cat([torch.as_tensor(g).long() for g in groups]).sort().values
+    if not torch.equal(covered, torch.arange(H)):
+        raise ValueError(f"neuron groups must partition range({H}) (each neuron exactly once)")
+    sizes = [len(g) for g in groups]
+    width = max(sizes)
+    bank = ExpertBank.swiglu(
+        num_experts=num_experts,
+        d_model=D,
+        d_hidden=width,
+        hidden_sizes=None if len(set(sizes)) == 1 else sizes,
+    )
+    w_gate_DH, w_up_DH, w_down_HD = _swiglu_weights(ffn)
+    with torch.no_grad():
+        for p in (*bank.weights, *bank.gate_weights):
+            p.zero_()
+        for e, g in enumerate(groups):
+            idx = torch.as_tensor(g).long()
+            n = len(idx)
+            bank.weights[0][e, :, :n].copy_(w_gate_DH[:, idx])
+            bank.gate_weights[0][e, :, :n].copy_(w_up_DH[:, idx])
+            bank.weights[1][e, :n, :].copy_(w_down_HD[idx, :])
+    if gate is None:
+        if k is None:
+            raise ValueError("split_ffn needs a gate or k (for the default TopKGate)")
+        gate = TopKGate(d_model=D, num_experts=num_experts, k=k, renormalize=True)
+    scale = num_experts / _gate_k(gate, num_experts) if output_scale is None else output_scale
+    return MoELayer(
+        gate=gate,
+        experts=bank.to(ffn.down_proj.weight),
+        dispatch=dispatch or DroplessDispatch(),
+        aux_loss_weights=aux_loss_weights,
+        output_scale=scale,
+    )
+
+
+def copy_ffn(
+    ffn: SwiGLU,
+    *,
+    num_experts: int,
+    gate: nn.Module | None = None,
+    k: int | None = None,
+    dispatch: nn.Module | None = None,
+    aux_loss_weights: Mapping[str, float] | None = None,
+    noise_std: float = 0.0,
+    seed: int = 0,
+) -> MoELayer:
+    """Sparse upcycling: every expert starts as a copy of the dense FFN.
+
+    Args:
+        ffn: the trained dense FFN.
+        num_experts: ``E``.
+        gate: the router; default a new ``TopKGate(k, renormalize=True)``, whose
+            weights sum to 1, so the layer equals the FFN at initialisation.
+        k: experts per token for the default gate.
+        dispatch: default :class:`~mtl.moe.DroplessDispatch`.
+        aux_loss_weights: the MoE layer's auxiliary losses.
+        noise_std: relative std of Gaussian noise added to the copies
+            (breaks the experts' symmetry; 0 keeps exact copies).
+        seed: seed of that noise.
+
+    Example:
+        >>> ffn = SwiGLU(d_model=8, d_hidden=16)
+        >>> moe = copy_ffn(ffn, num_experts=4, k=2)
+        >>> x = torch.randn(5, 8)
+        >>> torch.allclose(moe(x).output, ffn(x), atol=1e-6)
+        True
+    """
+    D, H = ffn.d_model, ffn.d_hidden
+    bank = ExpertBank.swiglu(num_experts=num_experts, d_model=D, d_hidden=H)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for dst, src in zip(
+            (bank.weights[0], bank.gate_weights[0], bank.weights[1]),
+            _swiglu_weights(ffn),
+            strict=True,
+        ):
+            dst.copy_(src.unsqueeze(0).expand_as(dst))
+            if noise_std > 0:
+                noise = torch.randn(dst.shape, generator=gen) * noise_std * src.std()
+                dst.add_(noise.to(dst))
+    if gate is None:
+        if k is None:
+            raise ValueError("copy_ffn needs a gate or k (for the default TopKGate)")
+        gate = TopKGate(d_model=D, num_experts=num_experts, k=k, renormalize=True)
+    return MoELayer(
+        gate=gate,
+        experts=bank.to(ffn.down_proj.weight),
+        dispatch=dispatch or DroplessDispatch(),
+        aux_loss_weights=aux_loss_weights,
+    )
+
+
+def upcycle_transformer(
+    model: TransformerLM,
+    *,
+    make_moe: Callable[[SwiGLU, int], MoELayer],
+    layers: Sequence[int] | None = None,
+) -> list[int]:
+    """Replace dense FFNs of ``model`` in place by MoE layers built from them.
+
+    Args:
+        model: a trained (partly) dense model.
+        make_moe: ``(dense_ffn, layer_index) -> MoELayer``, e.g.
+            ``lambda ffn, i: copy_ffn(ffn, num_experts=8, k=2)``.
+        layers: which layers (default every dense layer).
+
+    Returns:
+        The indices of the layers replaced.
+
+    Example:
+        >>> lm = TransformerLM(vocab_size=20, d_model=16, n_layers=2, n_heads=2, d_ff=32)
+        >>> upcycle_transformer(lm, make_moe=lambda f, i: copy_ffn(f, num_experts=4, k=2))
+        [0, 1]
+    """
+    dense = [i for i, blk in enumerate(model.layers) if isinstance(blk.ffn, SwiGLU)]
+    chosen = dense if layers is None else [int(i) for i in layers]
+    bad = sorted(set(chosen) - set(dense))
+    if bad:
+        raise ValueError(f"layers {bad} have no dense SwiGLU FFN to upcycle (dense: {dense})")
+    for i in chosen:
+        model.layers[i].ffn = make_moe(model.layers[i].ffn, i)
+    return chosen
+
+
+def _swiglu_weights(ffn: SwiGLU) -> tuple[Tensor, Tensor, Tensor]:
+    """``(D, H)`` gate, ``(D, H)`` up and ``(H, D)`` down matrices, ExpertBank's layout."""
+    if not isinstance(ffn, SwiGLU):
+        raise TypeError(f"expected a SwiGLU FFN, got {type(ffn).__name__}")
+    return ffn.gate_proj.weight.T, ffn.up_proj.weight.T, ffn.down_proj.weight.T

@@ -1,0 +1,387 @@
+"""LightningModule for (MoE) language models, and the aux-loss-free bias callback.
+
+Loss: next-token cross-entropy plus the model's weighted router losses. Logged:
+``train/loss`` (cross-entropy), ``train/aux_loss`` and each router loss,
+``train/ppl``, ``train/tokens_per_s``, ``val/loss``, ``val/ppl`` (exp of the
+token-weighted mean loss) and per MoE layer ``moe/layer{i}/load_max_over_mean``,
+``dropped_fraction``, ``router_entropy`` (plus their mean over layers).
+
+Checkpoints carry the tokenizer (state + fingerprint); resuming with data whose
+vocabulary differs raises :class:`VocabularyMismatchError` before any weight is
+loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from mtl.data.tokenizers import Tokenizer
+from mtl.models.lm.generate import generate as generate_ids
+from mtl.models.lm.transformer import LMOutput, TransformerLM
+from mtl.moe import RoutingStats, SigmoidBiasGate
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+DEFAULT_OPTIM: dict[str, Any] = {
+    "name": "adamw",
+    "lr": 3e-3,
+    "weight_decay": 0.1,
+    "betas": (0.9, 0.95),
+    "warmup_steps": 50,
+    "min_lr_ratio": 0.1,
+}
+
+
+class VocabularyMismatchError(ValueError):
+    """A checkpoint's tokenizer differs from the data's: token ids would mean other things."""
+
+
+def _plain(value: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        return value
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def build_lm(config: Mapping[str, Any], *, vocab_size: int) -> TransformerLM:
+    """Instantiate a model config (``_target_`` + kwargs; ``name`` ignored) for ``vocab_size``.
+
+    A config without ``_target_`` builds :class:`TransformerLM`.
+    """
+    from hydra.utils import instantiate
+
+    cfg = dict(_plain(config))
+    cfg.pop("name", None)
+    cfg.setdefault("_target_", "mtl.models.lm.TransformerLM")
+    cfg["_recursive_"] = False  # each MoE layer instantiates its own parts
+    if cfg.get("vocab_size") not in (None, vocab_size):
+        raise VocabularyMismatchError(
+            f"model config has vocab_size={cfg['vocab_size']} but the tokenizer has {vocab_size}"
+        )
+    cfg["vocab_size"] = vocab_size
+    if cfg.get("max_seq_len") is None:
+        raise ValueError("model config needs max_seq_len (the runner sets it to data.block_size)")
+    return instantiate(cfg)
+
+
+class LMModule(pl.LightningModule):
+    """Train, evaluate and sample a :class:`~mtl.models.lm.TransformerLM`.
+
+    Args:
+        model: a model config (``_target_`` + kwargs, ``vocab_size`` may be null:
+            it comes from the tokenizer) or a built ``nn.Module``. Only a config
+            lets :meth:`load_from_checkpoint` rebuild the model by itself.
+        tokenizer: the data's tokenizer; stored in checkpoints (state and
+            fingerprint) and used by :meth:`generate`.
+        tokenizer_state: the same as ``tokenizer.state_dict()`` (how the
+            checkpoint's hyper-parameters store it); alternative to ``tokenizer``.
+        optim: ``name`` (adam|adamw), ``lr``, ``weight_decay`` (matrices only),
+            ``betas``, ``warmup_steps`` (linear), ``min_lr_ratio`` (cosine decay
+            to ``lr * min_lr_ratio`` at ``max_steps``); defaults :data:`DEFAULT_OPTIM`.
+        max_steps: length of the cosine schedule (None: constant after warmup).
+
+    Shapes:
+        ``forward(idx (B, T)) -> LMOutput`` with ``logits (B, T, V)``.
+
+    Example:
+        >>> from mtl.data.tokenizers import CharTokenizer
+        >>> tok = CharTokenizer.fit("hello world")
+        >>> cfg = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "max_seq_len": 8}
+        >>> module = LMModule(model=cfg, tokenizer=tok)
+        >>> len(module.generate("he", max_new_tokens=3, seed=0))
+        5
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Mapping[str, Any] | nn.Module,
+        tokenizer: Tokenizer | None = None,
+        tokenizer_state: Mapping[str, Any] | None = None,
+        optim: Mapping[str, Any] | None = None,
+        max_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        if tokenizer is not None and tokenizer_state is not None:
+            raise ValueError("pass tokenizer or tokenizer_state, not both")
+        if tokenizer_state is not None:
+            tokenizer = Tokenizer.from_state(_plain(tokenizer_state))
+        self.tokenizer: Tokenizer | None = tokenizer
+        model_cfg: dict[str, Any] | None = None
+        if isinstance(model, nn.Module):
+            self.model = model
+        else:
+            model_cfg = dict(_plain(model))
+            vocab = model_cfg.get("vocab_size") or (tokenizer.vocab_size if tokenizer else None)
+            if vocab is None:
+                raise ValueError("a model config needs vocab_size or a tokenizer")
+            self.model = build_lm(model_cfg, vocab_size=int(vocab))
+            model_cfg["vocab_size"] = int(vocab)
+        optim_cfg = {**DEFAULT_OPTIM, **dict(_plain(optim) or {})}
+        if optim_cfg["name"] not in OPTIMIZERS:
+            raise ValueError(
+                f"optim.name must be one of {sorted(OPTIMIZERS)}, got {optim_cfg['name']!r}"
+            )
+        vocab_size = getattr(self.model, "vocab_size", None)
+        if tokenizer is not None and vocab_size is not None and vocab_size != tokenizer.vocab_size:
+            raise VocabularyMismatchError(
+                f"model has vocab_size={vocab_size} but the tokenizer has {tokenizer.vocab_size}"
+            )
+        self.optim_cfg = optim_cfg
+        self.max_steps = max_steps
+        self.save_hyperparameters(
+            {
+                "model": model_cfg,
+                # not "tokenizer": the data module's hparams use that name for the kind
+                "tokenizer_state": None if tokenizer is None else tokenizer.state_dict(),
+                "optim": optim_cfg,
+                "max_steps": max_steps,
+            }
+        )
+        self.val_loss = MeanMetric()
+        self._step_start: float | None = None
+
+    # ------------------------------------------------------------------ model
+    def forward(self, idx_BT: Tensor) -> LMOutput:
+        return self.model(idx_BT)
+
+    def _loss(self, out: LMOutput, targets_BT: Tensor) -> Tensor:
+        logits = out.logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets_BT.reshape(-1))
+
+    def _log_routing(self, stats: Mapping[int, RoutingStats], split: str, batch_size: int) -> None:
+        if not stats:
+            return
+        on_step = split == "train"
+        per_name: dict[str, list[Tensor]] = {}
+        for i, st in stats.items():
+            for name, value in st.as_dict().items():
+                self.log(
+                    f"moe/layer{i}/{name}" if on_step else f"{split}/moe/layer{i}/{name}",
+                    value,
+                    on_step=on_step,
+                    on_epoch=not on_step,
+                    batch_size=batch_size,
+                )
+                per_name.setdefault(name, []).append(value)
+        for name, values in per_name.items():
+            key = f"moe/{name}" if on_step else f"{split}/moe/{name}"
+            self.log(
+                key,
+                torch.stack(values).mean(),
+                on_step=on_step,
+                on_epoch=not on_step,
+                batch_size=batch_size,
+            )
+
+    # --------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
+        inputs_BT, targets_BT = batch
+        out = self.model(inputs_BT)
+        ce = self._loss(out, targets_BT)
+        loss = ce + out.aux_loss
+        B = inputs_BT.shape[0]
+        self.log("train/loss", ce, prog_bar=True, batch_size=B)
+        self.log("train/ppl", torch.exp(ce.detach()), batch_size=B)
+        if out.aux_losses:
+            self.log("train/aux_loss", out.aux_loss, batch_size=B)
+            for name, value in out.aux_losses.items():
+                self.log(f"train/aux/{name}", value, batch_size=B)
+        self._log_routing(out.layer_stats, "train", B)
+        return {"loss": loss, "layer_stats": out.layer_stats}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_start is None:
+            return
+        if self.device.type == "cuda":  # kernels run asynchronously: wait for the step
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self._step_start
+        tokens = batch[0].numel()
+        self.log(
+            "train/tokens_per_s",
+            tokens / max(seconds, 1e-9),
+            prog_bar=True,
+            batch_size=batch[0].shape[0],
+        )
+
+    # ------------------------------------------------------------- evaluation
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs_BT, targets_BT = batch
+        out = self.model(inputs_BT)
+        ce = self._loss(out, targets_BT)
+        self.val_loss.update(ce, weight=targets_BT.numel())
+        self._log_routing(out.layer_stats, "val", inputs_BT.shape[0])
+        return ce
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss))
+
+    # --------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": float(cfg["weight_decay"])},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        opt = OPTIMIZERS[cfg["name"]](groups, lr=float(cfg["lr"]), betas=tuple(cfg["betas"]))
+        warmup = int(cfg.get("warmup_steps") or 0)
+        floor = float(cfg.get("min_lr_ratio", 1.0))
+        total = self.max_steps
+
+        def lr_lambda(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if not total or total <= warmup:
+                return 1.0
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer is not None:
+            checkpoint["lm_tokenizer"] = {
+                "state": self.tokenizer.state_dict(),
+                "fingerprint": self.tokenizer.fingerprint(),
+                "vocab_size": self.tokenizer.vocab_size,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("lm_tokenizer")
+        if saved is None:
+            return
+        if self.tokenizer is None:
+            self.tokenizer = Tokenizer.from_state(saved["state"])
+            return
+        check_vocabulary(saved, self.tokenizer)
+
+    # ---------------------------------------------------------------- sampling
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 200,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        *,
+        seed: int | None = None,
+    ) -> str:
+        """Continue ``prompt`` by sampling; returns prompt + continuation as text.
+
+        Args:
+            prompt: text to continue (an empty prompt starts from a newline, or id 0).
+            max_new_tokens: tokens to sample.
+            temperature: 0 = greedy, 1 = the model's distribution.
+            top_k: sample among the ``top_k`` most likely tokens only.
+            seed: seed of a private random generator (reproducible samples).
+        """
+        if self.tokenizer is None:
+            raise ValueError("generate needs a tokenizer (pass tokenizer= or load a checkpoint)")
+        ids = self.tokenizer.encode(prompt) if prompt else self._start_ids()
+        device = next(self.model.parameters()).device
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=device).manual_seed(seed)
+        out = generate_ids(
+            self.model,
+            ids.view(1, -1).to(device),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            generator=gen,
+        )
+        return self.tokenizer.decode(out[0].cpu())
+
+    def _start_ids(self) -> Tensor:
+        assert self.tokenizer is not None
+        try:
+            return self.tokenizer.encode("\n")
+        except ValueError:
+            return torch.zeros(1, dtype=torch.long)
+
+
+def check_vocabulary(saved: Mapping[str, Any], tokenizer: Tokenizer) -> None:
+    """Raise :class:`VocabularyMismatchError` unless ``saved`` (a checkpoint's
+    ``lm_tokenizer`` entry) describes ``tokenizer``'s vocabulary."""
+    if saved.get("fingerprint") == tokenizer.fingerprint():
+        return
+    other = Tokenizer.from_state(saved["state"])
+    raise VocabularyMismatchError(
+        "cannot resume: vocabulary mismatch between the checkpoint and the data. The checkpoint "
+        f"was trained with a {other.kind} tokenizer of vocab_size={other.vocab_size} "
+        f"(fingerprint {saved.get('fingerprint')}); the data's tokenizer is {tokenizer.kind} "
+        f"with vocab_size={tokenizer.vocab_size} (fingerprint {tokenizer.fingerprint()}). "
+        "Token ids would mean different symbols. Use the same text and tokenizer settings "
+        "as the checkpoint, or start a new run."
+    )
+
+
+class AuxFreeBiasUpdate(pl.Callback):
+    """DeepSeek-V3's auxiliary-loss-free balancing, applied after every optimiser step.
+
+    For every MoE layer whose gate is a :class:`~mtl.moe.SigmoidBiasGate`, calls
+    ``gate.update_bias(tokens_per_expert_E)`` with the step's token counts (taken
+    from the ``layer_stats`` that :meth:`LMModule.training_step` returns; summed
+    over gradient-accumulation micro-batches and over ranks), so the selection
+    bias moves load toward balance. Logs ``moe/layer{i}/bias_absmax``.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[AuxFreeBiasUpdate()])  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: dict[int, Tensor] = {}
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not isinstance(outputs, Mapping) or not outputs.get("layer_stats"):
+            return
+        gates = {
+            i: layer.gate
+            for i, layer in pl_module.model.moe_layers().items()
+            if isinstance(layer.gate, SigmoidBiasGate)
+        }
+        for i in gates:
+            stats = outputs["layer_stats"].get(i)
+            if stats is not None:
+                counts = stats.tokens_per_expert_E.detach().float()
+                self._pending[i] = self._pending[i] + counts if i in self._pending else counts
+        if (batch_idx + 1) % max(1, int(trainer.accumulate_grad_batches)) != 0:
+            return
+        for i, counts_E in self._pending.items():
+            if trainer.world_size > 1:
+                counts_E = trainer.strategy.reduce(counts_E, reduce_op="sum")
+            gates[i].update_bias(counts_E)
+            pl_module.log(
+                f"moe/layer{i}/bias_absmax",
+                gates[i].expert_bias_E.abs().max(),
+                batch_size=batch[0].shape[0],
+            )
+        self._pending = {}

@@ -1,0 +1,61 @@
+"""Freezing helpers: train only the experts, or freeze them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from mtl.models.lm import (
+    TransformerLM,
+    count_parameters,
+    freeze_all_but_experts,
+    freeze_experts,
+    unfreeze_all,
+)
+
+
+def _expert_numel(model: TransformerLM, *, shared: bool) -> int:
+    total = 0
+    for layer in model.moe_layers().values():
+        total += sum(p.numel() for p in layer.experts.parameters())
+        if shared and layer.shared is not None:
+            total += sum(p.numel() for p in layer.shared.parameters())
+    return total
+
+
+def test_freeze_all_but_experts_counts(build_preset: Callable[..., TransformerLM]) -> None:
+    model = build_preset("lm_deepseekmoe")  # has shared experts and a dense first layer
+    total = count_parameters(model).total
+    counts = freeze_all_but_experts(model)
+    assert counts.trainable == _expert_numel(model, shared=True)
+    assert counts.total == total
+    assert not model.embed.weight.requires_grad
+    assert not any(p.requires_grad for p in model.layers[0].parameters())  # the dense layer
+    routed_only = freeze_all_but_experts(model, include_shared=False)
+    assert routed_only.trainable == _expert_numel(model, shared=False) < counts.trainable
+    with_router = freeze_all_but_experts(model, include_router=True)
+    routers = sum(layer.gate.proj.weight.numel() for layer in model.moe_layers().values())
+    assert with_router.trainable == counts.trainable + routers
+
+
+def test_freeze_experts_counts(build_preset: Callable[..., TransformerLM]) -> None:
+    model = build_preset("lm_mixtral")
+    total = count_parameters(model).total
+    counts = freeze_experts(model)
+    assert counts.frozen == _expert_numel(model, shared=True)
+    assert counts.trainable == total - counts.frozen
+    assert model.embed.weight.requires_grad
+    assert all(layer.gate.proj.weight.requires_grad for layer in model.moe_layers().values())
+    assert unfreeze_all(model).frozen == 0
+
+
+def test_tied_embeddings_counted_once(build_preset: Callable[..., TransformerLM]) -> None:
+    model = build_preset("lm_dense")
+    assert model.lm_head.weight is model.embed.weight
+    assert count_parameters(model).total == model.parameter_counts()["total"]
+
+
+def test_dense_model_has_no_experts_to_freeze(build_preset: Callable[..., TransformerLM]) -> None:
+    with pytest.raises(ValueError, match="no MoE layer"):
+        freeze_experts(build_preset("lm_dense"))
