@@ -21,6 +21,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from mtl.moe.experts import ExpertBank
+from mtl.moe.grouped import combine_slots, fused_swiglu_moe, permute_tokens
 from mtl.moe.routing import RoutingResult
 
 
@@ -73,12 +75,34 @@ class DenseDispatch(nn.Module):
 
 
 class DroplessDispatch(nn.Module):
-    """Sparse, dropless: sort slots by expert, grouped matmul, scatter back.
+    """Sparse, dropless: sort slots by expert, run each expert on exactly its rows.
 
-    Invalid slots (top-p padding, expert-choice non-selections) are sorted to
-    the end and never computed. The combine reshapes to ``(T, K, D)`` and sums
-    rather than using ``index_add_``, whose duplicate-index accumulation is
-    nondeterministic on CUDA.
+    Two row layouts, picked per call:
+
+    * **padded** (CPU, or wherever ``grouped_mm`` has no fused kernel): every
+      expert gets ``C = max_e count_e`` rows, so the experts run as batched
+      matmuls over an ``(E, C, D)`` buffer (:meth:`ExpertBank.forward_all`).
+      Used while the padding costs at most ``max_padding`` of the real rows;
+      nothing is ever dropped, padding rows are computed and ignored.
+    * **sorted** (CUDA bf16 ``grouped_mm``; or routing too skewed to pad):
+      rows are the slots sorted by expert, one grouped matmul per layer
+      (:meth:`ExpertBank.forward_grouped`).
+
+    Tokens move in and out with gathers whose backward passes are gathers too
+    (:func:`~mtl.moe.grouped.permute_tokens`, :func:`~mtl.moe.grouped.combine_slots`):
+    no ``index_add_`` accumulation, deterministic on every device. Invalid
+    slots (top-p padding, expert-choice non-selections) are sorted after every
+    valid one and never computed.
+
+    On CPU, plain SwiGLU experts in the padded layout take a fused path
+    (:func:`~mtl.moe.grouped.fused_swiglu_moe`): gather, experts and combine
+    in one autograd node, a few experts at a time, so that no full-size
+    temporary is allocated.
+
+    Attributes:
+        max_padding: largest padded-layout overhead, as a fraction of the real
+            rows, accepted before switching to the sorted layout.
+        chunk_rows: padded rows per chunk of experts on the fused CPU path.
 
     Example:
         >>> from mtl.moe import ExpertBank, TopKGate
@@ -88,36 +112,93 @@ class DroplessDispatch(nn.Module):
         torch.Size([6, 8])
     """
 
+    max_padding: float = 0.25
+    chunk_rows: int = 4096
+
     def forward(self, x_TD: Tensor, routing: RoutingResult, experts: Experts) -> DispatchResult:
         T, K = routing.experts_TK.shape
         E = experts.num_experts
         flat_ids = routing.experts_TK.reshape(-1)
+        w_TK = routing.weights_TK
         if routing.valid_TK is not None:
             # invalid slots go to a sentinel group E, sorted last and never computed
             flat_ids = flat_ids.masked_fill(~routing.valid_TK.reshape(-1), E)
-        order_N = torch.argsort(flat_ids, stable=True)
-        ids_sorted_N = flat_ids[order_N]
-        counts_E = torch.bincount(flat_ids, minlength=E + 1)[:E]
-        x_sorted_ND = x_TD[order_N // K]
-        if routing.valid_TK is not None:
-            # compute only the valid prefix; one host sync buys skipping padding
-            n_valid = int(counts_E.sum())
-            y_valid = experts.forward_grouped(
-                x_sorted_ND[:n_valid], counts_E, ids_sorted_N[:n_valid]
-            )
-            y_sorted_ND = torch.cat(
-                [y_valid, y_valid.new_zeros(T * K - n_valid, y_valid.shape[-1])]
-            )
-        else:
-            y_sorted_ND = experts.forward_grouped(x_sorted_ND, counts_E, ids_sorted_N)
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        y_TKD = y_sorted_ND[inverse_N].view(T, K, -1)
-        w_TK = routing.weights_TK
-        if routing.valid_TK is not None:
             w_TK = w_TK.masked_fill(~routing.valid_TK, 0.0)
-        out_TD = (y_TKD * w_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(1)
+        # Sorting a (1, N) view along its last dim takes ATen's plain per-row
+        # stable sort; 1-D integer tensors go to a parallel radix sort that is
+        # ~100x slower on CPU for E >= 64 at these sizes.
+        ids_sorted_N, order_N = torch.sort(flat_ids.view(1, -1), dim=-1, stable=True)
+        ids_sorted_N, order_N = ids_sorted_N.view(-1), order_N.view(-1)
+        counts_E = torch.bincount(flat_ids, minlength=E + 1)[:E]
+        token_N = order_N // K  # token of each sorted row
+        capacity = self._padded_capacity(x_TD, routing, experts, counts_E)
+        if capacity is not None:
+            # padded layout: sorted row n of expert e goes to row e * C + (n - start_e)
+            shift_E = torch.arange(E, device=x_TD.device) * capacity - (
+                torch.cumsum(counts_E, 0) - counts_E
+            )
+            row_N = torch.arange(T * K, device=x_TD.device) + shift_E[ids_sorted_N]
+            row_token_M = torch.zeros(E * capacity, dtype=torch.long, device=x_TD.device)
+            row_token_M.index_put_((row_N,), token_N)
+            slot_row_N = torch.empty_like(order_N).index_put_((order_N,), row_N)
+            if _fusable(experts, x_TD):
+                bank: ExpertBank = experts  # type: ignore[assignment]
+                out_TD = fused_swiglu_moe(
+                    x_TD,
+                    w_TK,
+                    bank.weights[0],
+                    bank.gate_weights[0],
+                    bank.weights[1],
+                    row_token_M,
+                    slot_row_N,
+                    capacity,
+                    self.chunk_rows,
+                )
+                return DispatchResult(output_TD=out_TD)
+            x_MD = permute_tokens(x_TD, row_token_M, slot_row_N, K)
+            y_ECD = experts.forward_all(x_MD.view(E, capacity, -1))
+            y_MD = y_ECD.reshape(E * capacity, -1)
+        else:
+            slot_row_N = torch.empty_like(order_N).index_put_(
+                (order_N,), torch.arange(T * K, device=x_TD.device)
+            )
+            row_token_M = token_N
+            x_MD = permute_tokens(x_TD, row_token_M, slot_row_N, K)
+            if routing.valid_TK is not None:
+                # compute only the valid prefix; one host sync buys skipping padding
+                n_valid = int(counts_E.sum())
+                y_valid = experts.forward_grouped(x_MD[:n_valid], counts_E, ids_sorted_N[:n_valid])
+                y_MD = torch.cat([y_valid, y_valid.new_zeros(T * K - n_valid, y_valid.shape[-1])])
+            else:
+                y_MD = experts.forward_grouped(x_MD, counts_E, ids_sorted_N)
+        out_TD = combine_slots(y_MD, w_TK, slot_row_N, row_token_M)
         return DispatchResult(output_TD=out_TD)
+
+    def _padded_capacity(
+        self, x_TD: Tensor, routing: RoutingResult, experts: Experts, counts_E: Tensor
+    ) -> int | None:
+        """Rows per expert of the padded layout, or None to use the sorted layout."""
+        if routing.valid_TK is not None or getattr(experts, "norms", None):
+            # invalid slots are skipped by the sorted layout; padding rows would
+            # corrupt per-expert batch statistics
+            return None
+        if x_TD.device.type == "cuda" and x_TD.dtype == torch.bfloat16:
+            return None  # fused grouped_mm kernel, and no host sync
+        capacity = int(counts_E.max())  # host sync: free on CPU
+        n_rows = routing.experts_TK.numel()
+        if capacity == 0 or counts_E.numel() * capacity > (1.0 + self.max_padding) * n_rows:
+            return None
+        return capacity
+
+
+def _fusable(experts: Experts, x_TD: Tensor) -> bool:
+    """Whether the fused CPU SwiGLU path applies."""
+    return (
+        x_TD.device.type == "cpu"
+        and isinstance(experts, ExpertBank)
+        and experts._is_plain_swiglu()
+        and experts.weights[0].dtype == x_TD.dtype
+    )
 
 
 class CapacityDispatch(nn.Module):

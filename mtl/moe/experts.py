@@ -31,6 +31,42 @@ _ACTIVATIONS = {
 }
 
 
+class _BatchedSwiGLU(torch.autograd.Function):
+    """``y = (silu(x W1) * (x W3)) W2`` for per-expert row blocks ``x (E, C, D)``.
+
+    One batched matmul per projection and a hand-written backward: the
+    activation's gradient is formed in place, the two input-gradient products
+    share one output (``baddbmm``), and only ``x``, the two pre-activations and
+    the gated hidden state are kept for the backward (autograd's graph would
+    also keep ``silu(x W1)``).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x_ECD: Tensor, w1_EDH: Tensor, w3_EDH: Tensor, w2_EHO: Tensor
+    ) -> Tensor:
+        h1 = torch.bmm(x_ECD, w1_EDH)
+        h3 = torch.bmm(x_ECD, w3_EDH)
+        a = F.silu(h1).mul_(h3)
+        ctx.save_for_backward(x_ECD, w1_EDH, w3_EDH, w2_EHO, h1, h3, a)
+        return torch.bmm(a, w2_EHO)
+
+    @staticmethod
+    def backward(ctx, grad_ECO: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        x, w1, w3, w2, h1, h3, a = ctx.saved_tensors
+        grad_ECO = grad_ECO.contiguous()
+        grad_w2 = torch.bmm(a.transpose(1, 2), grad_ECO)
+        grad_a = torch.bmm(grad_ECO, w2.transpose(1, 2))
+        grad_h3 = F.silu(h1).mul_(grad_a)
+        # grad_h1 = silu'(h1) * grad_a * h3, written over grad_a (same elements)
+        grad_h1 = grad_a.mul_(h3)
+        torch.ops.aten.silu_backward.grad_input(grad_h1, h1, grad_input=grad_h1)
+        grad_x = torch.bmm(grad_h1, w1.transpose(1, 2)).baddbmm_(grad_h3, w3.transpose(1, 2))
+        grad_w1 = torch.bmm(x.transpose(1, 2), grad_h1)
+        grad_w3 = torch.bmm(x.transpose(1, 2), grad_h3)
+        return grad_x, grad_w1, grad_w3, grad_w2
+
+
 class ExpertBank(nn.Module):
     """``E`` MLP experts of identical shape, weights stacked as ``[E, D_in, D_out]``.
 
@@ -186,6 +222,18 @@ class ExpertBank(nn.Module):
         flat_TX = h_ETH.permute(1, 0, 2).reshape(T, E * H)
         return self.norms[layer](flat_TX).reshape(T, E, H).permute(1, 0, 2)
 
+    def _is_plain_swiglu(self) -> bool:
+        """Two-layer SwiGLU experts without biases, norms or per-expert widths."""
+        return (
+            self.glu
+            and self.num_layers == 2
+            and self.activation in ("silu", "swish")
+            and not self.activate_last
+            and not self.biases
+            and not self.norms
+            and self.hidden_mask_EH is None
+        )
+
     def forward_all(self, x: Tensor) -> Tensor:
         """Every expert on its input rows.
 
@@ -197,6 +245,11 @@ class ExpertBank(nn.Module):
         """
         if x.shape[-1] != self.d_in:
             raise ValueError(f"expert input has width {x.shape[-1]}, experts expect {self.d_in}")
+        if x.dim() == 3 and self._is_plain_swiglu():
+            # per-expert rows (padded dropless / capacity buffers): fused path
+            return _BatchedSwiGLU.apply(
+                x.contiguous(), self.weights[0], self.gate_weights[0], self.weights[1]
+            )
         h = x.unsqueeze(0) if x.dim() == 2 else x  # (1|E, T, D)
         for i, w_EDH in enumerate(self.weights):
             z = torch.matmul(h, w_EDH)  # (E, T, H)

@@ -1,4 +1,18 @@
-"""Grouped matrix multiply: one matmul per expert over jagged, expert-sorted rows."""
+"""Grouped matrix multiply and the token permutations around it.
+
+* :func:`grouped_matmul` -- one matmul per expert over jagged, expert-sorted rows.
+* :func:`permute_tokens` / :func:`combine_slots` -- move tokens into an
+  expert-major row layout and back, with hand-written backward passes that are
+  plain gathers (no ``index_add_``/``index_put_`` accumulation, so they are
+  deterministic and parallel on every device).
+
+A *layout* maps the ``S = T * K`` routing slots (token-major: slot ``t * K + j``
+is token ``t``'s ``j``-th choice) to ``M >= S`` buffer rows: ``slot_row_S[s]``
+is the row that slot ``s`` occupies, ``row_token_M[r]`` the token whose input
+row ``r`` holds. Rows that no slot occupies are padding: they hold some valid
+token's input (``row_token_M`` points anywhere in ``[0, T)``), are computed and
+ignored, and receive zero gradient.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +47,8 @@ def grouped_mm_supported(x: Tensor, w_EDH: Tensor) -> bool:
         # the CUDA kernels need bf16 and compute capability >= 8.0
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
     if x.device.type == "cpu":
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
         # the CPU path needs 16-byte aligned row strides on both operands
         item = x.element_size()
         return (x.shape[-1] * item) % 16 == 0 and (w_EDH.shape[-1] * item) % 16 == 0
@@ -72,12 +88,15 @@ def grouped_matmul(
         use_grouped_mm = grouped_mm_supported(x_ND, w_EDH)
     if use_grouped_mm:
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        y = F.grouped_mm(x_ND.contiguous(), w_EDH.contiguous(), offs=offs)
+        # Rows past the last offset are skipped by the kernel in both directions:
+        # their forward output and their input gradient are left uninitialised.
+        # ``where`` selects (it does not multiply), so garbage, even NaN, never leaks.
+        in_group_N1 = (torch.arange(N, device=x_ND.device) < offs[-1]).unsqueeze(-1)
+        zero = torch.zeros((), dtype=x_ND.dtype, device=x_ND.device)
+        x_in = torch.where(in_group_N1, x_ND, zero)
+        y = F.grouped_mm(x_in.contiguous(), w_EDH.contiguous(), offs=offs)
         y = _ContiguousGrad.apply(y)
-        total = offs[-1]
-        # rows past the last offset are not written by the kernel: zero them
-        row_N = torch.arange(N, device=x_ND.device)
-        return torch.where((row_N < total).unsqueeze(-1), y, torch.zeros((), dtype=y.dtype))
+        return torch.where(in_group_N1, y, zero)
     # Fallback: a loop of plain matmuls (one host sync for the group sizes).
     sizes = counts_E.tolist()
     rest = N - sum(sizes)
@@ -85,3 +104,234 @@ def grouped_matmul(
     outs = [p @ w_EDH[e] for e, p in enumerate(parts[:-1])]
     outs.append(x_ND.new_zeros(rest, H))
     return torch.cat(outs, 0)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """``x_MD[r] = x_TD[row_token_M[r]]``; backward sums each token's ``K`` slot rows."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x_TD: Tensor, row_token_M: Tensor, slot_row_S: Tensor, k: int
+    ) -> Tensor:
+        ctx.save_for_backward(slot_row_S)
+        ctx.k = k
+        return x_TD.index_select(0, row_token_M)
+
+    @staticmethod
+    def backward(ctx, grad_MD: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        (slot_row_S,) = ctx.saved_tensors
+        # fused gather + sum over each token's K rows (no (S, D) temporary);
+        # padding rows are read by no slot, so their gradient is simply dropped
+        grad_TD = F.embedding_bag(slot_row_S.view(-1, ctx.k), grad_MD.contiguous(), mode="sum")
+        return grad_TD, None, None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    """``out_TD[t] = sum_j w_TK[t, j] * y_MD[slot_row_S[t * K + j]]``.
+
+    Backward works in the row layout: ``grad_y[r] = w(r) * grad_out[token(r)]``
+    (zero on padding rows) and ``grad_w[s] = <y[row(s)], grad_out[token(s)]>``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, y_MD: Tensor, w_TK: Tensor, slot_row_S: Tensor, row_token_M: Tensor
+    ) -> Tensor:
+        T, K = w_TK.shape
+        w_TK = w_TK.to(y_MD.dtype)
+        # fused weighted gather-sum: no (S, D) temporary
+        out_TD = F.embedding_bag(slot_row_S.view(T, K), y_MD, per_sample_weights=w_TK, mode="sum")
+        # each row's combine weight (zero on padding rows) for the backward
+        w_M = w_TK.new_zeros(y_MD.shape[0]).index_put_((slot_row_S,), w_TK.reshape(-1))
+        ctx.save_for_backward(y_MD, w_M, slot_row_S, row_token_M)
+        ctx.w_shape = (T, K)
+        ctx.w_dtype = w_TK.dtype
+        return out_TD
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx, grad_TD: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None]:
+        y_MD, w_M, slot_row_S, row_token_M = ctx.saved_tensors
+        g_MD = grad_TD.index_select(0, row_token_M)  # grad of each row's token
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[1]:
+            gw_M = torch.bmm(y_MD.unsqueeze(1), g_MD.unsqueeze(-1)).view(-1)
+            grad_w = gw_M.index_select(0, slot_row_S).view(ctx.w_shape)
+        if ctx.needs_input_grad[0]:
+            grad_y = g_MD.mul_(w_M.unsqueeze(-1))
+        return grad_y, grad_w, None, None
+
+
+def permute_tokens(x_TD: Tensor, row_token_M: Tensor, slot_row_S: Tensor, k: int) -> Tensor:
+    """Gather token rows into a routing layout.
+
+    Args:
+        x_TD: ``(T, D)`` token inputs.
+        row_token_M: ``(M,)`` int64, the token each buffer row holds (any
+            token for padding rows).
+        slot_row_S: ``(T * K,)`` int64, the row of each slot (injective).
+        k: ``K``, slots per token.
+
+    Returns:
+        ``(M, D)`` rows; the gradient of a token is the sum over its ``K`` slots.
+
+    Example:
+        >>> x = torch.arange(6.0).view(3, 2)
+        >>> permute_tokens(x, torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0]), 1).tolist()
+        [[4.0, 5.0], [0.0, 1.0], [2.0, 3.0]]
+    """
+    return _PermuteTokens.apply(x_TD, row_token_M, slot_row_S, k)
+
+
+def combine_slots(y_MD: Tensor, w_TK: Tensor, slot_row_S: Tensor, row_token_M: Tensor) -> Tensor:
+    """Weighted sum of each token's ``K`` expert output rows: the inverse of :func:`permute_tokens`.
+
+    Args:
+        y_MD: ``(M, D)`` expert outputs in the routing layout.
+        w_TK: ``(T, K)`` combine weights (cast to ``y``'s dtype; an invalid
+            slot must carry weight 0).
+        slot_row_S: ``(T * K,)`` int64 row of each slot.
+        row_token_M: ``(M,)`` int64 token of each row (as for :func:`permute_tokens`).
+
+    Returns:
+        ``(T, D)``.
+
+    Example:
+        >>> y = torch.tensor([[1.0], [10.0], [100.0]])
+        >>> combine_slots(y, torch.tensor([[0.5, 2.0]]), torch.tensor([2, 0]), torch.tensor([0, 0, 0])).tolist()
+        [[52.0]]
+    """
+    return _CombineSlots.apply(y_MD, w_TK, slot_row_S, row_token_M)
+
+
+def _expert_chunks(num_experts: int, capacity: int, target_rows: int) -> list[tuple[int, int]]:
+    """Split ``E`` experts into runs of about ``target_rows`` padded rows (an even
+    number of experts where possible, so two threads split a batched matmul evenly)."""
+    per = max(1, target_rows // max(capacity, 1))
+    if per > 1:
+        per -= per % 2
+    return [(e, min(e + per, num_experts)) for e in range(0, num_experts, per)]
+
+
+class _FusedSwiGLUMoE(torch.autograd.Function):
+    """Gather -> SwiGLU experts -> weighted combine, as one autograd node.
+
+    Works in the padded layout (``E`` experts x ``C`` rows) and processes a few
+    experts at a time, so that every temporary (gathered inputs, hidden
+    activations, their gradients) is a few MiB, stays in cache and is served
+    from the allocator's free lists instead of fresh, page-faulting memory.
+    Only ``h1 = x W1``, ``h3 = x W3`` and the expert outputs ``y`` are kept
+    for the backward; the gathered inputs and ``silu(h1) * h3`` are recomputed
+    per chunk. The input gradient is accumulated per chunk with ``index_add_``
+    (deterministic on CPU; this path is CPU-only).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x_TD: Tensor,
+        w_TK: Tensor,
+        w1_EDH: Tensor,
+        w3_EDH: Tensor,
+        w2_EHD: Tensor,
+        row_token_M: Tensor,
+        slot_row_S: Tensor,
+        capacity: int,
+        target_rows: int,
+    ) -> Tensor:
+        E, _, H = w1_EDH.shape
+        C = capacity
+        T, K = w_TK.shape
+        x_TD = x_TD.contiguous()
+        h1 = x_TD.new_empty(E, C, H)
+        h3 = x_TD.new_empty(E, C, H)
+        y = x_TD.new_empty(E, C, w2_EHD.shape[-1])
+        chunks = _expert_chunks(E, C, target_rows)
+        for e0, e1 in chunks:
+            x_c = x_TD.index_select(0, row_token_M[e0 * C : e1 * C]).view(e1 - e0, C, -1)
+            torch.bmm(x_c, w1_EDH[e0:e1], out=h1[e0:e1])
+            torch.bmm(x_c, w3_EDH[e0:e1], out=h3[e0:e1])
+            a_c = F.silu(h1[e0:e1]).mul_(h3[e0:e1])
+            torch.bmm(a_c, w2_EHD[e0:e1], out=y[e0:e1])
+        w_TK = w_TK.to(y.dtype)
+        y_MD = y.view(E * C, -1)
+        out_TD = F.embedding_bag(slot_row_S.view(T, K), y_MD, per_sample_weights=w_TK, mode="sum")
+        w_M = w_TK.new_zeros(E * C).index_put_((slot_row_S,), w_TK.reshape(-1))
+        ctx.save_for_backward(x_TD, w1_EDH, w3_EDH, w2_EHD, row_token_M, slot_row_S, w_M, h1, h3, y)
+        ctx.chunks = chunks
+        ctx.w_shape = (T, K)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_TD, w1, w3, w2, row_token_M, slot_row_S, w_M, h1, h3, y = ctx.saved_tensors
+        E, C, _ = h1.shape
+        grad_TD = grad_TD.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_xm = x_TD.new_empty(E, C, x_TD.shape[-1]) if need_x else None
+        gw_M = w_M.new_empty(E * C) if need_w else None
+        grad_w1, grad_w3, grad_w2 = (torch.empty_like(w) for w in (w1, w3, w2))
+        for e0, e1 in ctx.chunks:
+            rows = slice(e0 * C, e1 * C)
+            n = e1 - e0
+            g_c = grad_TD.index_select(0, row_token_M[rows])  # (n*C, D) token grads
+            if gw_M is not None:
+                y_c = y.view(E * C, -1)[rows]
+                torch.bmm(y_c.unsqueeze(1), g_c.unsqueeze(-1), out=gw_M[rows].view(-1, 1, 1))
+            gy = g_c.mul_(w_M[rows].unsqueeze(-1)).view(n, C, -1)  # padding rows: 0
+            h1_c, h3_c = h1[e0:e1], h3[e0:e1]
+            s = F.silu(h1_c)
+            torch.bmm((s * h3_c).transpose(1, 2), gy, out=grad_w2[e0:e1])
+            grad_a = torch.bmm(gy, w2[e0:e1].transpose(1, 2))
+            grad_h3 = s.mul_(grad_a)
+            grad_h1 = grad_a.mul_(h3_c)
+            torch.ops.aten.silu_backward.grad_input(grad_h1, h1_c, grad_input=grad_h1)
+            x_c = x_TD.index_select(0, row_token_M[rows]).view(n, C, -1)
+            torch.bmm(x_c.transpose(1, 2), grad_h1, out=grad_w1[e0:e1])
+            torch.bmm(x_c.transpose(1, 2), grad_h3, out=grad_w3[e0:e1])
+            if grad_xm is not None:
+                gx_c = torch.bmm(grad_h1, w1[e0:e1].transpose(1, 2), out=grad_xm[e0:e1])
+                gx_c.baddbmm_(grad_h3, w3[e0:e1].transpose(1, 2))
+        grad_x = grad_w = None
+        if grad_xm is not None:
+            # each token's K rows summed in one fused gather (padding rows unread)
+            T, K = ctx.w_shape
+            grad_x = F.embedding_bag(slot_row_S.view(T, K), grad_xm.view(E * C, -1), mode="sum")
+        if gw_M is not None:
+            grad_w = gw_M.index_select(0, slot_row_S).view(ctx.w_shape)
+        return grad_x, grad_w, grad_w1, grad_w3, grad_w2, None, None, None, None
+
+
+def fused_swiglu_moe(
+    x_TD: Tensor,
+    w_TK: Tensor,
+    w1_EDH: Tensor,
+    w3_EDH: Tensor,
+    w2_EHD: Tensor,
+    row_token_M: Tensor,
+    slot_row_S: Tensor,
+    capacity: int,
+    target_rows: int = 4096,
+) -> Tensor:
+    """Dropless SwiGLU MoE in the padded layout, gather and combine fused in (CPU).
+
+    ``out[t] = sum_j w_TK[t, j] * E_e(x[t])`` with ``E_e(x) = (silu(x W1_e) * (x W3_e)) W2_e``,
+    the slots laid out as for :func:`permute_tokens` over ``M = E * capacity`` rows.
+
+    Args:
+        x_TD: ``(T, D)`` tokens.
+        w_TK: ``(T, K)`` combine weights.
+        w1_EDH, w3_EDH: ``(E, D, H)`` gate and up projections.
+        w2_EHD: ``(E, H, D_out)`` down projection.
+        row_token_M: ``(E * capacity,)`` int64 token of each row.
+        slot_row_S: ``(T * K,)`` int64 row of each slot.
+        capacity: ``C``, rows per expert.
+        target_rows: rows processed per chunk of experts.
+
+    Returns:
+        ``(T, D_out)``.
+    """
+    return _FusedSwiGLUMoE.apply(
+        x_TD, w_TK, w1_EDH, w3_EDH, w2_EHD, row_token_M, slot_row_S, capacity, target_rows
+    )

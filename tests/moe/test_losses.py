@@ -74,8 +74,19 @@ def test_entropy_loss() -> None:
 
 
 def test_load_balance_under_bf16_autocast() -> None:
-    probs = torch.softmax(torch.randn(8, 4), -1)
-    experts = torch.randint(0, 4, (8, 2))
+    from mtl.moe import DroplessDispatch, ExpertBank, MoELayer, TopKGate
+
+    torch.manual_seed(0)
+    layer = MoELayer(
+        gate=TopKGate(d_model=8, num_experts=4, k=2),
+        experts=ExpertBank.swiglu(num_experts=4, d_model=8, d_hidden=8),
+        dispatch=DroplessDispatch(),
+        aux_loss_weights={"load_balance": 1.0},
+    )
+    x = torch.randn(16, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = load_balance_loss(probs, experts)
-    torch.testing.assert_close(loss, load_balance_loss(probs, experts))
+        out = layer(x)
+        out.aux_loss.backward()
+    r = out.routing
+    torch.testing.assert_close(out.aux_loss, load_balance_loss(r.probs_TE, r.experts_TK))
+    assert layer.gate.proj.weight.grad is not None
