@@ -1,0 +1,188 @@
+"""Command line: ``mtl train``, ``mtl compare``, ``mtl list``.
+
+Configs are composed with Hydra's compose API from the repository's ``conf/``
+(``$MTL_CONF_DIR`` overrides it), so every argument after the sub-command is a
+Hydra override::
+
+    mtl train experiment=census_home trainer.max_epochs=1 model.num_shared_experts=2
+    mtl compare models=[mmoe,home] data=census_income seeds=3 trainer.max_epochs=2
+    mtl list
+
+Configuration and data errors (unknown names, bad files, bad columns) print one
+``error: ...`` line and exit with status 2; ``MTL_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_USAGE = 2
+
+_EPILOG = """examples:
+  mtl train                                        # MMoE on synthetic CTR data, CPU
+  mtl train model=home data=census_income trainer.max_epochs=3
+  mtl train experiment=census_home output_dir=runs/census_home
+  mtl train output_dir=runs/census_home resume=last trainer.max_epochs=6
+  mtl compare models=[mmoe,home] data=census_income seeds=3 trainer.max_epochs=2
+  mtl train --print-config model=ple               # show the composed config and exit
+  mtl list                                         # models, data, experiments, trainers
+
+Overrides are Hydra syntax: key=value, group=choice, +new_key=value, ++key=value.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtl",
+        description="Multi-task learning with mixtures of experts: train and compare MMoE, PLE, HoME, ...",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,compare,list}")
+    for name, help_text in (
+        ("train", "train one model (conf/train.yaml); writes metrics.json, checkpoints, logs"),
+        (
+            "compare",
+            "train models x seeds on one split (conf/compare.yaml); writes report.md, results.json, plots",
+        ),
+    ):
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--print-config", action="store_true", help="print the composed config and exit"
+        )
+        p.add_argument(
+            "overrides", nargs="*", help="Hydra overrides, e.g. model=home trainer.max_epochs=2"
+        )
+    sub.add_parser("list", help="list available models, data, experiments and trainers")
+    return parser
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "pytorch_lightning.utilities.rank_zero"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_train_summary(result: dict[str, Any]) -> None:
+    test = result.get("test", {})
+    tasks = list(result.get("tasks", {}))
+    metrics = [
+        m for m in ("auc", "gauc", "logloss", "mse") if any(f"{m}/{t}" in test for t in tasks)
+    ]
+    width = max([len(t) for t in tasks] + [4])
+    print(
+        f"\ntest metrics ({result['model']}, seed {result['seed']}, best checkpoint by {result['monitor']}):"
+    )
+    print("task".ljust(width) + "".join(m.rjust(10) for m in metrics))
+    for t in tasks:
+        cells = []
+        for m in metrics:
+            v = test.get(f"{m}/{t}")
+            cells.append(("n/a" if v is None or math.isnan(v) else f"{v:.4f}").rjust(10))
+        print(t.ljust(width) + "".join(cells))
+    params = result.get("params", {})
+    print(
+        f"params: {params.get('model', 0):,} model / {params.get('total', 0):,} total; "
+        f"train time {result['train_time_s']:.1f} s over {result['epochs']} epochs"
+    )
+    print(f"output: {result['output_dir']}")
+
+
+def cmd_list() -> int:
+    """Print the config choices found in ``conf/``."""
+    from mtl.training.config import available, conf_dir
+
+    root = conf_dir()
+    print(f"configs in {root}")
+    for group, label in (
+        ("model", "models"),
+        ("data", "data"),
+        ("experiment", "experiments"),
+        ("trainer", "trainers"),
+    ):
+        names = available(group, root)
+        print(f"  {label + ':':13}{', '.join(names) if names else '(none)'}")
+    print(
+        "select with e.g. `mtl train model=home data=census_income` or `mtl train experiment=census_home`"
+    )
+    return 0
+
+
+def cmd_train(overrides: Sequence[str], print_config: bool) -> int:
+    """Compose ``train`` and run it with the rec or LM runner (``kind``)."""
+    from mtl.training.config import compose_config, to_yaml
+
+    cfg = compose_config("train", overrides)
+    if print_config:
+        print(to_yaml(cfg))
+        return 0
+    kind = str(cfg.get("kind", "rec"))
+    if kind == "lm":
+        from mtl.training import lm_runner
+
+        lm_runner.run_train(cfg)
+        return 0
+    if kind != "rec":
+        raise ValueError(f"kind must be 'rec' or 'lm', got {kind!r}")
+    from mtl.training.rec_runner import run_train
+
+    _print_train_summary(run_train(cfg))
+    return 0
+
+
+def cmd_compare(overrides: Sequence[str], print_config: bool) -> int:
+    """Run ``mtl compare``: every model x seed, then the report."""
+    from mtl.training.rec_runner import run_compare, split_model_overrides
+
+    if print_config:
+        from mtl.training.config import compose_config, to_yaml
+
+        model_overrides, others = split_model_overrides(overrides)
+        print(to_yaml(compose_config("compare", others)))
+        if model_overrides:
+            print(f"# applied to each model that accepts them: {' '.join(model_overrides)}")
+        return 0
+    run_compare(overrides)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mtl`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging()
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        if args.command == "list":
+            return cmd_list()
+        if args.command == "train":
+            return cmd_train(args.overrides, args.print_config)
+        return cmd_compare(args.overrides, args.print_config)
+    except (ValueError, FileNotFoundError, MisconfigurationException) as exc:
+        # Config and data validation errors (and Lightning's, e.g. a monitor key that is
+        # never logged): the message is the useful part.
+        if os.environ.get("MTL_DEBUG"):
+            raise
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Composing the project's Hydra configs from Python (no ``@hydra.main``, no chdir).
+
+The CLI, the compare runner and the tests all build configs the same way:
+``compose_config("train", ["experiment=census_home", "trainer.max_epochs=1"])``.
+The config directory is the repository's ``conf/`` (next to the ``mtl`` package),
+or ``$MTL_CONF_DIR``. Group choices (``model=``, ``data=``, ``trainer=``,
+``experiment=``) are checked against the files on disk first, so a typo gives a
+:class:`ConfigError` listing the available names instead of a Hydra stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+GROUPS: tuple[str, ...] = ("model", "data", "trainer", "experiment")
+"""Config groups whose choices are validated (one YAML file per choice)."""
+
+_GROUP_OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?(?P<group>[A-Za-z_]+)=(?P<value>.*)$")
+
+
+class ConfigError(ValueError):
+    """A config name or override that does not exist; the message lists the valid ones."""
+
+
+def conf_dir() -> Path:
+    """The config root: ``$MTL_CONF_DIR`` if set, else ``<repo>/conf`` next to the package.
+
+    Example:
+        >>> conf_dir().name
+        'conf'
+    """
+    env = os.environ.get("MTL_CONF_DIR")
+    # Located from this file rather than ``mtl.__file__``: under some editable installs
+    # ``mtl`` resolves as a namespace package whose ``__file__`` is None.
+    path = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "conf"
+    if not path.is_dir():
+        raise ConfigError(
+            f"config directory not found: {path} (set MTL_CONF_DIR to the repository's conf/)"
+        )
+    return path.resolve()
+
+
+def available(group: str, root: Path | None = None) -> list[str]:
+    """Sorted choice names of config ``group`` (YAML files in ``conf/<group>/``).
+
+    Example:
+        >>> "mmoe" in available("model")
+        True
+    """
+    folder = (root or conf_dir()) / group
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def rec_choices(group: str, root: Path | None = None) -> list[str]:
+    """Choices of ``group`` for the ranking side (LM configs are prefixed ``lm_``)."""
+    return [name for name in available(group, root) if not name.startswith("lm_")]
+
+
+def check_choice(group: str, name: str, root: Path | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``conf/<group>/<name>.yaml`` exists."""
+    names = available(group, root)
+    if name not in names:
+        raise ConfigError(
+            f"unknown {group} {name!r}; available {group} configs: {', '.join(names) or '(none)'}"
+        )
+
+
+def check_overrides(overrides: Sequence[str], root: Path | None = None) -> None:
+    """Validate the group choices among Hydra ``overrides`` (``model=home``...)."""
+    for item in overrides:
+        match = _GROUP_OVERRIDE.match(item)
+        if match is None or match["group"] not in GROUPS:
+            continue
+        value = match["value"].strip()
+        if item.startswith("~") or value in ("", "null"):
+            continue
+        check_choice(match["group"], value, root)
+
+
+def compose_config(
+    config_name: str, overrides: Sequence[str] = (), *, resolve: bool = True
+) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with Hydra ``overrides``.
+
+    Args:
+        config_name: primary config (``"train"`` or ``"compare"``).
+        overrides: Hydra override strings, e.g. ``["model=home", "trainer.max_epochs=2"]``.
+        resolve: resolve interpolations now, so that ``${now:...}`` in ``output_dir``
+            is fixed once for the whole run.
+
+    Returns:
+        The composed config (not read-only, not struct: runners may add keys).
+
+    Raises:
+        ConfigError: unknown group choice, unknown key, or a malformed override.
+
+    Example:
+        >>> cfg = compose_config("train", ["model=mmoe", "trainer.max_epochs=1"])
+        >>> cfg.model.name, cfg.trainer.max_epochs
+        ('mmoe', 1)
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    root = conf_dir()
+    overrides = [str(o) for o in overrides]
+    check_overrides(overrides, root)
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(root), job_name="mtl"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        # Hydra's messages are good but arrive wrapped in a long traceback; keep the text.
+        message = str(exc).strip().replace("\n\n", "\n")
+        raise ConfigError(f"could not compose config {config_name!r}: {message}") from None
+    if resolve:
+        try:
+            OmegaConf.resolve(cfg)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"could not resolve config {config_name!r}: {exc}") from None
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The config as YAML text (for ``--print-config`` and the run directory)."""
+    return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,280 @@
+"""LightningModule for multi-task ranking: embedding + any registered rec model.
+
+Losses follow what the model predicts: BCE-with-logits for binary tasks in
+``logits``, BCE on clamped probabilities for tasks in ``probs`` (ESMM's ctcvr), MSE
+for regression; the total is the weighted sum of task losses plus the model's
+``aux_loss``. Validation and test compute per-task AUC, log loss and (with user ids)
+GAUC, plus the expert-health diagnostics of :mod:`mtl.training.diagnostics`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtl.data.features import FeatureSpec
+from mtl.data.tabular import RecBatch
+from mtl.models.rec import build_model_from_config
+from mtl.models.rec.embedding import FeatureEmbedding
+from mtl.models.rec.output import MultiTaskOutput
+from mtl.training.diagnostics import DiagnosticsAccumulator, ExpertDiagnostics
+from mtl.training.metrics import LOG_LOSS_EPS, BinaryTaskMetrics, RegressionTaskMetrics
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def _plain(value: Any) -> Any:
+    # Hydra hands DictConfig/ListConfig; hparams and the model registry want plain containers.
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        pass
+    return value
+
+
+class RecModule(pl.LightningModule):
+    """Train and evaluate a multi-task ranking model on :class:`~mtl.data.tabular.RecBatch` data.
+
+    Args:
+        spec: the data's :class:`~mtl.data.features.FeatureSpec` (or its ``to_dict()``).
+        model: model config: ``{"name": <registry name>, **hyper-parameters}``.
+        optim: ``{"name": "adam"|"adamw", "lr": float, "weight_decay": float}``.
+        task_weights: loss weight per task name, overriding the spec's weights.
+        embedding: extra keyword arguments of :class:`FeatureEmbedding` (e.g. ``init_std``).
+        seed: base of the per-epoch reseeding of torch's global RNG (dropout), which
+            makes a run resumed at an epoch boundary replay the uninterrupted run.
+        diagnostics: accumulate expert-health diagnostics during val/test.
+
+    Shapes:
+        ``forward(batch)`` with ``batch.cat (B, F_c)``, ``batch.num (B, F_n)`` returns a
+        :class:`MultiTaskOutput` with ``logits``/``probs`` ``{task: (B,)}``.
+
+    Example:
+        >>> from mtl.data.features import CategoricalFeature, TaskSpec
+        >>> spec = FeatureSpec(categorical=[CategoricalFeature("item", 10, 4)], numeric=[],
+        ...     tasks=[TaskSpec("click", "binary"), TaskSpec("like", "binary")])
+        >>> module = RecModule(spec=spec, model={"name": "mmoe", "num_experts": 2, "expert_hidden": [8]})
+        >>> batch = RecBatch(cat=torch.randint(0, 11, (5, 1)), num=torch.zeros(5, 0), labels=torch.ones(5, 2))
+        >>> loss, parts = module.compute_loss(module(batch), batch.labels)
+        >>> sorted(parts)
+        ['click', 'like']
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: FeatureSpec | Mapping[str, Any],
+        model: Mapping[str, Any],
+        optim: Mapping[str, Any] | None = None,
+        task_weights: Mapping[str, float] | None = None,
+        embedding: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        diagnostics: bool = True,
+    ) -> None:
+        super().__init__()
+        spec = spec if isinstance(spec, FeatureSpec) else FeatureSpec.from_dict(_plain(spec))
+        model_cfg = dict(_plain(model))
+        optim_cfg = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, **dict(_plain(optim or {}))}
+        weights = {t.name: float(t.weight) for t in spec.tasks}
+        unknown = sorted(set(_plain(task_weights or {})) - set(weights))
+        if unknown:
+            raise ValueError(
+                f"task_weights names unknown tasks {unknown}; tasks are {list(weights)}"
+            )
+        weights.update({k: float(v) for k, v in dict(_plain(task_weights or {})).items()})
+        if optim_cfg["name"] not in OPTIMIZERS:
+            raise ValueError(
+                f"optim.name must be one of {sorted(OPTIMIZERS)}, got {optim_cfg['name']!r}"
+            )
+        self.save_hyperparameters(
+            {
+                "spec": spec.to_dict(),
+                "model": model_cfg,
+                "optim": optim_cfg,
+                "task_weights": weights,
+                "embedding": dict(_plain(embedding or {})),
+                "seed": int(seed),
+                "diagnostics": bool(diagnostics),
+            }
+        )
+        self.spec = spec
+        self.task_names = spec.task_names
+        self.task_kinds = {t.name: t.kind for t in spec.tasks}
+        self.loss_weights = weights
+        self.seed = int(seed)
+        self.embedding = FeatureEmbedding(spec=spec, **self.hparams["embedding"])
+        self.model = build_model_from_config(
+            model_cfg, d_in=self.embedding.output_dim, tasks=self.task_names
+        )
+        self.eval_metrics = nn.ModuleDict(
+            {
+                t.name: BinaryTaskMetrics() if t.kind == "binary" else RegressionTaskMetrics()
+                for t in spec.tasks
+            }
+        )
+        self.diag = DiagnosticsAccumulator(tasks=self.task_names) if diagnostics else None
+        self.eval_results: dict[str, dict[str, float]] = {}
+        """Per split (``"val"``/``"test"``), the flat metrics of the last evaluation."""
+        self.eval_diagnostics: dict[str, ExpertDiagnostics] = {}
+        """Per split, the diagnostics of the last evaluation."""
+
+    # ------------------------------------------------------------------ model
+    def forward(self, batch: RecBatch) -> MultiTaskOutput:
+        return self.model(self.embedding(batch.cat, batch.num))
+
+    @property
+    def num_params(self) -> dict[str, int]:
+        """``{"total", "embedding", "model"}`` trainable parameter counts."""
+
+        def count(m: nn.Module) -> int:
+            return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+        return {
+            "total": count(self),
+            "embedding": count(self.embedding),
+            "model": count(self.model),
+        }
+
+    def predictions(self, out: MultiTaskOutput) -> dict[str, Tensor]:
+        """``{task: (B,)}`` probabilities for binary tasks, raw values for regression ones."""
+        preds: dict[str, Tensor] = {}
+        for task in self.task_names:
+            if task in out.probs:
+                preds[task] = out.probs[task]
+            elif self.task_kinds[task] == "binary":
+                preds[task] = torch.sigmoid(out.logits[task].float())
+            else:
+                preds[task] = out.logits[task]
+        return preds
+
+    def compute_loss(
+        self, out: MultiTaskOutput, labels: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted task losses plus ``aux_loss``.
+
+        Args:
+            out: the model output.
+            labels: (B, n_tasks) float32 in spec task order.
+
+        Returns:
+            ``(total, {task: loss})``, scalars.
+        """
+        parts: dict[str, Tensor] = {}
+        # Losses in float32 outside autocast: BCE on probabilities is not autocast-safe
+        # and bf16 logits lose the precision the loss needs.
+        with torch.autocast(device_type=labels.device.type, enabled=False):
+            for j, task in enumerate(self.task_names):
+                y = labels[:, j].float()
+                if task in out.probs:
+                    p = out.probs[task].float().clamp(LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
+                    parts[task] = F.binary_cross_entropy(p, y)
+                elif task in out.logits:
+                    z = out.logits[task].float()
+                    kind = self.task_kinds[task]
+                    parts[task] = (
+                        F.binary_cross_entropy_with_logits(z, y)
+                        if kind == "binary"
+                        else F.mse_loss(z, y)
+                    )
+                else:
+                    raise ValueError(
+                        f"model {self.hparams['model']['name']!r} returned no output for task {task!r} "
+                        f"(logits: {list(out.logits)}, probs: {list(out.probs)})"
+                    )
+            total = sum(self.loss_weights[t] * v for t, v in parts.items()) + out.aux_loss.float()
+        return total, parts  # type: ignore[return-value]
+
+    # --------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        # Reseed per epoch so dropout masks depend only on (seed, epoch): a run resumed
+        # from an end-of-epoch checkpoint then replays the uninterrupted run exactly.
+        torch.manual_seed((self.seed * 1_000_003 + self.current_epoch) % (2**63))
+
+    def training_step(self, batch: RecBatch, batch_idx: int) -> Tensor:
+        out = self(batch)
+        loss, parts = self.compute_loss(out, batch.labels)
+        bs = batch.batch_size
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        for task, value in parts.items():
+            self.log(f"train/loss/{task}", value, on_step=False, on_epoch=True, batch_size=bs)
+        if out.aux_loss.requires_grad:
+            self.log(
+                "train/aux_loss", out.aux_loss.float(), on_step=False, on_epoch=True, batch_size=bs
+            )
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.hparams["optim"]
+        return OPTIMIZERS[cfg["name"]](
+            self.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"])
+        )
+
+    # ------------------------------------------------------------- evaluation
+    def _eval_step(self, batch: RecBatch, split: str) -> None:
+        out = self(batch)
+        loss, parts = self.compute_loss(out, batch.labels)
+        bs = batch.batch_size
+        self.log(f"{split}/loss", loss, on_epoch=True, prog_bar=split == "val", batch_size=bs)
+        for task, value in parts.items():
+            self.log(f"{split}/loss/{task}", value, on_epoch=True, batch_size=bs)
+        preds = self.predictions(out)
+        for j, task in enumerate(self.task_names):
+            self.eval_metrics[task].update(preds[task], batch.labels[:, j], batch.user)
+        if self.diag is not None:
+            self.diag.update(out)
+
+    def _eval_epoch_end(self, split: str) -> None:
+        flat: dict[str, float] = {}
+        for task in self.task_names:
+            for name, value in self.eval_metrics[task].compute().items():
+                flat[f"{name}/{task}"] = value
+            self.eval_metrics[task].reset()
+        for name in ("auc", "gauc", "logloss"):
+            values = [v for k, v in flat.items() if k.startswith(f"{name}/") and not math.isnan(v)]
+            if values:
+                flat[f"{name}_mean"] = sum(values) / len(values)
+        if self.diag is not None and self.diag.has_data:
+            diag = self.diag.compute()
+            self.eval_diagnostics[split] = diag
+            flat.update(diag.scalars())
+            self.diag.reset()
+        # Metric states are synced by torchmetrics in compute(): no sync_dist here.
+        for key, value in flat.items():
+            self.log(f"{split}/{key}", value, prog_bar=key == "auc_mean")
+        self.eval_results[split] = flat
+
+    def _eval_epoch_start(self) -> None:
+        for metrics in self.eval_metrics.values():
+            metrics.reset()
+        if self.diag is not None:
+            self.diag.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_epoch_start()
+
+    def validation_step(self, batch: RecBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_epoch_start()
+
+    def test_step(self, batch: RecBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: RecBatch, batch_idx: int) -> dict[str, Tensor]:
+        return self.predictions(self(batch))
