@@ -113,7 +113,7 @@ class DroplessDispatch(nn.Module):
     """
 
     max_padding: float = 0.25
-    chunk_rows: int = 4096
+    chunk_rows: int = 8192
 
     def forward(self, x_TD: Tensor, routing: RoutingResult, experts: Experts) -> DispatchResult:
         T, K = routing.experts_TK.shape

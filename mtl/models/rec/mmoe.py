@@ -78,8 +78,10 @@ class MMoE(nn.Module):
             expert_norm=expert_norm,
         )
         gates = {
-            t: DenseSoftmaxGate(d_model=d_in, num_experts=num_experts, temperature=gate_temperature)
-            for t in self.tasks
+            name: DenseSoftmaxGate(
+                d_model=d_in, num_experts=num_experts, temperature=gate_temperature
+            )
+            for name in self._gate_names()
         }
         self.mixture = MultiGateMixture(experts=bank, gates=gates)
         self.towers = TaskTowers(
@@ -87,12 +89,20 @@ class MMoE(nn.Module):
         )
         self.expert_kinds = ["shared"] * num_experts
 
+    def _gate_names(self) -> list[str]:
+        """One gate per task; :class:`~mtl.models.rec.omoe.OMoE` overrides this."""
+        return list(self.tasks)
+
+    def _gate_of(self, task: str) -> str:
+        return task
+
     def forward(self, x_BD: Tensor) -> MultiTaskOutput:
         mix = self.mixture(x_BD)
+        w_BE = {name: r.dense_weights() for name, r in mix.routing.items()}
         return MultiTaskOutput(
-            logits=self.towers(mix.outputs),
+            logits=self.towers({t: mix.outputs[self._gate_of(t)] for t in self.tasks}),
             aux_loss=gate_aux_loss(list(mix.routing.values()), self.aux_loss_weights, x_BD.device),
-            gate_weights={t: r.dense_weights() for t, r in mix.routing.items()},
+            gate_weights={t: w_BE[self._gate_of(t)] for t in self.tasks},
             expert_outputs=mix.expert_outputs_ETD,
             expert_kinds=list(self.expert_kinds),
         )
