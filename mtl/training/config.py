@@ -132,3 +132,18 @@ def compose_config(
 def to_yaml(cfg: DictConfig) -> str:
     """The config as YAML text (for ``--print-config`` and the run directory)."""
     return OmegaConf.to_yaml(cfg)
+
+
+def resume_checkpoint_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """The checkpoint ``cfg.resume`` names: None, ``last`` (``ckpt_dir/last.ckpt``) or a path.
+
+    Raises:
+        FileNotFoundError: the named checkpoint does not exist.
+    """
+    resume = cfg.get("resume")
+    if resume in (None, "", "null"):
+        return None
+    path = ckpt_dir / "last.ckpt" if str(resume) == "last" else Path(str(resume)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint not found: {path}")
+    return str(path)

@@ -30,6 +30,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from mtl.data.text import TextDataModule
 from mtl.moe import SigmoidBiasGate
+from mtl.training.config import resume_checkpoint_path
 from mtl.training.lm_module import AuxFreeBiasUpdate, LMModule
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,6 @@ DEFAULT_GENERATE: dict[str, Any] = {
     "top_k": None,
     "seed": 0,
 }
-
-
-def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    resume = cfg.get("resume")
-    if resume in (None, "", "null"):
-        return None
-    path = ckpt_dir / "last.ckpt" if str(resume) == "last" else Path(str(resume)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"resume checkpoint not found: {path}")
-    return str(path)
 
 
 def build_datamodule(cfg: DictConfig) -> TextDataModule:
@@ -158,7 +149,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         **trainer_kwargs, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir)
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=_resume_path(cfg, ckpt_dir))
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_checkpoint_path(cfg, ckpt_dir))
     train_time = time.perf_counter() - start
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 

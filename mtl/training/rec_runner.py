@@ -26,7 +26,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from mtl.data.datamodule import RecDataModule
-from mtl.training.config import compose_config
+from mtl.training.config import compose_config, resume_checkpoint_path
 from mtl.training.rec_module import RecModule
 
 log = logging.getLogger(__name__)
@@ -86,16 +86,6 @@ def resolve_monitor(cfg: DictConfig, module: RecModule) -> tuple[str, str]:
     return monitor, mode
 
 
-def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    resume = cfg.get("resume")
-    if resume in (None, "", "null"):
-        return None
-    path = ckpt_dir / "last.ckpt" if str(resume) == "last" else Path(str(resume)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"resume checkpoint not found: {path}")
-    return str(path)
-
-
 def _finite(value: Any) -> Any:
     # JSON has no NaN; null keeps the file readable by every JSON parser.
     if isinstance(value, float) and not math.isfinite(value):
@@ -133,7 +123,7 @@ def run_train(cfg: DictConfig, datamodule: RecDataModule | None = None) -> dict[
         "train_time_s", "epochs", "best_ckpt", "diagnostics", "output_dir"}``.
 
     Example:
-        >>> from mtl.training.config import compose_config
+        >>> from mtl.training.config import compose_config, resume_checkpoint_path
         >>> cfg = compose_config("train", ["trainer.max_epochs=1", "output_dir=/tmp/mtl_doc"])  # doctest: +SKIP
         >>> run_train(cfg)["test"]["auc/click"] > 0.5  # doctest: +SKIP
         True
@@ -201,7 +191,7 @@ def _train(cfg: DictConfig, out_dir: Path, datamodule: RecDataModule | None) -> 
     )
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=_resume_path(cfg, ckpt_dir))
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_checkpoint_path(cfg, ckpt_dir))
     train_time = time.perf_counter() - start
     best_val = dict(module.eval_results.get("val", {}))
 
