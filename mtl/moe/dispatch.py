@@ -113,7 +113,7 @@ class DroplessDispatch(nn.Module):
     """
 
     max_padding: float = 0.25
-    chunk_rows: int = 8192
+    chunk_rows: int = 16384
 
     def forward(self, x_TD: Tensor, routing: RoutingResult, experts: Experts) -> DispatchResult:
         T, K = routing.experts_TK.shape
@@ -197,7 +197,7 @@ def _fusable(experts: Experts, x_TD: Tensor) -> bool:
         x_TD.device.type == "cpu"
         and isinstance(experts, ExpertBank)
         and experts._is_plain_swiglu()
-        and experts.weights[0].dtype == x_TD.dtype
+        and (experts.weights[0].dtype == x_TD.dtype or torch.is_autocast_enabled("cpu"))
     )
 
 

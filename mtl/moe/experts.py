@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl.moe.grouped import grouped_matmul
+from mtl.moe.grouped import _compute_dtype, grouped_matmul
 
 Activation = Literal["relu", "gelu", "silu", "swish", "identity"]
 _ACTIVATIONS = {
@@ -45,16 +45,23 @@ class _BatchedSwiGLU(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, x_ECD: Tensor, w1_EDH: Tensor, w3_EDH: Tensor, w2_EHO: Tensor
     ) -> Tensor:
-        h1 = torch.bmm(x_ECD, w1_EDH)
-        h3 = torch.bmm(x_ECD, w3_EDH)
-        a = F.silu(h1).mul_(h3)
+        # under autocast, compute in the autocast dtype in both passes and hand
+        # gradients back in the inputs' own dtypes
+        ctx.dtypes = (x_ECD.dtype, w1_EDH.dtype, w3_EDH.dtype, w2_EHO.dtype)
+        dt = _compute_dtype(x_ECD)
+        x_ECD, w1_EDH, w3_EDH, w2_EHO = (t.to(dt) for t in (x_ECD, w1_EDH, w3_EDH, w2_EHO))
+        with torch.autocast(x_ECD.device.type, enabled=False):
+            h1 = torch.bmm(x_ECD, w1_EDH)
+            h3 = torch.bmm(x_ECD, w3_EDH)
+            a = F.silu(h1).mul_(h3)
+            y = torch.bmm(a, w2_EHO)
         ctx.save_for_backward(x_ECD, w1_EDH, w3_EDH, w2_EHO, h1, h3, a)
-        return torch.bmm(a, w2_EHO)
+        return y
 
     @staticmethod
     def backward(ctx, grad_ECO: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         x, w1, w3, w2, h1, h3, a = ctx.saved_tensors
-        grad_ECO = grad_ECO.contiguous()
+        grad_ECO = grad_ECO.to(a.dtype).contiguous()
         grad_w2 = torch.bmm(a.transpose(1, 2), grad_ECO)
         grad_a = torch.bmm(grad_ECO, w2.transpose(1, 2))
         grad_h3 = F.silu(h1).mul_(grad_a)
@@ -64,7 +71,8 @@ class _BatchedSwiGLU(torch.autograd.Function):
         grad_x = torch.bmm(grad_h1, w1.transpose(1, 2)).baddbmm_(grad_h3, w3.transpose(1, 2))
         grad_w1 = torch.bmm(x.transpose(1, 2), grad_h1)
         grad_w3 = torch.bmm(x.transpose(1, 2), grad_h3)
-        return grad_x, grad_w1, grad_w3, grad_w2
+        grads = (grad_x, grad_w1, grad_w3, grad_w2)
+        return tuple(g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
 
 
 class ExpertBank(nn.Module):

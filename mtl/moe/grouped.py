@@ -205,11 +205,21 @@ def combine_slots(y_MD: Tensor, w_TK: Tensor, slot_row_S: Tensor, row_token_M: T
     return _CombineSlots.apply(y_MD, w_TK, slot_row_S, row_token_M)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``x``'s matmuls run in: the autocast dtype when autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def _expert_chunks(num_experts: int, capacity: int, target_rows: int) -> list[tuple[int, int]]:
-    """Split ``E`` experts into runs of about ``target_rows`` padded rows (an even
-    number of experts where possible, so two threads split a batched matmul evenly)."""
+    """Split ``E`` experts into runs of about ``target_rows`` padded rows.
+
+    Runs of more than four experts are kept even, so that two threads split
+    the batched matmuls evenly.
+    """
     per = max(1, target_rows // max(capacity, 1))
-    if per > 1:
+    if per > 4:
         per -= per % 2
     return [(e, min(e + per, num_experts)) for e in range(0, num_experts, per)]
 
@@ -243,7 +253,14 @@ class _FusedSwiGLUMoE(torch.autograd.Function):
         E, _, H = w1_EDH.shape
         C = capacity
         T, K = w_TK.shape
-        x_TD = x_TD.contiguous()
+        # under autocast, run every matmul in the autocast dtype (explicitly: the
+        # out= calls below are not autocast) and hand gradients back in the
+        # inputs' own dtypes
+        ctx.dtypes = (x_TD.dtype, w1_EDH.dtype, w3_EDH.dtype, w2_EHD.dtype)
+        dt = _compute_dtype(x_TD)
+        x_TD, w1_EDH, w3_EDH, w2_EHD = (
+            t.to(dt).contiguous() for t in (x_TD, w1_EDH, w3_EDH, w2_EHD)
+        )
         h1 = x_TD.new_empty(E, C, H)
         h3 = x_TD.new_empty(E, C, H)
         y = x_TD.new_empty(E, C, w2_EHD.shape[-1])
@@ -254,6 +271,7 @@ class _FusedSwiGLUMoE(torch.autograd.Function):
             torch.bmm(x_c, w3_EDH[e0:e1], out=h3[e0:e1])
             a_c = F.silu(h1[e0:e1]).mul_(h3[e0:e1])
             torch.bmm(a_c, w2_EHD[e0:e1], out=y[e0:e1])
+        ctx.w_dtype = w_TK.dtype
         w_TK = w_TK.to(y.dtype)
         y_MD = y.view(E * C, -1)
         out_TD = F.embedding_bag(slot_row_S.view(T, K), y_MD, per_sample_weights=w_TK, mode="sum")
@@ -267,7 +285,7 @@ class _FusedSwiGLUMoE(torch.autograd.Function):
     def backward(ctx, grad_TD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x_TD, w1, w3, w2, row_token_M, slot_row_S, w_M, h1, h3, y = ctx.saved_tensors
         E, C, _ = h1.shape
-        grad_TD = grad_TD.contiguous()
+        grad_TD = grad_TD.to(y.dtype).contiguous()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_xm = x_TD.new_empty(E, C, x_TD.shape[-1]) if need_x else None
         gw_M = w_M.new_empty(E * C) if need_w else None
@@ -299,8 +317,11 @@ class _FusedSwiGLUMoE(torch.autograd.Function):
             T, K = ctx.w_shape
             grad_x = F.embedding_bag(slot_row_S.view(T, K), grad_xm.view(E * C, -1), mode="sum")
         if gw_M is not None:
-            grad_w = gw_M.index_select(0, slot_row_S).view(ctx.w_shape)
-        return grad_x, grad_w, grad_w1, grad_w3, grad_w2, None, None, None, None
+            grad_w = gw_M.index_select(0, slot_row_S).view(ctx.w_shape).to(ctx.w_dtype)
+        dx, d1, d3, d2 = ctx.dtypes
+        grad_x = None if grad_x is None else grad_x.to(dx)
+        grads_w = (grad_w1.to(d1), grad_w3.to(d3), grad_w2.to(d2))
+        return (grad_x, grad_w, *grads_w, None, None, None, None)
 
 
 def fused_swiglu_moe(
@@ -312,7 +333,7 @@ def fused_swiglu_moe(
     row_token_M: Tensor,
     slot_row_S: Tensor,
     capacity: int,
-    target_rows: int = 4096,
+    target_rows: int = 16384,
 ) -> Tensor:
     """Dropless SwiGLU MoE in the padded layout, gather and combine fused in (CPU).
 

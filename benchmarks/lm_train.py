@@ -1,0 +1,167 @@
+"""Training throughput of the MoE language-model presets against the dense baseline.
+
+Every preset in ``conf/model/lm_*.yaml`` (Mixtral, OLMoE, Switch, DeepSeekMoE,
+DeepSeek-V3, top-p, expert choice) is trained next to ``lm_dense``, whose
+SwiGLU FFN has the same active parameters per token, on character-level Tiny
+Shakespeare (``../shared/data/tinyshakespeare/input.txt`` relative to the repo
+root; the embedded corpus when absent) with the presets' own sizes, batch 32 x
+128 tokens, AdamW. A step is forward + cross-entropy + router losses +
+backward + optimizer step. Steps are interleaved across presets in rounds (a
+few steps of each preset per round) so that all presets share the machine's
+load; tokens/s = tokens per step / median step time.
+
+Usage::
+
+    python benchmarks/lm_train.py            # every preset
+    python benchmarks/lm_train.py --quick    # mixtral, olmoe, switch vs dense
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    REPO_ROOT,
+    base_parser,
+    environment,
+    fmt_num,
+    markdown_table,
+    median,
+    setup_threads,
+    write_json,
+)
+
+from mtl.data.text import TextDataModule
+from mtl.training.lm_module import build_lm
+
+CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+CONF_DIR = REPO_ROOT / "conf" / "model"
+BLOCK, BATCH = 128, 32
+QUICK_PRESETS = ["lm_mixtral", "lm_olmoe", "lm_switch"]
+
+
+def presets() -> list[str]:
+    """Every LM preset name but the dense baseline, from ``conf/model``."""
+    return sorted(p.stem for p in CONF_DIR.glob("lm_*.yaml") if p.stem != "lm_dense")
+
+
+def build(name: str, vocab_size: int) -> nn.Module:
+    """The preset's model, exactly as ``mtl train model=<name>`` builds it."""
+    cfg: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
+        OmegaConf.load(CONF_DIR / f"{name}.yaml"), resolve=False
+    )
+    cfg["max_seq_len"] = BLOCK
+    torch.manual_seed(0)
+    return build_lm(cfg, vocab_size=vocab_size)
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="*", default=None, help="presets to compare")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per preset")
+    args = parser.parse_args()
+    setup_threads(args.threads)
+    names = args.presets or (QUICK_PRESETS if args.quick else presets())
+    steps = args.steps or (10 if args.quick else 20)
+    per_round = 2
+    dm = TextDataModule(
+        path=str(CORPUS) if CORPUS.exists() else None,
+        block_size=BLOCK,
+        batch_size=BATCH,
+        steps_per_epoch=4 * steps + 8,
+    )
+    dm.setup("fit")
+    env = environment(torch.device("cpu"))
+    print(
+        f"# lm_train on {env['cpu']}, torch {env['torch']}, {env['torch_threads']} threads, "
+        f"corpus {dm.source}, batch {BATCH}x{BLOCK}, load avg {env['load_avg_1m_start']:.1f}",
+        flush=True,
+    )
+    batches = list(dm.train_dataloader())
+    models = {n: build(n, dm.vocab_size) for n in ["lm_dense", *names]}
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in models.items()}
+    losses: dict[str, float] = {}
+
+    def step(name: str, i: int) -> None:
+        model, opt = models[name], opts[name]
+        inputs, targets = batches[i % len(batches)]
+        out = model(inputs)
+        ce = F.cross_entropy(
+            out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1)
+        )
+        loss = ce + out.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses[name] = float(ce.detach())
+
+    for n in models:  # warm-up
+        for i in range(2):
+            step(n, i)
+    times: dict[str, list[float]] = {n: [] for n in models}
+    order = list(models)
+    for r in range(steps // per_round):
+        shift = r % len(order)
+        for n in order[shift:] + order[:shift]:
+            for j in range(per_round):
+                t = time.perf_counter()
+                step(n, 2 + r * per_round + j)
+                times[n].append(time.perf_counter() - t)
+    tokens = BATCH * BLOCK
+    dense_tps = tokens / median(times["lm_dense"])
+    rows = []
+    for n, m in models.items():
+        counts = m.parameter_counts()
+        tps = tokens / median(times[n])
+        rows.append(
+            {
+                "preset": n,
+                "params_total": counts["total"],
+                "params_active": counts["active"],
+                "median_step_s": median(times[n]),
+                "tokens_per_s": tps,
+                "vs_dense": tps / dense_tps,
+                "step_times_s": times[n],
+                "last_train_ce": losses[n],
+            }
+        )
+    head = ["preset", "params", "active", "step ms", "tokens/s", "vs dense"]
+    table = markdown_table(
+        head,
+        [
+            [
+                r["preset"],
+                fmt_num(r["params_total"]),
+                fmt_num(r["params_active"]),
+                f"{r['median_step_s'] * 1e3:.0f}",
+                fmt_num(r["tokens_per_s"]),
+                f"{r['vs_dense']:.2f}x",
+            ]
+            for r in rows
+        ],
+    )
+    print(table)
+    path = write_json(
+        "lm_train",
+        {
+            "env": env,
+            "config": {"block": BLOCK, "batch": BATCH, "steps": steps, "corpus": dm.source},
+            "results": rows,
+        },
+        args.out,
+    )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""Training throughput of multi-task rankers: mtl's MMoE / HoME against torch-rechub's MMoE.
+
+Every variant trains on the same encoded tensors (mtl's data layer: Census-Income
+from ``../shared/data`` relative to the repo root, and the synthetic CTR log),
+with the same batch size (1024), epochs, Adam(lr=1e-3), experts and hidden sizes:
+
+* ``mtl``             -- :class:`mtl.training.RecModule` (embedding + model +
+  loss) in a plain loop over mtl's :class:`TensorBatchLoader` (tensor slicing).
+* ``mtl_bf16``        -- the same under CPU bf16 autocast (``precision: bf16-mixed``).
+* ``rechub``          -- torch-rechub's ``MMOE`` fed the way its trainers do:
+  a ``torch.utils.data.DataLoader`` over its ``TorchDataset`` of per-feature
+  arrays (per-sample indexing and collation).
+* ``rechub_tensor``   -- the same rechub model fed by the same in-memory tensor
+  slicing as mtl, to separate the data path from the model.
+
+Epochs are interleaved (epoch e of every variant, then epoch e + 1), so the
+variants share the machine's load. Throughput = train rows / median epoch
+time. Test AUC per task after the last epoch.
+
+torch-rechub is optional: install it in its own environment (never let it pull
+a CUDA torch), then run the script with that interpreter::
+
+    python -m venv --system-site-packages /tmp/rechub-venv
+    /tmp/rechub-venv/bin/pip install --no-deps torch-rechub
+    /tmp/rechub-venv/bin/pip install scikit-learn pandas tqdm   # its import-time deps
+    /tmp/rechub-venv/bin/python benchmarks/rec_train.py [--quick]
+
+Without it the rechub variants are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.functional.classification import binary_auroc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    REPO_ROOT,
+    base_parser,
+    environment,
+    fmt_num,
+    markdown_table,
+    median,
+    setup_threads,
+    write_json,
+)
+
+from mtl.data.datamodule import RecDataModule
+from mtl.data.features import FeatureSpec
+from mtl.data.tabular import RecBatch, TabularTensors, TensorBatchLoader
+from mtl.training.rec_module import RecModule
+
+CENSUS_PATH = REPO_ROOT.parent / "shared" / "data" / "census-income-kdd" / "census-income.test.gz"
+BATCH_SIZE = 1024
+LR = 1e-3
+EMBED_DIM = 16
+"""One width for every categorical feature: rechub's embedding layer requires it."""
+SIZES: dict[str, dict[str, Any]] = {
+    # conf/experiment/census_mmoe.yaml: the MMoE paper's census setting, CPU-sized
+    "small": {"num_experts": 8, "expert_hidden": [64], "tower_hidden": [32], "dropout": 0.1},
+    # conf/model/mmoe.yaml defaults
+    "large": {"num_experts": 8, "expert_hidden": [256, 128], "tower_hidden": [64], "dropout": 0.1},
+}
+"""MMoE sizes shared by mtl's and rechub's MMoE. rechub's experts are
+``Linear -> BatchNorm -> ReLU -> Dropout``; mtl's MMoE gets ``expert_norm=True``
+(per-expert batch norm) so that its experts are the same."""
+MMOE_CFG: dict[str, Any] = dict(SIZES["small"])
+HOME = {"name": "home"}
+"""mtl's HoME with its ``conf/model/home.yaml`` defaults (no rechub counterpart)."""
+
+
+def rechub_available() -> str | None:
+    """torch-rechub's version, or None when it cannot be imported."""
+    try:
+        import torch_rechub
+    except ImportError:
+        return None
+    return str(getattr(torch_rechub, "__version__", "unknown"))
+
+
+def load_data(name: str, quick: bool) -> RecDataModule:
+    """Census-Income or the synthetic CTR log, encoded by mtl's data layer."""
+    if name == "census":
+        kw: dict[str, Any] = {"n_rows": 20_000} if quick else {}
+        dm = RecDataModule(
+            source="census_income",
+            path=str(CENSUS_PATH),
+            source_kwargs=kw,
+            batch_size=BATCH_SIZE,
+            eval_batch_size=8192,
+            embed_dim=EMBED_DIM,
+        )
+    elif name == "synthetic":
+        kw = {"n": 25_000} if quick else {}
+        dm = RecDataModule(
+            source="synthetic_ctr",
+            source_kwargs=kw,
+            batch_size=BATCH_SIZE,
+            eval_batch_size=8192,
+            embed_dim=EMBED_DIM,
+        )
+    else:
+        raise ValueError(f"unknown dataset {name!r}")
+    dm.setup("fit")
+    return dm
+
+
+def tensor_batches(t: TabularTensors, epoch: int, seed: int = 0) -> Iterator[TabularTensors]:
+    """Shuffled mini-batches by slicing in-memory tensors (mtl's data path)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(t), generator=g)
+    for start in range(0, len(t), BATCH_SIZE):
+        yield t.select(order[start : start + BATCH_SIZE])
+
+
+# ------------------------------------------------------------------------- variants
+@dataclass
+class Variant:
+    """One trainer: ``run_epoch(epoch)`` trains an epoch, ``predict(split)`` gives test probs."""
+
+    name: str
+    model_name: str
+    run_epoch: Callable[[int], None]
+    predict: Callable[[TabularTensors], Tensor]
+    num_params: int
+    epoch_times: list[float] = field(default_factory=list)
+
+
+def mtl_variant(
+    dm: RecDataModule, model_cfg: dict[str, Any], label: str, bf16: bool = False
+) -> Variant:
+    """mtl's RecModule in a plain training loop over its TensorBatchLoader.
+
+    With ``bf16`` the forward runs under CPU bf16 autocast (what the trainer's
+    ``precision: bf16-mixed`` does); weights, optimizer and losses stay float32.
+    """
+    torch.manual_seed(0)
+    module = RecModule(
+        spec=dm.spec, model=model_cfg, optim={"name": "adam", "lr": LR}, diagnostics=False
+    )
+    opt = module.configure_optimizers()
+    loader: TensorBatchLoader = dm.train_dataloader()
+
+    def run_epoch(epoch: int) -> None:
+        module.train()
+        loader.set_epoch(epoch)
+        for batch in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = module(batch)
+            loss, _ = module.compute_loss(out, batch.labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def predict(t: TabularTensors) -> Tensor:
+        module.eval()
+        out = module(RecBatch(cat=t.cat_BF, num=t.num_BF, labels=t.labels_BT))
+        preds = module.predictions(out)
+        return torch.stack([preds[task] for task in module.task_names], dim=1)
+
+    n = sum(p.numel() for p in module.parameters())
+    return Variant(label, model_cfg["name"], run_epoch, predict, n)
+
+
+def rechub_model(spec: FeatureSpec) -> tuple[nn.Module, list[str], list[str]]:
+    """torch-rechub's MMOE over the same features and sizes as mtl's MMoE."""
+    from torch_rechub.basic.features import DenseFeature, SparseFeature
+    from torch_rechub.models.multi_task import MMOE
+
+    sparse = [f"c{j}" for j in range(spec.n_categorical)]
+    dense = [f"n{j}" for j in range(spec.n_numeric)]
+    features = [
+        SparseFeature(name, vocab_size=f.vocab_size + 1, embed_dim=f.embed_dim)
+        for name, f in zip(sparse, spec.categorical, strict=True)
+    ] + [DenseFeature(name) for name in dense]
+    tower = {"dims": MMOE_CFG["tower_hidden"], "dropout": MMOE_CFG["dropout"], "activation": "relu"}
+    model = MMOE(
+        features=features,
+        task_types=["classification"] * len(spec.tasks),
+        n_expert=MMOE_CFG["num_experts"],
+        expert_params={
+            "dims": MMOE_CFG["expert_hidden"],
+            "dropout": MMOE_CFG["dropout"],
+            "activation": "relu",
+        },
+        tower_params_list=[dict(tower) for _ in spec.tasks],
+    )
+    return model, sparse, dense
+
+
+def as_feature_dict(t: TabularTensors, sparse: list[str], dense: list[str]) -> dict[str, Tensor]:
+    """rechub's input: one ``(B,)`` tensor per feature name."""
+    x = {name: t.cat_BF[:, j] for j, name in enumerate(sparse)}
+    x.update({name: t.num_BF[:, j] for j, name in enumerate(dense)})
+    return x
+
+
+def rechub_variants(dm: RecDataModule) -> list[Variant]:
+    """rechub's MMOE fed by its DataLoader path, and by mtl's tensor slicing."""
+    from torch.utils.data import DataLoader
+    from torch_rechub.utils.data import TorchDataset
+
+    train = dm.tensors("train")
+    out = []
+    for label in ("rechub", "rechub_tensor"):
+        torch.manual_seed(0)
+        model, sparse, dense = rechub_model(dm.spec)
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
+        if label == "rechub":
+            arrays = {k: v.numpy() for k, v in as_feature_dict(train, sparse, dense).items()}
+            dataset = TorchDataset(arrays, train.labels_BT.numpy())
+            g = torch.Generator().manual_seed(0)
+            loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, generator=g)
+
+            def batches(epoch: int, loader: DataLoader = loader) -> Iterator[Any]:
+                return iter(loader)
+        else:
+
+            def batches(epoch: int, sparse: list[str] = sparse, dense: list[str] = dense) -> Any:
+                return (
+                    (as_feature_dict(b, sparse, dense), b.labels_BT)
+                    for b in tensor_batches(train, epoch)
+                )
+
+        def run_epoch(
+            epoch: int, model: nn.Module = model, opt: Any = opt, batches: Any = batches
+        ) -> None:
+            # torch-rechub's MTLTrainer step: BCE on its sigmoid outputs, mean over tasks
+            model.train()
+            for x, y in batches(epoch):
+                probs = model(x)
+                n_task = y.shape[1]
+                loss = sum(F.binary_cross_entropy(probs[:, i], y[:, i]) for i in range(n_task))
+                loss = loss / n_task
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        @torch.no_grad()
+        def predict(
+            t: TabularTensors,
+            model: nn.Module = model,
+            sparse: list[str] = sparse,
+            dense: list[str] = dense,
+        ) -> Tensor:
+            model.eval()
+            return model(as_feature_dict(t, sparse, dense))
+
+        n = sum(p.numel() for p in model.parameters())
+        out.append(Variant(label, "mmoe", run_epoch, predict, n))
+    return out
+
+
+# ------------------------------------------------------------------------- harness
+def test_auc(v: Variant, dm: RecDataModule) -> dict[str, float]:
+    """Per-task test AUC (binary tasks)."""
+    test = dm.tensors("test")
+    probs = v.predict(test)
+    return {
+        task.name: float(binary_auroc(probs[:, j], test.labels_BT[:, j].long()))
+        for j, task in enumerate(dm.spec.tasks)
+    }
+
+
+def bench_dataset(name: str, epochs: int, quick: bool, with_rechub: bool) -> dict[str, Any]:
+    """Train every variant ``epochs`` epochs, interleaved, on one dataset."""
+    t0 = time.perf_counter()
+    dm = load_data(name, quick)
+    print(
+        f"  {name}: {len(dm.tensors('train')):,} train rows, "
+        f"loaded in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
+    mmoe = {"name": "mmoe", "expert_norm": True, **MMOE_CFG}
+    variants = [
+        mtl_variant(dm, mmoe, "mtl"),
+        mtl_variant(dm, mmoe, "mtl_bf16", bf16=True),
+        mtl_variant(dm, dict(HOME), "mtl"),
+    ]
+    if not quick:
+        variants.append(mtl_variant(dm, dict(HOME), "mtl_bf16", bf16=True))
+    if with_rechub:
+        variants += rechub_variants(dm)
+    for epoch in range(epochs):
+        for v in variants:
+            t = time.perf_counter()
+            v.run_epoch(epoch)
+            v.epoch_times.append(time.perf_counter() - t)
+        print(
+            f"    epoch {epoch}: "
+            + ", ".join(f"{v.name}/{v.model_name} {v.epoch_times[-1]:.1f}s" for v in variants),
+            flush=True,
+        )
+    n_train = len(dm.tensors("train"))
+    rows = []
+    for v in variants:
+        ep = median(v.epoch_times)
+        rows.append(
+            {
+                "impl": v.name,
+                "model": v.model_name,
+                "params": v.num_params,
+                "epoch_times_s": v.epoch_times,
+                "median_epoch_s": ep,
+                "samples_per_s": n_train / ep,
+                "test_auc": test_auc(v, dm),
+            }
+        )
+    ref = next((r for r in rows if r["impl"] == "rechub"), None)
+    for r in rows:
+        r["speedup_vs_rechub"] = None if ref is None else r["samples_per_s"] / ref["samples_per_s"]
+    return {
+        "dataset": name,
+        "train_rows": n_train,
+        "tasks": dm.spec.task_names,
+        "d_in": sum(f.embed_dim for f in dm.spec.categorical) + dm.spec.n_numeric,
+        "results": rows,
+    }
+
+
+def report(points: list[dict[str, Any]]) -> str:
+    head = ["dataset", "model", "impl", "params", "epoch s", "samples/s", "x rechub", "test AUC"]
+    rows = []
+    for p in points:
+        for r in p["results"]:
+            auc = ", ".join(f"{k} {v:.4f}" for k, v in r["test_auc"].items())
+            sp = r["speedup_vs_rechub"]
+            rows.append(
+                [
+                    p["dataset"],
+                    r["model"],
+                    r["impl"],
+                    fmt_num(r["params"]),
+                    f"{r['median_epoch_s']:.2f}",
+                    fmt_num(r["samples_per_s"]),
+                    "-" if sp is None else f"{sp:.1f}x",
+                    auc,
+                ]
+            )
+    return markdown_table(head, rows)
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per variant")
+    parser.add_argument(
+        "--datasets", nargs="*", default=["census", "synthetic"], help="census and/or synthetic"
+    )
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="small", help="MMoE expert/tower sizes"
+    )
+    args = parser.parse_args()
+    MMOE_CFG.clear()
+    MMOE_CFG.update(SIZES[args.size])
+    setup_threads(args.threads)
+    epochs = args.epochs or (3 if args.quick else 5)
+    version = rechub_available()
+    if version is None:
+        print(
+            "torch-rechub is not importable: skipping the rechub variants "
+            "(see benchmarks/README.md for the install line)",
+            flush=True,
+        )
+    env = environment(torch.device("cpu"))
+    env["torch_rechub"] = version
+    print(
+        f"# rec_train on {env['cpu']}, torch {env['torch']}, {env['torch_threads']} threads, "
+        f"batch {BATCH_SIZE}, {epochs} epochs, load avg {env['load_avg_1m_start']:.1f}",
+        flush=True,
+    )
+    points = [bench_dataset(d, epochs, args.quick, version is not None) for d in args.datasets]
+    print(report(points))
+    path = write_json(
+        "rec_train",
+        {
+            "env": env,
+            "config": {
+                "batch_size": BATCH_SIZE,
+                "epochs": epochs,
+                "lr": LR,
+                "size": args.size,
+                "mmoe": MMOE_CFG,
+                "home": HOME,
+                "quick": args.quick,
+            },
+            "points": points,
+        },
+        args.out,
+    )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
