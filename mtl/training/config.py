@@ -147,3 +147,9 @@ def resume_checkpoint_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     if not path.is_file():
         raise FileNotFoundError(f"resume checkpoint not found: {path}")
     return str(path)
+
+
+def trainer_kwargs_from(cfg: DictConfig) -> dict:
+    """``cfg.trainer`` as ``pl.Trainer`` keyword arguments; null entries are left to Lightning's defaults."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {k: v for k, v in trainer.items() if v is not None}

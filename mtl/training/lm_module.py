@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from mtl.config_values import to_plain
 from mtl.data.tokenizers import Tokenizer
 from mtl.models.lm.generate import generate as generate_ids
 from mtl.models.lm.transformer import LMOutput, TransformerLM
@@ -44,16 +45,6 @@ class VocabularyMismatchError(ValueError):
     """A checkpoint's tokenizer differs from the data's: token ids would mean other things."""
 
 
-def _plain(value: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        return value
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def build_lm(config: Mapping[str, Any], *, vocab_size: int) -> TransformerLM:
     """Instantiate a model config (``_target_`` + kwargs; ``name`` ignored) for ``vocab_size``.
 
@@ -61,7 +52,7 @@ def build_lm(config: Mapping[str, Any], *, vocab_size: int) -> TransformerLM:
     """
     from hydra.utils import instantiate
 
-    cfg = dict(_plain(config))
+    cfg = dict(to_plain(config))
     cfg.pop("name", None)
     cfg.setdefault("_target_", "mtl.models.lm.TransformerLM")
     cfg["_recursive_"] = False  # each MoE layer instantiates its own parts
@@ -116,19 +107,19 @@ class LMModule(pl.LightningModule):
         if tokenizer is not None and tokenizer_state is not None:
             raise ValueError("pass tokenizer or tokenizer_state, not both")
         if tokenizer_state is not None:
-            tokenizer = Tokenizer.from_state(_plain(tokenizer_state))
+            tokenizer = Tokenizer.from_state(to_plain(tokenizer_state))
         self.tokenizer: Tokenizer | None = tokenizer
         model_cfg: dict[str, Any] | None = None
         if isinstance(model, nn.Module):
             self.model = model
         else:
-            model_cfg = dict(_plain(model))
+            model_cfg = dict(to_plain(model))
             vocab = model_cfg.get("vocab_size") or (tokenizer.vocab_size if tokenizer else None)
             if vocab is None:
                 raise ValueError("a model config needs vocab_size or a tokenizer")
             self.model = build_lm(model_cfg, vocab_size=int(vocab))
             model_cfg["vocab_size"] = int(vocab)
-        optim_cfg = {**DEFAULT_OPTIM, **dict(_plain(optim) or {})}
+        optim_cfg = {**DEFAULT_OPTIM, **dict(to_plain(optim) or {})}
         if optim_cfg["name"] not in OPTIMIZERS:
             raise ValueError(
                 f"optim.name must be one of {sorted(OPTIMIZERS)}, got {optim_cfg['name']!r}"

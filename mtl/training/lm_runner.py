@@ -30,7 +30,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from mtl.data.text import TextDataModule
 from mtl.moe import SigmoidBiasGate
-from mtl.training.config import resume_checkpoint_path
+from mtl.training.config import resume_checkpoint_path, trainer_kwargs_from
 from mtl.training.lm_module import AuxFreeBiasUpdate, LMModule
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
 
     dm = build_datamodule(cfg)
-    trainer_kwargs = {
-        k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None
-    }
+    trainer_kwargs = trainer_kwargs_from(cfg)
     max_steps = int(trainer_kwargs.get("max_steps", -1))
     module = LMModule(
         model=model_config(cfg, dm),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtl.config_values import to_plain
 from mtl.data.features import FeatureSpec
 from mtl.data.tabular import RecBatch
 from mtl.models.rec import build_model_from_config
@@ -27,18 +28,6 @@ from mtl.training.diagnostics import DiagnosticsAccumulator, ExpertDiagnostics
 from mtl.training.metrics import LOG_LOSS_EPS, BinaryTaskMetrics, RegressionTaskMetrics
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-
-
-def _plain(value: Any) -> Any:
-    # Hydra hands DictConfig/ListConfig; hparams and the model registry want plain containers.
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        pass
-    return value
 
 
 class RecModule(pl.LightningModule):
@@ -81,16 +70,16 @@ class RecModule(pl.LightningModule):
         diagnostics: bool = True,
     ) -> None:
         super().__init__()
-        spec = spec if isinstance(spec, FeatureSpec) else FeatureSpec.from_dict(_plain(spec))
-        model_cfg = dict(_plain(model))
-        optim_cfg = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, **dict(_plain(optim or {}))}
+        spec = spec if isinstance(spec, FeatureSpec) else FeatureSpec.from_dict(to_plain(spec))
+        model_cfg = dict(to_plain(model))
+        optim_cfg = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, **dict(to_plain(optim or {}))}
         weights = {t.name: float(t.weight) for t in spec.tasks}
-        unknown = sorted(set(_plain(task_weights or {})) - set(weights))
+        unknown = sorted(set(to_plain(task_weights or {})) - set(weights))
         if unknown:
             raise ValueError(
                 f"task_weights names unknown tasks {unknown}; tasks are {list(weights)}"
             )
-        weights.update({k: float(v) for k, v in dict(_plain(task_weights or {})).items()})
+        weights.update({k: float(v) for k, v in dict(to_plain(task_weights or {})).items()})
         if optim_cfg["name"] not in OPTIMIZERS:
             raise ValueError(
                 f"optim.name must be one of {sorted(OPTIMIZERS)}, got {optim_cfg['name']!r}"
@@ -101,7 +90,7 @@ class RecModule(pl.LightningModule):
                 "model": model_cfg,
                 "optim": optim_cfg,
                 "task_weights": weights,
-                "embedding": dict(_plain(embedding or {})),
+                "embedding": dict(to_plain(embedding or {})),
                 "seed": int(seed),
                 "diagnostics": bool(diagnostics),
             }

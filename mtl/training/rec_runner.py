@@ -26,7 +26,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from mtl.data.datamodule import RecDataModule
-from mtl.training.config import compose_config, resume_checkpoint_path
+from mtl.training.config import compose_config, resume_checkpoint_path, trainer_kwargs_from
 from mtl.training.rec_module import RecModule
 
 log = logging.getLogger(__name__)
@@ -183,9 +183,7 @@ def _train(cfg: DictConfig, out_dir: Path, datamodule: RecDataModule | None) -> 
         CSVLogger(save_dir=str(out_dir), name="csv", version=""),
         TensorBoardLogger(save_dir=str(out_dir), name="tb", version="", default_hp_metric=False),
     ]
-    trainer_kwargs = {
-        k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None
-    }
+    trainer_kwargs = trainer_kwargs_from(cfg)
     trainer = pl.Trainer(
         **trainer_kwargs, callbacks=callbacks, logger=loggers, default_root_dir=str(out_dir)
     )

@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from mtl.config_values import to_plain
 from mtl.moe import DroplessDispatch, MoELayer
 
 SPEC_PARTS = ("gate", "experts", "dispatch", "shared", "aux_loss_weights", "output_scale")
@@ -38,17 +39,6 @@ SPEC_VARIABLES = ("num_experts", "k", "d_expert", "num_shared", "capacity_factor
 """Keys of an MoE spec kept for interpolation only."""
 
 MoESpec = Mapping[str, Any]
-
-
-def _to_plain(spec: Any) -> Any:
-    """Resolve an OmegaConf node into plain containers (interpolations resolved)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - hydra is a dependency
-        return spec
-    if isinstance(spec, DictConfig | ListConfig):
-        return OmegaConf.to_container(spec, resolve=True)
-    return spec
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
@@ -109,7 +99,7 @@ def build_moe_ffn(spec: MoESpec, *, d_model: int) -> MoELayer:
         >>> build_moe_ffn(spec, d_model=8).num_experts
         4
     """
-    spec = _to_plain(spec)
+    spec = to_plain(spec)
     if not isinstance(spec, Mapping):
         raise TypeError(f"an MoE spec must be a mapping, got {type(spec).__name__}")
     unknown = set(spec) - set(SPEC_PARTS) - set(SPEC_VARIABLES)
