@@ -35,6 +35,12 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
+if str(REPO_ROOT) not in sys.path:
+    # a separate benchmark environment (torch-rechub's) need not have mtl installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+from mtl.training.cpu_memory import reuse_freed_memory  # noqa: E402
+
 OUT_DIR = BENCH_DIR / "out"
 
 
@@ -50,6 +56,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per variant")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's allocator defaults (default: mtl.training.cpu_memory."
+        "reuse_freed_memory, as `mtl train` applies, for every variant in the process)",
+    )
     return parser
 
 
@@ -239,6 +251,11 @@ def write_json(name: str, payload: dict[str, Any], path: Path | None = None) -> 
     return out
 
 
-def setup_threads(threads: int) -> None:
-    """Use ``threads`` intra-op threads (the benchmarks default to every core)."""
-    torch.set_num_threads(max(1, threads))
+def setup_process(args: argparse.Namespace) -> dict[str, Any]:
+    """Threads and allocator for the whole run; returns what was set, for the JSON.
+
+    Every variant runs in this one process, so each gets the same settings.
+    """
+    torch.set_num_threads(max(1, args.threads))
+    reuse = False if args.default_malloc else reuse_freed_memory()
+    return {"torch_threads": torch.get_num_threads(), "reuse_freed_memory": reuse}

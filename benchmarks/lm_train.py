@@ -37,7 +37,7 @@ from common import (
     fmt_num,
     markdown_table,
     median,
-    setup_threads,
+    setup_process,
     write_json,
 )
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=None, help="presets to compare")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per preset")
     args = parser.parse_args()
-    setup_threads(args.threads)
+    process = setup_process(args)
     names = args.presets or (QUICK_PRESETS if args.quick else presets())
     steps = args.steps or (10 if args.quick else 20)
     per_round = 2
@@ -82,6 +82,7 @@ def main() -> None:
     )
     dm.setup("fit")
     env = environment(torch.device("cpu"))
+    env.update(process)
     print(
         f"# lm_train on {env['cpu']}, torch {env['torch']}, {env['torch_threads']} threads, "
         f"corpus {dm.source}, batch {BATCH}x{BLOCK}, load avg {env['load_avg_1m_start']:.1f}",

@@ -48,7 +48,7 @@ from common import (
     median,
     peak_memory,
     pick_device,
-    setup_threads,
+    setup_process,
     time_interleaved,
     write_json,
 )
@@ -312,7 +312,7 @@ def main() -> None:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     args = parser.parse_args()
-    setup_threads(args.threads)
+    process = setup_process(args)
     device = pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = args.tokens or ([2048] if args.quick else [4096, 16384])
@@ -320,6 +320,7 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     memory = not (args.quick or args.no_memory)
     env = environment(device)
+    env.update(process)
     env["transformers"] = hf_version()
     print(
         f"# moe_layer on {env['cpu'] if device.type == 'cpu' else env.get('gpu')}, "

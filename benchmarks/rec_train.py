@@ -51,7 +51,7 @@ from common import (
     fmt_num,
     markdown_table,
     median,
-    setup_threads,
+    setup_process,
     write_json,
 )
 
@@ -363,7 +363,7 @@ def main() -> None:
     args = parser.parse_args()
     MMOE_CFG.clear()
     MMOE_CFG.update(SIZES[args.size])
-    setup_threads(args.threads)
+    process = setup_process(args)
     epochs = args.epochs or (3 if args.quick else 5)
     version = rechub_available()
     if version is None:
@@ -373,6 +373,7 @@ def main() -> None:
             flush=True,
         )
     env = environment(torch.device("cpu"))
+    env.update(process)
     env["torch_rechub"] = version
     print(
         f"# rec_train on {env['cpu']}, torch {env['torch']}, {env['torch_threads']} threads, "

@@ -223,12 +223,12 @@ class ExpertBank(nn.Module):
     def _is_activated(self, layer: int) -> bool:
         return layer < self.num_layers - 1 or self.activate_last
 
-    def _norm_dense(self, layer: int, h_ETH: Tensor) -> Tensor:
+    def _norm_TEH(self, layer: int, h_TEH: Tensor) -> Tensor:
         if layer >= len(self.norms):
-            return h_ETH
-        E, T, H = h_ETH.shape
-        flat_TX = h_ETH.permute(1, 0, 2).reshape(T, E * H)
-        return self.norms[layer](flat_TX).reshape(T, E, H).permute(1, 0, 2)
+            return h_TEH
+        T, E, H = h_TEH.shape
+        # BatchNorm1d over the E*H units: each expert's units get their own statistics
+        return self.norms[layer](h_TEH.reshape(T, E * H)).view(T, E, H)
 
     def _is_plain_swiglu(self) -> bool:
         """Two-layer SwiGLU experts without biases, norms or per-expert widths."""
@@ -258,19 +258,74 @@ class ExpertBank(nn.Module):
             return _BatchedSwiGLU.apply(
                 x.contiguous(), self.weights[0], self.gate_weights[0], self.weights[1]
             )
-        h = x.unsqueeze(0) if x.dim() == 2 else x  # (1|E, T, D)
-        for i, w_EDH in enumerate(self.weights):
-            z = torch.matmul(h, w_EDH)  # (E, T, H)
-            if i < len(self.biases):
-                z = z + self.biases[i].unsqueeze(1)
-            if self._is_activated(i):
-                z = self._act(self._norm_dense(i, z))
-                if i < len(self.gate_weights):
-                    z = z * torch.matmul(h, self.gate_weights[i])
-                if i == 0 and self.hidden_mask_EH is not None:
-                    z = z * self.hidden_mask_EH.unsqueeze(1).to(z.dtype)
-            h = z
-        return h  # matmul broadcast (1, T, D) @ (E, D, H) -> (E, T, H)
+        if x.dim() == 2:
+            # Shared input (dense mixing): the first layer of all experts (and
+            # their GLU gates) is one (T, D) @ (D, N) matmul, better shaped than
+            # E small ones, and its (T, E*H) layout is the batch norm's.
+            return self.forward_all_projected(x @ self.first_layer_weight().to(x.dtype))
+        return self._layers_from(0, x.transpose(0, 1))  # x as a (T, E, D) view
+
+    def first_layer_weight(self) -> Tensor:
+        """The first layer of all experts on a shared input, as one ``(D_in, N)`` matrix.
+
+        Columns: expert ``e``'s ``H`` first-layer units at ``[e*H, (e+1)*H)``, then,
+        for GLU experts, their ``E*H`` gate units in the same order. A shared
+        input ``x`` gives ``forward_all(x) == forward_all_projected(x @ W)``, which
+        lets a caller fuse more columns (gate logits) into the same matmul, or
+        compute the product without forming ``x``
+        (:class:`~mtl.moe.linear_input.LinearInput`).
+        """
+        ws = [self.weights[0]] + ([self.gate_weights[0]] if len(self.gate_weights) else [])
+        E, D, H = self.weights[0].shape
+        return torch.cat([w.permute(1, 0, 2).reshape(D, E * H) for w in ws], dim=1)
+
+    def forward_all_projected(self, z_TN: Tensor) -> Tensor:
+        """:meth:`forward_all` of a shared input ``x`` given ``z_TN = x @ first_layer_weight()``.
+
+        Args:
+            z_TN: ``(T, N)`` first-layer products (``N = E*H``, ``2*E*H`` with GLU).
+
+        Returns:
+            ``(E, T, D_out)``, a view of a ``(T, E, D_out)`` tensor.
+        """
+        E, _, H = self.weights[0].shape
+        n = E * H * (2 if len(self.gate_weights) else 1)
+        if z_TN.dim() != 2 or z_TN.shape[1] != n:
+            raise ValueError(f"first-layer products must be (T, {n}), got {tuple(z_TN.shape)}")
+        T = z_TN.shape[0]
+        if len(self.gate_weights):
+            z_TN, g_TN = z_TN.split(E * H, dim=1)
+            gate_TEH: Tensor | None = g_TN.reshape(T, E, H)
+        else:
+            gate_TEH = None
+        z_TEH = z_TN.reshape(T, E, H)
+        return self._layers_from(1, self._layer_TEH(0, z_TEH, gate_TEH))
+
+    def _layers_from(self, first: int, h_TED: Tensor) -> Tensor:
+        """Layers ``first..`` on per-expert rows ``(T, E, D)`` -> ``(E, T, D_out)`` view."""
+        h = h_TED
+        for i in range(first, self.num_layers):
+            z_TEH = torch.einsum("ted,edh->teh", h, self.weights[i])
+            gate_TEH = (
+                torch.einsum("ted,edh->teh", h, self.gate_weights[i])
+                if i < len(self.gate_weights)
+                else None
+            )
+            h = self._layer_TEH(i, z_TEH, gate_TEH)
+        return h.transpose(0, 1)
+
+    def _layer_TEH(self, i: int, z_TEH: Tensor, gate_TEH: Tensor | None) -> Tensor:
+        """Bias, norm, activation and GLU gate of layer ``i`` on its ``(T, E, H)`` products."""
+        if i < len(self.biases):
+            z_TEH = z_TEH + self.biases[i]
+        if not self._is_activated(i):
+            return z_TEH
+        z_TEH = self._act(self._norm_TEH(i, z_TEH))
+        if gate_TEH is not None:
+            z_TEH = z_TEH * gate_TEH
+        if i == 0 and self.hidden_mask_EH is not None:
+            z_TEH = z_TEH * self.hidden_mask_EH.to(z_TEH.dtype)
+        return z_TEH
 
     def forward_grouped(self, x_ND: Tensor, counts_E: Tensor, expert_ids_N: Tensor) -> Tensor:
         """Each expert on its own slice of expert-sorted rows.

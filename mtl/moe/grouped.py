@@ -212,16 +212,49 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _expert_chunks(num_experts: int, capacity: int, target_rows: int) -> list[tuple[int, int]]:
-    """Split ``E`` experts into runs of about ``target_rows`` padded rows.
+ExpertChunk = tuple[int, int, int, int]
+"""``(e0, e1, C, base)``: experts ``e0..e1-1``, ``C`` rows each, from row ``base``."""
 
-    Runs of more than four experts are kept even, so that two threads split
-    the batched matmuls evenly.
+
+def expert_chunks(counts: list[int], target_rows: int) -> list[ExpertChunk]:
+    """Group consecutive experts into chunks padded to their own largest count.
+
+    A chunk takes experts while its padded size stays within ``target_rows``
+    (it always takes at least one). Padding each chunk only to its own largest
+    count, rather than every expert to the global largest, wastes less: with
+    one expert per chunk nothing is padded at all.
+
+    Args:
+        counts: rows routed to each expert.
+        target_rows: padded rows per chunk.
+
+    Returns:
+        chunks covering all experts in order; row ranges are contiguous.
+
+    Example:
+        >>> expert_chunks([5, 3, 8, 0], target_rows=10)
+        [(0, 2, 5, 0), (2, 3, 8, 10), (3, 4, 0, 18)]
     """
-    per = max(1, target_rows // max(capacity, 1))
-    if per > 4:
-        per -= per % 2
-    return [(e, min(e + per, num_experts)) for e in range(0, num_experts, per)]
+    chunks: list[ExpertChunk] = []
+    base = e0 = 0
+    cap = 0
+    for e, n in enumerate(counts):
+        new_cap = max(cap, n)
+        if e > e0 and (e + 1 - e0) * new_cap > target_rows:
+            chunks.append((e0, e, cap, base))
+            base += (e - e0) * cap
+            e0, new_cap = e, n
+        cap = new_cap
+    if counts:
+        chunks.append((e0, len(counts), cap, base))
+    return chunks
+
+
+def chunk_row_starts(chunks: list[ExpertChunk], device: torch.device) -> tuple[Tensor, int]:
+    """``(E,)`` first row of each expert in the chunked padded layout, and the total rows."""
+    starts = [base + (e - e0) * cap for e0, e1, cap, base in chunks for e in range(e0, e1)]
+    e0, e1, cap, base = chunks[-1]
+    return torch.tensor(starts, device=device), base + (e1 - e0) * cap
 
 
 class _FusedSwiGLUMoE(torch.autograd.Function):
@@ -247,12 +280,11 @@ class _FusedSwiGLUMoE(torch.autograd.Function):
         w2_EHD: Tensor,
         row_token_M: Tensor,
         slot_row_S: Tensor,
-        capacity: int,
-        target_rows: int,
+        chunks: list[ExpertChunk],
     ) -> Tensor:
-        E, _, H = w1_EDH.shape
-        C = capacity
+        H = w1_EDH.shape[-1]
         T, K = w_TK.shape
+        M = row_token_M.shape[0]
         # under autocast, run every matmul in the autocast dtype (explicitly: the
         # out= calls below are not autocast) and hand gradients back in the
         # inputs' own dtypes
@@ -261,44 +293,46 @@ class _FusedSwiGLUMoE(torch.autograd.Function):
         x_TD, w1_EDH, w3_EDH, w2_EHD = (
             t.to(dt).contiguous() for t in (x_TD, w1_EDH, w3_EDH, w2_EHD)
         )
-        h1 = x_TD.new_empty(E, C, H)
-        h3 = x_TD.new_empty(E, C, H)
-        y = x_TD.new_empty(E, C, w2_EHD.shape[-1])
-        chunks = _expert_chunks(E, C, target_rows)
-        for e0, e1 in chunks:
-            x_c = x_TD.index_select(0, row_token_M[e0 * C : e1 * C]).view(e1 - e0, C, -1)
-            torch.bmm(x_c, w1_EDH[e0:e1], out=h1[e0:e1])
-            torch.bmm(x_c, w3_EDH[e0:e1], out=h3[e0:e1])
-            a_c = F.silu(h1[e0:e1]).mul_(h3[e0:e1])
-            torch.bmm(a_c, w2_EHD[e0:e1], out=y[e0:e1])
+        h1 = x_TD.new_empty(M, H)
+        h3 = x_TD.new_empty(M, H)
+        y_MD = x_TD.new_empty(M, w2_EHD.shape[-1])
+        for e0, e1, C, base in chunks:
+            rows = slice(base, base + (e1 - e0) * C)
+            x_c = x_TD.index_select(0, row_token_M[rows]).view(e1 - e0, C, -1)
+            h1_c, h3_c = h1[rows].view(e1 - e0, C, H), h3[rows].view(e1 - e0, C, H)
+            torch.bmm(x_c, w1_EDH[e0:e1], out=h1_c)
+            torch.bmm(x_c, w3_EDH[e0:e1], out=h3_c)
+            a_c = F.silu(h1_c).mul_(h3_c)
+            torch.bmm(a_c, w2_EHD[e0:e1], out=y_MD[rows].view(e1 - e0, C, -1))
         ctx.w_dtype = w_TK.dtype
-        w_TK = w_TK.to(y.dtype)
-        y_MD = y.view(E * C, -1)
+        w_TK = w_TK.to(y_MD.dtype)
         out_TD = F.embedding_bag(slot_row_S.view(T, K), y_MD, per_sample_weights=w_TK, mode="sum")
-        w_M = w_TK.new_zeros(E * C).index_put_((slot_row_S,), w_TK.reshape(-1))
-        ctx.save_for_backward(x_TD, w1_EDH, w3_EDH, w2_EHD, row_token_M, slot_row_S, w_M, h1, h3, y)
+        w_M = w_TK.new_zeros(M).index_put_((slot_row_S,), w_TK.reshape(-1))
+        ctx.save_for_backward(
+            x_TD, w1_EDH, w3_EDH, w2_EHD, row_token_M, slot_row_S, w_M, h1, h3, y_MD
+        )
         ctx.chunks = chunks
         ctx.w_shape = (T, K)
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x_TD, w1, w3, w2, row_token_M, slot_row_S, w_M, h1, h3, y = ctx.saved_tensors
-        E, C, _ = h1.shape
-        grad_TD = grad_TD.to(y.dtype).contiguous()
+        x_TD, w1, w3, w2, row_token_M, slot_row_S, w_M, h1, h3, y_MD = ctx.saved_tensors
+        M, H = h1.shape
+        grad_TD = grad_TD.to(y_MD.dtype).contiguous()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_xm = x_TD.new_empty(E, C, x_TD.shape[-1]) if need_x else None
-        gw_M = w_M.new_empty(E * C) if need_w else None
+        grad_xm = x_TD.new_empty(M, x_TD.shape[-1]) if need_x else None
+        gw_M = w_M.new_empty(M) if need_w else None
         grad_w1, grad_w3, grad_w2 = (torch.empty_like(w) for w in (w1, w3, w2))
-        for e0, e1 in ctx.chunks:
-            rows = slice(e0 * C, e1 * C)
+        for e0, e1, C, base in ctx.chunks:
             n = e1 - e0
+            rows = slice(base, base + n * C)
             g_c = grad_TD.index_select(0, row_token_M[rows])  # (n*C, D) token grads
             if gw_M is not None:
-                y_c = y.view(E * C, -1)[rows]
+                y_c = y_MD[rows]
                 torch.bmm(y_c.unsqueeze(1), g_c.unsqueeze(-1), out=gw_M[rows].view(-1, 1, 1))
             gy = g_c.mul_(w_M[rows].unsqueeze(-1)).view(n, C, -1)  # padding rows: 0
-            h1_c, h3_c = h1[e0:e1], h3[e0:e1]
+            h1_c, h3_c = h1[rows].view(n, C, H), h3[rows].view(n, C, H)
             s = F.silu(h1_c)
             torch.bmm((s * h3_c).transpose(1, 2), gy, out=grad_w2[e0:e1])
             grad_a = torch.bmm(gy, w2[e0:e1].transpose(1, 2))
@@ -309,19 +343,21 @@ class _FusedSwiGLUMoE(torch.autograd.Function):
             torch.bmm(x_c.transpose(1, 2), grad_h1, out=grad_w1[e0:e1])
             torch.bmm(x_c.transpose(1, 2), grad_h3, out=grad_w3[e0:e1])
             if grad_xm is not None:
-                gx_c = torch.bmm(grad_h1, w1[e0:e1].transpose(1, 2), out=grad_xm[e0:e1])
+                gx_c = torch.bmm(
+                    grad_h1, w1[e0:e1].transpose(1, 2), out=grad_xm[rows].view(n, C, -1)
+                )
                 gx_c.baddbmm_(grad_h3, w3[e0:e1].transpose(1, 2))
         grad_x = grad_w = None
         if grad_xm is not None:
             # each token's K rows summed in one fused gather (padding rows unread)
             T, K = ctx.w_shape
-            grad_x = F.embedding_bag(slot_row_S.view(T, K), grad_xm.view(E * C, -1), mode="sum")
+            grad_x = F.embedding_bag(slot_row_S.view(T, K), grad_xm, mode="sum")
         if gw_M is not None:
             grad_w = gw_M.index_select(0, slot_row_S).view(ctx.w_shape).to(ctx.w_dtype)
         dx, d1, d3, d2 = ctx.dtypes
         grad_x = None if grad_x is None else grad_x.to(dx)
         grads_w = (grad_w1.to(d1), grad_w3.to(d3), grad_w2.to(d2))
-        return (grad_x, grad_w, *grads_w, None, None, None, None)
+        return (grad_x, grad_w, *grads_w, None, None, None)
 
 
 def fused_swiglu_moe(
@@ -332,27 +368,27 @@ def fused_swiglu_moe(
     w2_EHD: Tensor,
     row_token_M: Tensor,
     slot_row_S: Tensor,
-    capacity: int,
-    target_rows: int = 16384,
+    chunks: list[ExpertChunk],
 ) -> Tensor:
-    """Dropless SwiGLU MoE in the padded layout, gather and combine fused in (CPU).
+    """Dropless SwiGLU MoE in a chunked padded layout, gather and combine fused in (CPU).
 
     ``out[t] = sum_j w_TK[t, j] * E_e(x[t])`` with ``E_e(x) = (silu(x W1_e) * (x W3_e)) W2_e``,
-    the slots laid out as for :func:`permute_tokens` over ``M = E * capacity`` rows.
+    the slots laid out as for :func:`permute_tokens` over the ``M`` rows of
+    ``chunks`` (:func:`expert_chunks`): chunk ``(e0, e1, C, base)`` holds experts
+    ``e0..e1-1`` with ``C`` rows each from row ``base``.
 
     Args:
         x_TD: ``(T, D)`` tokens.
         w_TK: ``(T, K)`` combine weights.
         w1_EDH, w3_EDH: ``(E, D, H)`` gate and up projections.
         w2_EHD: ``(E, H, D_out)`` down projection.
-        row_token_M: ``(E * capacity,)`` int64 token of each row.
+        row_token_M: ``(M,)`` int64 token of each row.
         slot_row_S: ``(T * K,)`` int64 row of each slot.
-        capacity: ``C``, rows per expert.
-        target_rows: rows processed per chunk of experts.
+        chunks: the layout's expert chunks, processed one at a time.
 
     Returns:
         ``(T, D_out)``.
     """
     return _FusedSwiGLUMoE.apply(
-        x_TD, w_TK, w1_EDH, w3_EDH, w2_EHD, row_token_M, slot_row_S, capacity, target_rows
+        x_TD, w_TK, w1_EDH, w3_EDH, w2_EHD, row_token_M, slot_row_S, chunks
     )

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from mtl.moe.dispatch import combine_dense
+from mtl.moe.experts import ExpertBank
+from mtl.moe.gates.dense import DenseSoftmaxGate
+from mtl.moe.linear_input import LinearInput, input_width, materialize, project
 from mtl.moe.routing import RoutingResult
 
 
@@ -35,12 +39,19 @@ class MultiGateMixture(nn.Module):
     it to shared + own experts. Experts may receive one input per expert
     (``(E, T, D)``, HoME's feature-gated views) or a shared ``(T, D)``.
 
+    When the input is shared, the bank is an :class:`~mtl.moe.experts.ExpertBank`
+    and every gate is a :class:`~mtl.moe.gates.DenseSoftmaxGate` on that input
+    (MMoE, OMoE), the experts' first layer and all gate logits come from one
+    ``x @ [W_experts | W_gate_1 | ...]`` matmul, in float32. The input may then
+    also be a :class:`~mtl.moe.linear_input.LinearInput`, which computes that
+    product without forming ``x``.
+
     Args:
         experts: an :class:`~mtl.moe.experts.ExpertBank` or ``ExpertList``.
         gates: ``{name: gate}``; each gate routes over all ``E`` experts.
 
     Shapes:
-        ``x (T, D) | (E, T, D)``, gate inputs ``(T, D_g)`` -> outputs ``(T, D_out)``.
+        ``x (T, D) | (E, T, D) | LinearInput``, gate inputs ``(T, D_g)`` -> outputs ``(T, D_out)``.
 
     Example:
         >>> from mtl.moe import DenseSoftmaxGate, ExpertBank
@@ -64,16 +75,66 @@ class MultiGateMixture(nn.Module):
         self.experts = experts
         self.gates = nn.ModuleDict(dict(gates))
 
+    def fuses(self, x: Tensor | LinearInput, gate_inputs: object = None) -> bool:
+        """Whether :meth:`forward` takes the one-matmul path for this input."""
+        if gate_inputs is not None or not isinstance(self.experts, ExpertBank):
+            return False
+        if any(
+            not isinstance(g, DenseSoftmaxGate) or (g.training and g.input_jitter > 0)
+            for g in self.gates.values()
+        ):
+            return False
+        if not isinstance(x, Tensor):
+            return True  # a LinearInput's products are float32 by contract
+        # gate logits must be float32: no fusion into a bf16/fp16 matmul
+        return (
+            x.dim() == 2
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def _fused_weight(self) -> Tensor:
+        """``(D, N)``: the experts' first layer, then each gate's logit columns."""
+        gates = [g.proj.weight.t() for g in self.gates.values()]  # type: ignore[union-attr]
+        return torch.cat([self.experts.first_layer_weight(), *gates], dim=1)  # type: ignore[operator]
+
+    def _forward_fused(self, x: Tensor | LinearInput) -> MultiGateOutput:
+        bank: ExpertBank = self.experts  # type: ignore[assignment]
+        if input_width(x) != bank.d_in:
+            raise ValueError(f"expert input has width {input_width(x)}, experts expect {bank.d_in}")
+        w_DN = self._fused_weight()
+        E = bank.num_experts
+        n_experts = w_DN.shape[1] - E * len(self.gates)
+        # split, not slicing: each slice's backward would zero-fill a full-size gradient
+        z_expert, *z_gates = project(x, w_DN).split([n_experts] + [E] * len(self.gates), dim=1)
+        y_ETD = bank.forward_all_projected(z_expert)
+        outputs: dict[str, Tensor] = {}
+        routing: dict[str, RoutingResult] = {}
+        for (name, gate), z_TE in zip(self.gates.items(), z_gates, strict=True):
+            logits_TE = z_TE.float()
+            if gate.proj.bias is not None:
+                logits_TE = logits_TE + gate.proj.bias.float()
+            r = gate.route(logits_TE)
+            routing[name] = r
+            outputs[name] = combine_dense(y_ETD, r.dense_weights())
+        return MultiGateOutput(outputs=outputs, routing=routing, expert_outputs_ETD=y_ETD)
+
     def forward(
-        self, x: Tensor, gate_inputs: Tensor | Mapping[str, Tensor] | None = None
+        self,
+        x: Tensor | LinearInput,
+        gate_inputs: Tensor | Mapping[str, Tensor] | None = None,
     ) -> MultiGateOutput:
         """Mix.
 
         Args:
-            x: ``(T, D)`` shared expert input or ``(E, T, D)`` per-expert input.
+            x: ``(T, D)`` shared expert input, ``(E, T, D)`` per-expert input, or
+                a :class:`~mtl.moe.linear_input.LinearInput` shared input.
             gate_inputs: one ``(T, D_g)`` tensor for all gates, a dict per gate
-                name, or None to gate on ``x`` (which must then be ``(T, D)``).
+                name, or None to gate on ``x`` (which must then be shared).
         """
+        if self.fuses(x, gate_inputs):
+            return self._forward_fused(x)
+        x = materialize(x)
         y_ETD = self.experts.forward_all(x)
         outputs: dict[str, Tensor] = {}
         routing: dict[str, RoutingResult] = {}

@@ -36,9 +36,11 @@ class RecModule(pl.LightningModule):
     Args:
         spec: the data's :class:`~mtl.data.features.FeatureSpec` (or its ``to_dict()``).
         model: model config: ``{"name": <registry name>, **hyper-parameters}``.
-        optim: ``{"name": "adam"|"adamw", "lr": float, "weight_decay": float}``.
+        optim: ``{"name": "adam"|"adamw", "lr": float, "weight_decay": float,
+            "fused": bool}``; ``fused`` (default True) updates all parameters in
+            one kernel instead of a Python loop over them.
         task_weights: loss weight per task name, overriding the spec's weights.
-        embedding: extra keyword arguments of :class:`FeatureEmbedding` (e.g. ``init_std``).
+        embedding: extra keyword arguments of :class:`FeatureEmbedding` (``init_std``, ``fold``).
         seed: base of the per-epoch reseeding of torch's global RNG (dropout), which
             makes a run resumed at an epoch boundary replay the uninterrupted run.
         diagnostics: accumulate expert-health diagnostics during val/test.
@@ -72,7 +74,13 @@ class RecModule(pl.LightningModule):
         super().__init__()
         spec = spec if isinstance(spec, FeatureSpec) else FeatureSpec.from_dict(to_plain(spec))
         model_cfg = dict(to_plain(model))
-        optim_cfg = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, **dict(to_plain(optim or {}))}
+        optim_cfg = {
+            "name": "adam",
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "fused": True,
+            **dict(to_plain(optim or {})),
+        }
         weights = {t.name: float(t.weight) for t in spec.tasks}
         unknown = sorted(set(to_plain(task_weights or {})) - set(weights))
         if unknown:
@@ -118,6 +126,11 @@ class RecModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ model
     def forward(self, batch: RecBatch) -> MultiTaskOutput:
+        if getattr(self.model, "accepts_linear_input", False) and any(
+            self.embedding.folds(batch.batch_size)
+        ):
+            # the model's first layer multiplies the projected tables directly
+            return self.model(self.embedding.lazy(batch.cat, batch.num))
         return self.model(self.embedding(batch.cat, batch.num))
 
     @property
@@ -204,7 +217,10 @@ class RecModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         cfg = self.hparams["optim"]
         return OPTIMIZERS[cfg["name"]](
-            self.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"])
+            self.parameters(),
+            lr=float(cfg["lr"]),
+            weight_decay=float(cfg["weight_decay"]),
+            fused=bool(cfg.get("fused", True)),
         )
 
     # ------------------------------------------------------------- evaluation

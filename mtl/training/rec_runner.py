@@ -27,6 +27,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from mtl.data.datamodule import RecDataModule
 from mtl.training.config import compose_config, resume_checkpoint_path, trainer_kwargs_from
+from mtl.training.cpu_memory import reuse_freed_memory
 from mtl.training.rec_module import RecModule
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ def run_train(cfg: DictConfig, datamodule: RecDataModule | None = None) -> dict[
     out_dir = Path(str(cfg.output_dir)).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if cfg.get("reuse_freed_memory", True):
+        reuse_freed_memory()
     threads = torch.get_num_threads()
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))

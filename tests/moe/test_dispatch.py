@@ -14,6 +14,7 @@ from mtl.moe import (
     TopKGate,
     TopPGate,
 )
+from mtl.moe.grouped import chunk_row_starts, expert_chunks
 from mtl.moe.routing import RoutingResult
 
 from .reference import loop_moe
@@ -197,11 +198,12 @@ def test_bad_capacity_factor() -> None:
         CapacityDispatch(capacity_factor=-1.0)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 64, 10**6], ids=["1-expert-chunks", "chunks", "1-chunk"])
 @pytest.mark.parametrize("layout", ["padded", "sorted"])
 @pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu-fused", "gelu"])
 @pytest.mark.parametrize(("E", "k"), [(4, 2), (64, 8)])
 def test_each_dropless_layout_equals_loop_outputs_and_gradients(
-    layout: str, swiglu: bool, E: int, k: int
+    layout: str, swiglu: bool, E: int, k: int, chunk_rows: int
 ) -> None:
     """Both row layouts (and the fused CPU SwiGLU path) against the reference loop."""
     torch.manual_seed(E + k + int(swiglu))
@@ -214,7 +216,7 @@ def test_each_dropless_layout_equals_loop_outputs_and_gradients(
     dispatch = DroplessDispatch()
     # max_padding picks the layout: inf always pads, a negative bound never does
     dispatch.max_padding = float("inf") if layout == "padded" else -1.0
-    dispatch.chunk_rows = 64  # several expert chunks on the fused path
+    dispatch.chunk_rows = chunk_rows  # expert chunks of the fused path
     x = torch.randn(T, D, requires_grad=True)
     g = torch.randn(T, D)
     params = [x, gate.proj.weight, *bank.parameters()]
@@ -227,3 +229,23 @@ def test_each_dropless_layout_equals_loop_outputs_and_gradients(
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target_rows", [1, 7, 20, 1000])
+def test_expert_chunks_cover_every_expert_and_pad_each_chunk_to_its_own_max(
+    target_rows: int,
+) -> None:
+    counts = [5, 0, 9, 3, 3, 12, 1, 0]
+    chunks = expert_chunks(counts, target_rows)
+    assert [e for e0, e1, _, _ in chunks for e in range(e0, e1)] == list(range(len(counts)))
+    base = 0
+    for e0, e1, cap, start in chunks:
+        assert start == base and cap == max(counts[e0:e1])
+        assert (e1 - e0) * cap <= target_rows or e1 - e0 == 1
+        base += (e1 - e0) * cap
+    starts, n_rows = chunk_row_starts(chunks, torch.device("cpu"))
+    assert n_rows == base and starts.tolist()[0] == 0
+    if target_rows == 1:
+        assert n_rows == sum(counts)  # one expert per chunk: no padding at all
+    if target_rows == 1000:
+        assert n_rows == len(counts) * max(counts)  # one chunk: the global padding

@@ -59,6 +59,17 @@ def test_logits_are_float32_for_half_inputs() -> None:
     assert r.logits_TE.dtype == torch.float32 and r.weights_TK.dtype == torch.float32
 
 
+def test_logits_stay_float32_under_autocast() -> None:
+    """Autocast must not pull the router projection down to bf16."""
+    torch.manual_seed(0)
+    gate = TopKGate(d_model=64, num_experts=8, k=2)
+    x = torch.randn(32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = gate(x)
+    assert r.logits_TE.dtype == torch.float32
+    torch.testing.assert_close(r.logits_TE, x @ gate.proj.weight.T, rtol=1e-5, atol=1e-5)
+
+
 def test_top_p_keeps_experts_until_cumulative_reaches_p() -> None:
     probs = torch.tensor(
         [[0.5, 0.3, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02], [0.25, 0.25, 0.25, 0.25]]

@@ -106,3 +106,23 @@ def test_hparams_rebuild_the_same_module() -> None:
     restored.eval()
     torch.testing.assert_close(module(batch).logits["like"], restored(batch).logits["like"])
     assert restored.spec == spec and restored.num_params == module.num_params
+
+
+@pytest.mark.parametrize("model", ["mmoe", "omoe"])
+def test_folded_embedding_path_equals_plain_path(model: str) -> None:
+    """MMoE/OMoE on the projected embedding tables: same loss and gradients as on the embeddings."""
+    spec = _spec([TaskSpec("click", "binary"), TaskSpec("like", "binary")])
+    batch = _batch(2, n=256)
+    cfg = {"name": model, "num_experts": 3, "expert_hidden": [8, 4], "expert_norm": True}
+    results = []
+    for fold in (True, False):
+        torch.manual_seed(0)
+        module = RecModule(spec=spec, model=cfg, embedding={"fold": fold}, diagnostics=False)
+        assert any(module.embedding.folds(batch.batch_size)) == fold
+        loss, _ = module.compute_loss(module(batch), batch.labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.parameters()]))
+    (loss_f, grads_f), (loss_p, grads_p) = results
+    torch.testing.assert_close(loss_f, loss_p)
+    for a, b in zip(grads_f, grads_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

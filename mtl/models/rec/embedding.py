@@ -2,25 +2,81 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtl.data.features import FeatureSpec
+from mtl.moe.grouped import grouped_matmul
+
+
+class _GatherRows(torch.autograd.Function):
+    """``weight[idx]`` whose backward is one ``index_add_``.
+
+    Same values and gradients as ``F.embedding``; on CPU its backward
+    (``embedding_dense_backward``) is several times slower than ``index_add_``
+    for the few-hundred-row tables and ``B * F`` lookups of tabular batches.
+    """
+
+    @staticmethod
+    def forward(ctx, weight_VD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(idx)
+        ctx.num_rows = weight_VD.shape[0]
+        return F.embedding(idx, weight_VD)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (idx,) = ctx.saved_tensors
+        d = grad.shape[-1]
+        grad_VD = grad.new_zeros(ctx.num_rows, d)
+        return grad_VD.index_add_(0, idx.reshape(-1), grad.reshape(-1, d)), None
+
+
+class _BagSum(torch.autograd.Function):
+    """``sum_f P[rows[:, f]]``: ``(V, N), (B, F) -> (B, N)``; backward one ``index_add_`` per ``f``.
+
+    ``F.embedding_bag``'s own backward goes through ``embedding_dense_backward``
+    (slow on CPU, see :class:`_GatherRows`); expanding the gradient to ``B * F``
+    rows for a single ``index_add_`` would allocate ``F`` times the output.
+    """
+
+    @staticmethod
+    def forward(ctx, p_VN: torch.Tensor, rows_BF: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows_BF)
+        ctx.num_rows = p_VN.shape[0]
+        return F.embedding_bag(rows_BF, p_VN, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_BN: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (rows_BF,) = ctx.saved_tensors
+        grad_VN = grad_BN.new_zeros(ctx.num_rows, grad_BN.shape[1])
+        for f in range(rows_BF.shape[1]):
+            grad_VN.index_add_(0, rows_BF[:, f], grad_BN)
+        return grad_VN, None
 
 
 class FeatureEmbedding(nn.Module):
     """Embed the categorical features and concatenate them with the numeric ones.
 
-    One ``nn.Embedding(vocab_size + 1, embed_dim)`` per categorical feature; row 0
-    is the OOV / unseen / null category. It is a trained row, not padding: train
+    Each categorical feature owns ``vocab_size + 1`` rows; row 0 of a feature
+    is its OOV / unseen / null category. It is a trained row, not padding: train
     rows with nulls or rare categories teach it what "unknown" means, which is
     what validation/test rows with unseen categories then get. Numeric features
     arrive standardised by the data layer and pass through unchanged.
+
+    Features of the same width share one table (their rows stacked, each
+    feature's index shifted by its offset), so a batch costs one gather and one
+    gradient scatter per width instead of one per feature.
+    :meth:`feature_weight` gives one feature's rows.
 
     Args:
         spec: the fitted :class:`~mtl.data.features.FeatureSpec`.
         init_std: std of the normal initialisation of the embedding tables (small,
             as usual for sparse-feature models, so no field dominates at the start).
+        fold: let :meth:`project` fold small tables into the weight it multiplies
+            (see :meth:`folds`); False always gathers.
 
     Shapes:
         - ``cat``: (B, F_c) int64 indices in ``[0, vocab_size]`` per column.
@@ -37,26 +93,91 @@ class FeatureEmbedding(nn.Module):
         (torch.Size([2, 5]), 5)
     """
 
-    def __init__(self, *, spec: FeatureSpec, init_std: float = 0.01) -> None:
+    def __init__(self, *, spec: FeatureSpec, init_std: float = 0.01, fold: bool = True) -> None:
         super().__init__()
+        self.fold = fold
         self.spec = spec
-        self.tables = nn.ModuleList(
-            nn.Embedding(f.vocab_size + 1, f.embed_dim) for f in spec.categorical
-        )
-        for table in self.tables:
-            nn.init.normal_(table.weight, std=init_std)
         self.n_categorical = spec.n_categorical
         self.n_numeric = spec.n_numeric
         self._output_dim = sum(f.embed_dim for f in spec.categorical) + spec.n_numeric
+        widths = sorted({f.embed_dim for f in spec.categorical})
+        self.tables = nn.ModuleList()
+        self._columns: list[list[int]] = []  # per table: its features' column indices
+        self._slot: list[tuple[int, int, int]] = []  # per feature: (table, row offset, rows)
+        slots: dict[int, tuple[int, int, int]] = {}
+        for t, width in enumerate(widths):
+            cols = [j for j, f in enumerate(spec.categorical) if f.embed_dim == width]
+            offsets, rows = [], 0
+            for j in cols:
+                n = spec.categorical[j].vocab_size + 1
+                slots[j] = (t, rows, n)
+                offsets.append(rows)
+                rows += n
+            table = nn.Embedding(rows, width)
+            nn.init.normal_(table.weight, std=init_std)
+            self.tables.append(table)
+            self._columns.append(cols)
+            self.register_buffer(f"offsets_{t}", torch.tensor(offsets), persistent=False)
+            self.register_buffer(
+                f"limits_{t}",
+                torch.tensor([spec.categorical[j].vocab_size for j in cols]),
+                persistent=False,
+            )
+        self._slot = [slots[j] for j in range(spec.n_categorical)]
+        # column of each feature's first unit in the concatenated output
+        starts = [0]
+        for f in spec.categorical:
+            starts.append(starts[-1] + f.embed_dim)
+        self._cat_width = starts[-1]
+        for t, cols in enumerate(self._columns):
+            width = spec.categorical[cols[0]].embed_dim
+            w_rows = [starts[j] + i for j in cols for i in range(width)]
+            self.register_buffer(f"w_rows_{t}", torch.tensor(w_rows), persistent=False)
+            counts = [spec.categorical[j].vocab_size + 1 for j in cols]
+            self.register_buffer(f"counts_{t}", torch.tensor(counts), persistent=False)
+        # Output in spec order; when every feature has one width this is the identity.
+        order = [j for cols in self._columns for j in cols]
+        self._in_spec_order = order == list(range(spec.n_categorical))
 
     @property
     def output_dim(self) -> int:
         """Width ``D_in`` of the concatenated output."""
         return self._output_dim
 
+    def feature_weight(self, j: int) -> torch.Tensor:
+        """``(vocab_size + 1, embed_dim)`` rows of categorical feature ``j`` (a view)."""
+        t, start, n = self._slot[j]
+        return self.tables[t].weight[start : start + n]
+
+    def _check_range(self, t: int, idx_BF: torch.Tensor) -> None:
+        limits = getattr(self, f"limits_{t}")
+        bad_F = ((idx_BF < 0) | (idx_BF > limits)).any(0)
+        if idx_BF.is_cuda:
+            # no host sync in the hot path on GPU: the check fails asynchronously
+            torch._assert_async(~bad_F.any(), "categorical index outside [0, vocab_size]")
+        elif bad_F.any():
+            f = self.spec.categorical[self._columns[t][int(bad_F.nonzero()[0])]]
+            raise IndexError(
+                f"categorical feature {f.name!r} has an index outside [0, {f.vocab_size}]"
+            )
+
     def embed_categorical(self, cat: torch.Tensor) -> list[torch.Tensor]:
         """Per categorical feature, its (B, embed_dim) embedding."""
-        return [table(cat[:, j]) for j, table in enumerate(self.tables)]
+        parts: list[torch.Tensor] = [cat.new_empty(0)] * self.n_categorical
+        for t, cols in enumerate(self._columns):
+            emb_BFd = self._gather(t, cat[:, cols])
+            for i, j in enumerate(cols):
+                parts[j] = emb_BFd[:, i]
+        return parts
+
+    def _gather(self, t: int, idx_BF: torch.Tensor) -> torch.Tensor:
+        """(B, F_t) per-feature indices -> (B, F_t, width) from table ``t``."""
+        self._check_range(t, idx_BF)
+        rows = idx_BF + getattr(self, f"offsets_{t}")
+        weight = self.tables[t].weight
+        if weight.device.type == "cpu":
+            return _GatherRows.apply(weight, rows)
+        return F.embedding(rows, weight)
 
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
         """(B, F_c) int64, (B, F_n) float -> (B, D_in)."""
@@ -66,13 +187,119 @@ class FeatureEmbedding(nn.Module):
             )
         if num.ndim != 2 or num.shape[1] != self.n_numeric:
             raise ValueError(f"num must have shape (B, {self.n_numeric}), got {tuple(num.shape)}")
-        parts = self.embed_categorical(cat)
+        B = cat.shape[0]
+        if self._in_spec_order:
+            parts = [
+                self._gather(t, cat if len(self.tables) == 1 else cat[:, cols]).reshape(B, -1)
+                for t, cols in enumerate(self._columns)
+            ]
+        else:
+            parts = self.embed_categorical(cat)
         if self.n_numeric:
             dtype = parts[0].dtype if parts else torch.get_default_dtype()
             parts.append(num.to(dtype))
         if not parts:
-            return num.new_zeros((cat.shape[0], 0))
-        return torch.cat(parts, dim=-1)
+            return num.new_zeros((B, 0))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def folds(self, batch_size: int) -> list[bool]:
+        """Per table, whether :meth:`project` folds it for batches of ``batch_size`` rows.
+
+        Folding projects all ``V`` rows of a width-``d`` table (``V * d * N``
+        multiply-adds) and sums ``F`` projected rows per sample (``B * F * N``),
+        instead of multiplying ``B`` gathered ``F * d``-wide rows (``B * F * d * N``).
+        """
+        out = []
+        for t, cols in enumerate(self._columns):
+            if not self.fold:
+                out.append(False)
+                continue
+            rows, width = self.tables[t].weight.shape
+            out.append(rows * width < batch_size * len(cols) * (width - 1))
+        return out
+
+    def project(self, cat: torch.Tensor, num: torch.Tensor, w_DN: torch.Tensor) -> torch.Tensor:
+        """``forward(cat, num) @ w_DN`` in float32, without forming the embedded input.
+
+        Tables that :meth:`folds` picks are multiplied by their features' blocks of
+        ``w_DN`` once (a grouped matmul over features) and each sample sums its
+        ``F`` projected rows; the others are gathered and multiplied as usual. The
+        result and its gradients equal the plain product's up to float rounding.
+
+        Args:
+            cat: ``(B, F_c)`` int64 indices.
+            num: ``(B, F_n)`` float.
+            w_DN: ``(D_in, N)`` weight over the concatenated input.
+
+        Returns:
+            ``(B, N)`` float32.
+        """
+        if w_DN.dim() != 2 or w_DN.shape[0] != self.output_dim:
+            raise ValueError(f"weight must be ({self.output_dim}, N), got {tuple(w_DN.shape)}")
+        B = cat.shape[0]
+        with torch.autocast(device_type=cat.device.type, enabled=False):
+            w_DN = w_DN.float()
+            z_BN = (
+                num.float() @ w_DN[self._cat_width :]
+                if self.n_numeric
+                else w_DN.new_zeros(B, w_DN.shape[1])
+            )
+            for t, (cols, fold) in enumerate(zip(self._columns, self.folds(B), strict=True)):
+                weight = self.tables[t].weight.float()
+                w_rows = getattr(self, f"w_rows_{t}")
+                idx_BF = cat[:, cols]
+                if not fold:
+                    z_BN = z_BN + self._gather(t, idx_BF).reshape(B, -1).float() @ w_DN[w_rows]
+                    continue
+                self._check_range(t, idx_BF)
+                w_FdN = w_DN[w_rows].view(len(cols), weight.shape[1], -1)
+                p_VN = grouped_matmul(weight, w_FdN, getattr(self, f"counts_{t}"))
+                z_BN = z_BN + _BagSum.apply(p_VN, idx_BF + getattr(self, f"offsets_{t}"))
+        return z_BN
+
+    def lazy(self, cat: torch.Tensor, num: torch.Tensor) -> EmbeddedInput:
+        """The embedded batch as a :class:`~mtl.moe.linear_input.LinearInput`."""
+        return EmbeddedInput(self, cat, num)
 
     def extra_repr(self) -> str:
         return f"n_categorical={self.n_categorical}, n_numeric={self.n_numeric}, output_dim={self.output_dim}"
+
+
+@dataclass(frozen=True)
+class EmbeddedInput:
+    """An embedded batch known through its products: a :class:`~mtl.moe.linear_input.LinearInput`.
+
+    ``matmul(w)`` is :meth:`FeatureEmbedding.project` (folded where that is
+    cheaper); ``materialize()`` is the embedding's forward.
+
+    Example:
+        >>> from mtl.data.features import CategoricalFeature, TaskSpec
+        >>> spec = FeatureSpec(categorical=[CategoricalFeature("item", 10, 4)], numeric=[],
+        ...     tasks=[TaskSpec("click", "binary")])
+        >>> emb = FeatureEmbedding(spec=spec)
+        >>> cat, num, w = torch.tensor([[3], [7]]), torch.zeros(2, 0), torch.randn(4, 6)
+        >>> torch.allclose(emb.lazy(cat, num).matmul(w), emb(cat, num) @ w)
+        True
+    """
+
+    embedding: FeatureEmbedding
+    cat: torch.Tensor
+    num: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.cat.shape[0])
+
+    @property
+    def width(self) -> int:
+        return self.embedding.output_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.cat.device
+
+    def matmul(self, w_DN: torch.Tensor) -> torch.Tensor:
+        return self.embedding.project(self.cat, self.num, w_DN)
+
+    def materialize(self) -> torch.Tensor:
+        return self.embedding(self.cat, self.num)

@@ -17,6 +17,7 @@ from mtl.models.rec.common import (
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
 from mtl.moe import DenseSoftmaxGate, MultiGateMixture
+from mtl.moe.linear_input import LinearInput
 
 
 class MMoE(nn.Module):
@@ -96,7 +97,11 @@ class MMoE(nn.Module):
     def _gate_of(self, task: str) -> str:
         return task
 
-    def forward(self, x_BD: Tensor) -> MultiTaskOutput:
+    accepts_linear_input = True
+    """:meth:`forward` takes a :class:`~mtl.moe.linear_input.LinearInput` (the
+    embedded batch, projected without being formed) as well as a tensor."""
+
+    def forward(self, x_BD: Tensor | LinearInput) -> MultiTaskOutput:
         mix = self.mixture(x_BD)
         w_BE = {name: r.dense_weights() for name, r in mix.routing.items()}
         return MultiTaskOutput(

@@ -62,7 +62,9 @@ class Router(nn.Module):
             eps = self.input_jitter
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         bias = None if self.proj.bias is None else self.proj.bias.float()
-        return F.linear(x, self.proj.weight.float(), bias)
+        # autocast would run the projection in bf16/fp16 whatever its inputs are
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x, self.proj.weight.float(), bias)
 
     def forward(self, x_TD: Tensor) -> RoutingResult:
         """Route ``(T, D)`` tokens (or ``(..., D)``, flattened)."""

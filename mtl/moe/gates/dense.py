@@ -55,7 +55,8 @@ class DenseSoftmaxGate(Router):
         self.temperature = temperature
         self.register_buffer("expert_mask_E", _as_mask(expert_mask, num_experts), persistent=False)
 
-    def route(self, logits_TE: Tensor, x_TD: Tensor) -> RoutingResult:
+    def route(self, logits_TE: Tensor, x_TD: Tensor | None = None) -> RoutingResult:
+        """Softmax over the allowed experts of float32 ``(T, E)`` logits (``x_TD`` is unused)."""
         masked_TE = logits_TE.masked_fill(~self.expert_mask_E, float("-inf"))
         probs_TE = torch.softmax(masked_TE / self.temperature, dim=-1)
         T, E = probs_TE.shape

@@ -1,4 +1,4 @@
-"""FeatureEmbedding: shapes, table sizes, OOV row, numeric pass-through, gradients."""
+"""FeatureEmbedding: layout, shared tables, OOV row, numeric pass-through, gradients, errors."""
 
 from __future__ import annotations
 
@@ -20,31 +20,30 @@ def spec() -> FeatureSpec:
 
 def test_tables_and_output_dim(spec: FeatureSpec) -> None:
     emb = FeatureEmbedding(spec=spec)
-    assert [t.num_embeddings for t in emb.tables] == [51, 4]  # vocab + OOV row 0
-    assert [t.embedding_dim for t in emb.tables] == [8, 4]
+    assert [tuple(emb.feature_weight(j).shape) for j in range(2)] == [(51, 8), (4, 4)]  # + OOV row
     assert emb.output_dim == 8 + 4 + 2
     cat = torch.tensor([[0, 3], [50, 1], [7, 0]])
     num = torch.tensor([[0.5, -1.0], [0.0, 0.0], [2.0, 3.0]])
     out = emb(cat, num)
     assert out.shape == (3, 14)
     # Layout: user embedding, device embedding, then the numeric values unchanged.
-    assert torch.equal(out[:, :8], emb.tables[0].weight[cat[:, 0]])
-    assert torch.equal(out[:, 8:12], emb.tables[1].weight[cat[:, 1]])
+    assert torch.equal(out[:, :8], emb.feature_weight(0)[cat[:, 0]])
+    assert torch.equal(out[:, 8:12], emb.feature_weight(1)[cat[:, 1]])
     assert torch.equal(out[:, 12:], num)
 
 
 def test_oov_row_is_trainable(spec: FeatureSpec) -> None:
     emb = FeatureEmbedding(spec=spec)
-    assert emb.tables[0].weight[0].abs().sum() > 0  # not a zero padding row
+    assert emb.feature_weight(0)[0].abs().sum() > 0  # not a zero padding row
     out = emb(torch.tensor([[0, 0]]), torch.zeros(1, 2))
     out.sum().backward()
-    grad = emb.tables[0].weight.grad
-    assert grad is not None and grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
+    user_grad = emb.tables[1].weight.grad  # the width-8 table holds only 'user'
+    assert user_grad is not None and user_grad[0].abs().sum() > 0 and user_grad[1:].abs().sum() == 0
 
 
 def test_init_std_controls_scale(spec: FeatureSpec) -> None:
     torch.manual_seed(0)
-    std = FeatureEmbedding(spec=spec, init_std=0.05).tables[0].weight.std().item()
+    std = FeatureEmbedding(spec=spec, init_std=0.05).feature_weight(0).std().item()
     assert std == pytest.approx(0.05, rel=0.2)
 
 
@@ -70,7 +69,109 @@ def test_shape_errors_and_out_of_range(spec: FeatureSpec) -> None:
         emb(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 2))
     with pytest.raises(ValueError, match=r"num must have shape \(B, 2\)"):
         emb(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3))
-    with pytest.raises(IndexError):
-        emb(torch.tensor([[51, 0]]), torch.zeros(1, 2))  # index beyond vocab_size
+    with pytest.raises(IndexError, match=r"feature 'user' has an index outside \[0, 50\]"):
+        emb(torch.tensor([[51, 0]]), torch.zeros(1, 2))  # would land in another feature's rows
+    with pytest.raises(IndexError, match="feature 'device'"):
+        emb(torch.tensor([[1, -1]]), torch.zeros(1, 2))
     with pytest.raises(TypeError):
         FeatureEmbedding(spec)  # type: ignore[misc]  # keyword-only
+
+
+def _equal_width_spec(widths: list[int]) -> FeatureSpec:
+    return FeatureSpec(
+        categorical=[CategoricalFeature(f"f{j}", 5 + j, w) for j, w in enumerate(widths)],
+        numeric=[NumericFeature("x", 0.0, 1.0)],
+        tasks=[TaskSpec("y", "binary")],
+    )
+
+
+@pytest.mark.parametrize("widths", [[4, 4, 4], [4, 8, 4, 2], [2, 4, 8]])
+def test_matches_one_table_per_feature(widths: list[int]) -> None:
+    """Stacked tables give exactly what separate per-feature tables would, in spec order."""
+    torch.manual_seed(0)
+    spec = _equal_width_spec(widths)
+    emb = FeatureEmbedding(spec=spec)
+    assert len(emb.tables) == len(set(widths))  # one table per distinct width
+    cat = torch.stack([torch.randint(0, 6 + j, (16,)) for j in range(len(widths))], dim=1)
+    num = torch.randn(16, 1)
+    out = emb(cat, num)
+    expected = torch.cat(
+        [emb.feature_weight(j)[cat[:, j]] for j in range(len(widths))] + [num], dim=1
+    )
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    parts = emb.embed_categorical(cat)
+    torch.testing.assert_close(torch.cat(parts, dim=1), expected[:, :-1], rtol=0, atol=0)
+    # gradients reach each feature's own rows only
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    col = 0
+    for j, width in enumerate(widths):
+        table = next(t for t in emb.tables if t.embedding_dim == width)
+        start = sum(spec.categorical[i].vocab_size + 1 for i in range(j) if widths[i] == width)
+        grad = table.weight.grad[start : start + spec.categorical[j].vocab_size + 1]
+        ref = torch.zeros_like(grad).index_add_(0, cat[:, j], w[:, col : col + width])
+        torch.testing.assert_close(grad, ref)
+        col += width
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("widths", [[4, 4, 4], [4, 8, 4, 2]])
+def test_project_equals_embedding_times_weight(widths: list[int], fold: bool) -> None:
+    """Folded or not, ``project`` gives ``forward() @ W`` and the same gradients."""
+    torch.manual_seed(1)
+    spec = _equal_width_spec(widths)
+    emb = FeatureEmbedding(spec=spec, fold=fold)
+    B = 64
+    assert any(emb.folds(B)) == fold  # tiny vocabularies: folding pays at B=64
+    cat = torch.stack([torch.randint(0, 6 + j, (B,)) for j in range(len(widths))], dim=1)
+    num = torch.randn(B, 1)
+    w = torch.randn(emb.output_dim, 7, requires_grad=True)
+    z = emb.project(cat, num, w)
+    ref = emb(cat, num) @ w
+    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(z)
+    params = [*emb.parameters(), w]
+    for a, b in zip(
+        torch.autograd.grad((z * g).sum(), params),
+        torch.autograd.grad((ref * g).sum(), params),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    lazy = emb.lazy(cat, num)
+    assert (lazy.num_rows, lazy.width) == (B, emb.output_dim)
+    torch.testing.assert_close(lazy.materialize(), emb(cat, num))
+
+
+def test_folding_rule_picks_small_tables_only() -> None:
+    spec = FeatureSpec(
+        categorical=[
+            CategoricalFeature("user", 5000, 8),  # big: gathered
+            CategoricalFeature("device", 3, 4),  # small: folded
+            CategoricalFeature("os", 2, 4),
+        ],
+        numeric=[],
+        tasks=[TaskSpec("y", "binary")],
+    )
+    emb = FeatureEmbedding(spec=spec)
+    assert emb.folds(1024) == [True, False]  # tables ordered by width: 4, 8
+    assert emb.folds(1) == [False, False]
+    cat = torch.tensor([[4999, 3, 2], [0, 0, 0]])
+    w = torch.randn(emb.output_dim, 3)
+    torch.testing.assert_close(
+        emb.project(cat, torch.zeros(2, 0), w), emb(cat, torch.zeros(2, 0)) @ w
+    )
+    with pytest.raises(IndexError, match="feature 'device'"):
+        emb.project(torch.tensor([[1, 4, 0]]), torch.zeros(1, 0), w)
+    with pytest.raises(ValueError, match=r"weight must be \(16, N\)"):
+        emb.project(cat, torch.zeros(2, 0), torch.randn(15, 3))
+
+
+def test_project_is_float32_under_autocast(spec: FeatureSpec) -> None:
+    emb = FeatureEmbedding(spec=spec)
+    cat = torch.tensor([[3, 1], [0, 2]])
+    num = torch.randn(2, 2)
+    w = torch.randn(emb.output_dim, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = emb.project(cat, num, w)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, emb(cat, num) @ w)
