@@ -88,11 +88,15 @@ class DroplessDispatch(nn.Module):
 
     Two row layouts, picked per call:
 
-    * **padded** (CPU, or wherever ``grouped_mm`` has no fused kernel): every
-      expert gets ``C = max_e count_e`` rows, so the experts run as batched
-      matmuls over an ``(E, C, D)`` buffer (:meth:`ExpertBank.forward_all`).
-      Used while the padding costs at most ``max_padding`` of the real rows;
-      nothing is ever dropped, padding rows are computed and ignored.
+    * **padded** (CPU, or wherever ``grouped_mm`` has no fused kernel): the
+      experts run as batched matmuls over row blocks padded to a common count.
+      Generic experts get one ``(E, C, D)`` block with ``C = max_e count_e``
+      (:meth:`ExpertBank.forward_all`); the fused CPU SwiGLU path pads each
+      chunk of consecutive experts only to its own largest count
+      (:func:`~mtl.moe.grouped.expert_chunks`), so experts with ``chunk_rows``
+      or more rows run alone and unpadded. Used while the global padding costs
+      at most ``max_padding`` of the real rows; nothing is ever dropped,
+      padding rows are computed and ignored.
     * **sorted** (CUDA bf16 ``grouped_mm``; or routing too skewed to pad):
       rows are the slots sorted by expert, one grouped matmul per layer
       (:meth:`ExpertBank.forward_grouped`).
@@ -111,7 +115,9 @@ class DroplessDispatch(nn.Module):
     Attributes:
         max_padding: largest padded-layout overhead, as a fraction of the real
             rows, accepted before switching to the sorted layout.
-        chunk_rows: padded rows per chunk of experts on the fused CPU path.
+        chunk_rows: padded rows per chunk of experts on the fused CPU path
+            (1: every expert alone, no padding; large: all experts padded to
+            the largest count, one batched matmul).
 
     Example:
         >>> from mtl.moe import ExpertBank, TopKGate
@@ -122,7 +128,7 @@ class DroplessDispatch(nn.Module):
     """
 
     max_padding: float = 0.25
-    chunk_rows: int = 16384
+    chunk_rows: int = 1024
 
     def forward(self, x_TD: Tensor, routing: RoutingResult, experts: Experts) -> DispatchResult:
         T, K = routing.experts_TK.shape

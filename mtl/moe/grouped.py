@@ -260,14 +260,15 @@ def chunk_row_starts(chunks: list[ExpertChunk], device: torch.device) -> tuple[T
 class _FusedSwiGLUMoE(torch.autograd.Function):
     """Gather -> SwiGLU experts -> weighted combine, as one autograd node.
 
-    Works in the padded layout (``E`` experts x ``C`` rows) and processes a few
-    experts at a time, so that every temporary (gathered inputs, hidden
-    activations, their gradients) is a few MiB, stays in cache and is served
-    from the allocator's free lists instead of fresh, page-faulting memory.
-    Only ``h1 = x W1``, ``h3 = x W3`` and the expert outputs ``y`` are kept
-    for the backward; the gathered inputs and ``silu(h1) * h3`` are recomputed
-    per chunk. The input gradient is accumulated per chunk with ``index_add_``
-    (deterministic on CPU; this path is CPU-only).
+    Works in the chunked padded layout (:func:`expert_chunks`) and processes
+    one chunk of experts at a time, so that every temporary (gathered inputs,
+    hidden activations, their gradients) is a few MiB, stays in cache and is
+    reused from the allocator's free lists instead of fresh, page-faulting
+    memory. Only ``h1 = x W1``, ``h3 = x W3`` and the expert outputs ``y`` are
+    kept for the backward; the gathered inputs and ``silu(h1) * h3`` are
+    recomputed per chunk. Each token's input gradient is the sum of its ``K``
+    rows, gathered in one ``embedding_bag`` (no scatter-add; deterministic).
+    This path is CPU-only.
     """
 
     @staticmethod
