@@ -273,7 +273,9 @@ def test_auc(v: Variant, dm: RecDataModule) -> dict[str, float]:
     }
 
 
-def bench_dataset(name: str, epochs: int, quick: bool, with_rechub: bool) -> dict[str, Any]:
+def bench_dataset(
+    name: str, epochs: int, quick: bool, with_rechub: bool, only: list[str] | None = None
+) -> dict[str, Any]:
     """Train every variant ``epochs`` epochs, interleaved, on one dataset."""
     t0 = time.perf_counter()
     dm = load_data(name, quick)
@@ -283,15 +285,15 @@ def bench_dataset(name: str, epochs: int, quick: bool, with_rechub: bool) -> dic
         flush=True,
     )
     mmoe = {"name": "mmoe", "expert_norm": True, **MMOE_CFG}
-    variants = [
-        mtl_variant(dm, mmoe, "mtl"),
-        mtl_variant(dm, mmoe, "mtl_bf16", bf16=True),
-        mtl_variant(dm, dict(HOME), "mtl"),
-    ]
-    if not quick:
-        variants.append(mtl_variant(dm, dict(HOME), "mtl_bf16", bf16=True))
-    if with_rechub:
-        variants += rechub_variants(dm)
+    builders: dict[str, Callable[[], list[Variant]]] = {
+        "mtl": lambda: [mtl_variant(dm, mmoe, "mtl")],
+        "mtl_bf16": lambda: [mtl_variant(dm, mmoe, "mtl_bf16", bf16=True)],
+        "home": lambda: [mtl_variant(dm, dict(HOME), "mtl")],
+        "home_bf16": lambda: [mtl_variant(dm, dict(HOME), "mtl_bf16", bf16=True)],
+        "rechub": lambda: rechub_variants(dm) if with_rechub else [],
+    }
+    chosen = only or (["mtl", "mtl_bf16", "home", "rechub"] if quick else list(builders))
+    variants = [v for name in chosen for v in builders[name]()]
     for epoch in range(epochs):
         for v in variants:
             t = time.perf_counter()
@@ -360,6 +362,13 @@ def main() -> None:
     parser.add_argument(
         "--size", choices=sorted(SIZES), default="small", help="MMoE expert/tower sizes"
     )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=["mtl", "mtl_bf16", "home", "home_bf16", "rechub"],
+        default=None,
+        help="run only these (rechub = both rechub feeds); default: all",
+    )
     args = parser.parse_args()
     MMOE_CFG.clear()
     MMOE_CFG.update(SIZES[args.size])
@@ -380,7 +389,10 @@ def main() -> None:
         f"batch {BATCH_SIZE}, {epochs} epochs, load avg {env['load_avg_1m_start']:.1f}",
         flush=True,
     )
-    points = [bench_dataset(d, epochs, args.quick, version is not None) for d in args.datasets]
+    points = [
+        bench_dataset(d, epochs, args.quick, version is not None, args.variants)
+        for d in args.datasets
+    ]
     print(report(points))
     path = write_json(
         "rec_train",
@@ -394,6 +406,7 @@ def main() -> None:
                 "mmoe": MMOE_CFG,
                 "home": HOME,
                 "quick": args.quick,
+                "variants": args.variants,
             },
             "points": points,
         },

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl.data.features import FeatureSpec
-from mtl.moe.grouped import grouped_matmul
 
 
 class _GatherRows(torch.autograd.Function):
@@ -32,6 +31,15 @@ class _GatherRows(torch.autograd.Function):
         d = grad.shape[-1]
         grad_VD = grad.new_zeros(ctx.num_rows, d)
         return grad_VD.index_add_(0, idx.reshape(-1), grad.reshape(-1, d)), None
+
+
+def _offsets_of(counts: list[int]) -> list[int]:
+    """Start of each block when blocks of ``counts`` rows are stacked."""
+    out, start = [], 0
+    for n in counts:
+        out.append(start)
+        start += n
+    return out
 
 
 class _BagSum(torch.autograd.Function):
@@ -129,12 +137,30 @@ class FeatureEmbedding(nn.Module):
         for f in spec.categorical:
             starts.append(starts[-1] + f.embed_dim)
         self._cat_width = starts[-1]
+        # Folding works on a padded (F_t, R_t, d) view of each table, R_t its largest
+        # feature's rows, so that projecting it is one batched matmul.
+        self._w_span: list[tuple[int, int] | None] = []  # table's columns, if contiguous
+        self._pad_rows: list[int] = []  # R_t
         for t, cols in enumerate(self._columns):
             width = spec.categorical[cols[0]].embed_dim
             w_rows = [starts[j] + i for j in cols for i in range(width)]
             self.register_buffer(f"w_rows_{t}", torch.tensor(w_rows), persistent=False)
+            contiguous = w_rows == list(range(w_rows[0], w_rows[0] + len(w_rows)))
+            self._w_span.append((w_rows[0], w_rows[-1] + 1) if contiguous else None)
             counts = [spec.categorical[j].vocab_size + 1 for j in cols]
-            self.register_buffer(f"counts_{t}", torch.tensor(counts), persistent=False)
+            r_max = max(counts)
+            self._pad_rows.append(r_max)
+            # padded slot (f, r) -> table row; slots past a feature's rows repeat
+            # its row 0 (projected, never looked up)
+            pad = [
+                off + (r if r < n else 0)
+                for off, n in zip(_offsets_of(counts), counts, strict=True)
+                for r in range(r_max)
+            ]
+            self.register_buffer(f"pad_rows_{t}", torch.tensor(pad), persistent=False)
+            self.register_buffer(
+                f"pad_offsets_{t}", torch.arange(len(cols)) * r_max, persistent=False
+            )
         # Output in spec order; when every feature has one width this is the identity.
         order = [j for cols in self._columns for j in cols]
         self._in_spec_order = order == list(range(spec.n_categorical))
@@ -205,24 +231,23 @@ class FeatureEmbedding(nn.Module):
     def folds(self, batch_size: int) -> list[bool]:
         """Per table, whether :meth:`project` folds it for batches of ``batch_size`` rows.
 
-        Folding projects all ``V`` rows of a width-``d`` table (``V * d * N``
-        multiply-adds) and sums ``F`` projected rows per sample (``B * F * N``),
-        instead of multiplying ``B`` gathered ``F * d``-wide rows (``B * F * d * N``).
+        Folding projects a width-``d`` table of ``F`` features, padded to its
+        largest feature's ``R`` rows (``F * R * d * N`` multiply-adds), and sums
+        ``F`` projected rows per sample (``B * F * N``), instead of multiplying
+        ``B`` gathered ``F * d``-wide rows (``B * F * d * N``).
         """
         out = []
         for t, cols in enumerate(self._columns):
-            if not self.fold:
-                out.append(False)
-                continue
-            rows, width = self.tables[t].weight.shape
-            out.append(rows * width < batch_size * len(cols) * (width - 1))
+            width = self.tables[t].embedding_dim
+            rows = len(cols) * self._pad_rows[t]  # padded table
+            out.append(self.fold and rows * width < batch_size * len(cols) * (width - 1))
         return out
 
     def project(self, cat: torch.Tensor, num: torch.Tensor, w_DN: torch.Tensor) -> torch.Tensor:
         """``forward(cat, num) @ w_DN`` in float32, without forming the embedded input.
 
         Tables that :meth:`folds` picks are multiplied by their features' blocks of
-        ``w_DN`` once (a grouped matmul over features) and each sample sums its
+        ``w_DN`` once (one batched matmul over features) and each sample sums its
         ``F`` projected rows; the others are gathered and multiplied as usual. The
         result and its gradients equal the plain product's up to float rounding.
 
@@ -239,22 +264,29 @@ class FeatureEmbedding(nn.Module):
         B = cat.shape[0]
         with torch.autocast(device_type=cat.device.type, enabled=False):
             w_DN = w_DN.float()
-            z_BN = (
-                num.float() @ w_DN[self._cat_width :]
-                if self.n_numeric
-                else w_DN.new_zeros(B, w_DN.shape[1])
-            )
+            z_BN: torch.Tensor | None = None
             for t, (cols, fold) in enumerate(zip(self._columns, self.folds(B), strict=True)):
-                weight = self.tables[t].weight.float()
-                w_rows = getattr(self, f"w_rows_{t}")
-                idx_BF = cat[:, cols]
+                span = self._w_span[t]
+                w_XN = w_DN[span[0] : span[1]] if span else w_DN[getattr(self, f"w_rows_{t}")]
+                idx_BF = cat if len(self._columns) == 1 else cat[:, cols]
                 if not fold:
-                    z_BN = z_BN + self._gather(t, idx_BF).reshape(B, -1).float() @ w_DN[w_rows]
-                    continue
-                self._check_range(t, idx_BF)
-                w_FdN = w_DN[w_rows].view(len(cols), weight.shape[1], -1)
-                p_VN = grouped_matmul(weight, w_FdN, getattr(self, f"counts_{t}"))
-                z_BN = z_BN + _BagSum.apply(p_VN, idx_BF + getattr(self, f"offsets_{t}"))
+                    part = self._gather(t, idx_BF).reshape(B, -1).float() @ w_XN
+                else:
+                    self._check_range(t, idx_BF)
+                    F_t, width = len(cols), self.tables[t].embedding_dim
+                    table = self.tables[t].weight.float()
+                    padded = _GatherRows.apply(table, getattr(self, f"pad_rows_{t}"))
+                    p_FRN = torch.bmm(
+                        padded.view(F_t, self._pad_rows[t], width), w_XN.view(F_t, width, -1)
+                    )
+                    rows_BF = idx_BF + getattr(self, f"pad_offsets_{t}")
+                    part = _BagSum.apply(p_FRN.view(F_t * self._pad_rows[t], -1), rows_BF)
+                z_BN = part if z_BN is None else z_BN + part
+            if self.n_numeric:
+                w_num = w_DN[self._cat_width :]
+                z_BN = num.float() @ w_num if z_BN is None else z_BN.addmm_(num.float(), w_num)
+        if z_BN is None:
+            return w_DN.new_zeros(B, w_DN.shape[1])
         return z_BN
 
     def lazy(self, cat: torch.Tensor, num: torch.Tensor) -> EmbeddedInput:
