@@ -108,12 +108,17 @@ def test_hparams_rebuild_the_same_module() -> None:
     assert restored.spec == spec and restored.num_params == module.num_params
 
 
-@pytest.mark.parametrize("model", ["mmoe", "omoe"])
+@pytest.mark.parametrize("model", ["mmoe", "omoe", "ple"])
 def test_folded_embedding_path_equals_plain_path(model: str) -> None:
-    """MMoE/OMoE on the projected embedding tables: same loss and gradients as on the embeddings."""
+    """MMoE/OMoE/PLE on the projected embedding tables: same loss and gradients as on the embeddings."""
     spec = _spec([TaskSpec("click", "binary"), TaskSpec("like", "binary")])
     batch = _batch(2, n=256)
-    cfg = {"name": model, "num_experts": 3, "expert_hidden": [8, 4], "expert_norm": True}
+    sizes = (
+        {"num_levels": 2, "num_shared_experts": 2, "num_task_experts": 1}
+        if model == "ple"
+        else {"num_experts": 3}
+    )
+    cfg = {"name": model, **sizes, "expert_hidden": [8, 4], "expert_norm": True}
     results = []
     for fold in (True, False):
         torch.manual_seed(0)

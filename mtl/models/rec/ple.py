@@ -19,6 +19,7 @@ from mtl.models.rec.common import (
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
 from mtl.moe import DenseSoftmaxGate, MultiGateMixture
+from mtl.moe.linear_input import LinearInput
 
 
 class PLE(nn.Module):
@@ -116,7 +117,11 @@ class PLE(nn.Module):
             tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout
         )
 
-    def forward(self, x_BD: Tensor) -> MultiTaskOutput:
+    accepts_linear_input = True
+    """:meth:`forward` takes a :class:`~mtl.moe.linear_input.LinearInput` as well
+    as a tensor: only the first level reads the input, through its one fused matmul."""
+
+    def forward(self, x_BD: Tensor | LinearInput) -> MultiTaskOutput:
         routings = []
         mix = self.levels[0](x_BD)
         routings += mix.routing.values()
