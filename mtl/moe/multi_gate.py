@@ -41,7 +41,7 @@ class MultiGateMixture(nn.Module):
 
     When the input is shared, the bank is an :class:`~mtl.moe.experts.ExpertBank`
     and every gate is a :class:`~mtl.moe.gates.DenseSoftmaxGate` on that input
-    (MMoE, OMoE), the experts' first layer and all gate logits come from one
+    (MMoE, OMoE, PLE's first level), the experts' first layer and all gate logits come from one
     ``x @ [W_experts | W_gate_1 | ...]`` matmul, in float32. The input may then
     also be a :class:`~mtl.moe.linear_input.LinearInput`, which computes that
     product without forming ``x``.
