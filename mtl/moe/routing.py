@@ -28,6 +28,9 @@ class RoutingResult:
         load_estimate_E: ``(E,)`` smooth, differentiable estimate of how many
             tokens each expert receives (noisy top-k only; Shazeer et al. 2017).
         extras: gate-specific tensors (kept small), e.g. the selection bias.
+        dense_TE: ``(T, E)`` combine weights already in expert order (dense
+            gates, whose slot ``j`` is expert ``j``), returned by
+            :meth:`dense_weights` without a scatter; None for sparse gates.
 
     Example:
         >>> r = RoutingResult(
@@ -44,6 +47,7 @@ class RoutingResult:
     valid_TK: Tensor | None = None
     load_estimate_E: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    dense_TE: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +70,8 @@ class RoutingResult:
 
     def dense_weights(self) -> Tensor:
         """``(T, E)`` float32 combine weights, zero for experts a token does not use."""
+        if self.dense_TE is not None:
+            return self.dense_TE
         w_TK = self.weights_TK
         if self.valid_TK is not None:
             w_TK = torch.where(self.valid_TK, w_TK, torch.zeros_like(w_TK))

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,6 +29,23 @@ def test_dense_gate_weights_sum_to_one_and_mask_blocks_experts_and_gradients() -
     out = torch.einsum("etd,te->td", y_ETD, w_TE)
     (g,) = torch.autograd.grad(out.sum(), y_ETD)
     assert torch.all(g[[1, 4]] == 0) and torch.all(g[[0, 2, 3]] != 0)
+
+
+@pytest.mark.parametrize("mask", [None, [0, 2, 3]])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_dense_gate_shortcut_equals_slot_scatter_and_masked_softmax(
+    mask: list[int] | None, temperature: float
+) -> None:
+    """The (T, E) weights a dense gate hands over equal the generic slot scatter."""
+    torch.manual_seed(1)
+    gate = DenseSoftmaxGate(d_model=6, num_experts=5, expert_mask=mask, temperature=temperature)
+    r = gate(torch.randn(10, 6))
+    scattered = dataclasses.replace(r, dense_TE=None).dense_weights()
+    torch.testing.assert_close(r.dense_weights(), scattered)
+    allowed = torch.zeros(5, dtype=torch.bool)
+    allowed[mask if mask is not None else list(range(5))] = True
+    ref = torch.softmax(r.logits_TE.masked_fill(~allowed, float("-inf")) / temperature, -1)
+    torch.testing.assert_close(r.dense_weights(), ref)
 
 
 def test_topk_softmax_variants() -> None:

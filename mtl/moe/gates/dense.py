@@ -54,11 +54,18 @@ class DenseSoftmaxGate(Router):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.register_buffer("expert_mask_E", _as_mask(expert_mask, num_experts), persistent=False)
+        self._all_allowed = bool(self.expert_mask_E.all())
 
     def route(self, logits_TE: Tensor, x_TD: Tensor | None = None) -> RoutingResult:
         """Softmax over the allowed experts of float32 ``(T, E)`` logits (``x_TD`` is unused)."""
-        masked_TE = logits_TE.masked_fill(~self.expert_mask_E, float("-inf"))
-        probs_TE = torch.softmax(masked_TE / self.temperature, dim=-1)
+        masked_TE = (
+            logits_TE
+            if self._all_allowed
+            else logits_TE.masked_fill(~self.expert_mask_E, float("-inf"))
+        )
+        probs_TE = torch.softmax(
+            masked_TE if self.temperature == 1.0 else masked_TE / self.temperature, dim=-1
+        )
         T, E = probs_TE.shape
         experts_TK = torch.arange(E, device=probs_TE.device).expand(T, E)
         return RoutingResult(
@@ -67,6 +74,7 @@ class DenseSoftmaxGate(Router):
             logits_TE=logits_TE,
             probs_TE=probs_TE,
             valid_TK=self.expert_mask_E.expand(T, E),
+            dense_TE=probs_TE,  # masked experts have probability exactly 0
         )
 
 
