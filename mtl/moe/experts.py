@@ -275,9 +275,11 @@ class ExpertBank(nn.Module):
         compute the product without forming ``x``
         (:class:`~mtl.moe.linear_input.LinearInput`).
         """
-        ws = [self.weights[0]] + ([self.gate_weights[0]] if len(self.gate_weights) else [])
         E, D, H = self.weights[0].shape
-        return torch.cat([w.permute(1, 0, 2).reshape(D, E * H) for w in ws], dim=1)
+        w_DN = self.weights[0].permute(1, 0, 2).reshape(D, E * H)
+        if not len(self.gate_weights):
+            return w_DN
+        return torch.cat([w_DN, self.gate_weights[0].permute(1, 0, 2).reshape(D, E * H)], dim=1)
 
     def forward_all_projected(self, z_TN: Tensor) -> Tensor:
         """:meth:`forward_all` of a shared input ``x`` given ``z_TN = x @ first_layer_weight()``.
