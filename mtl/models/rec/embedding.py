@@ -33,6 +33,39 @@ class _GatherRows(torch.autograd.Function):
         return grad_VD.index_add_(0, idx.reshape(-1), grad.reshape(-1, d)), None
 
 
+def _row_buckets(counts: list[int], max_buckets: int) -> list[list[int]]:
+    """Split positions into at most ``max_buckets`` groups minimising padded rows.
+
+    Each group is padded to its largest count; groups are runs of the positions
+    sorted by count, chosen by dynamic programming over the split points.
+
+    Example:
+        >>> _row_buckets([50, 3, 4, 52, 2], max_buckets=2)
+        [[4, 1, 2], [0, 3]]
+    """
+    order = sorted(range(len(counts)), key=lambda i: counts[i])
+    c = [counts[i] for i in order]
+    n = len(c)
+    inf = float("inf")
+    # best[k][j]: least padded rows covering the first j sorted positions with k groups
+    best = [[inf] * (n + 1) for _ in range(max_buckets + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_buckets + 1)]
+    best[0][0] = 0
+    for k in range(1, max_buckets + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[k - 1][i] + (j - i) * c[j - 1]
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, max_buckets + 1), key=lambda kk: (best[kk][n], kk))
+    groups, j = [], n
+    while k > 0 and j > 0:
+        i = cut[k][j]
+        groups.append(order[i:j])
+        j, k = i, k - 1
+    return groups[::-1]
+
+
 def _offsets_of(counts: list[int]) -> list[int]:
     """Start of each block when blocks of ``counts`` rows are stacked."""
     out, start = [], 0
@@ -137,10 +170,12 @@ class FeatureEmbedding(nn.Module):
         for f in spec.categorical:
             starts.append(starts[-1] + f.embed_dim)
         self._cat_width = starts[-1]
-        # Folding works on a padded (F_t, R_t, d) view of each table, R_t its largest
-        # feature's rows, so that projecting it is one batched matmul.
+        # Folding projects padded (F_b, R_b, d) views of each table, one batched
+        # matmul per bucket of features with similar row counts (R_b the bucket's
+        # largest), so that a few large vocabularies do not pad all the others.
         self._w_span: list[tuple[int, int] | None] = []  # table's columns, if contiguous
-        self._pad_rows: list[int] = []  # R_t
+        self._buckets: list[list[tuple[list[int], int, int]]] = []  # (positions, R_b, base)
+        self._padded_rows: list[int] = []  # sum of F_b * R_b
         for t, cols in enumerate(self._columns):
             width = spec.categorical[cols[0]].embed_dim
             w_rows = [starts[j] + i for j in cols for i in range(width)]
@@ -148,19 +183,24 @@ class FeatureEmbedding(nn.Module):
             contiguous = w_rows == list(range(w_rows[0], w_rows[0] + len(w_rows)))
             self._w_span.append((w_rows[0], w_rows[-1] + 1) if contiguous else None)
             counts = [spec.categorical[j].vocab_size + 1 for j in cols]
-            r_max = max(counts)
-            self._pad_rows.append(r_max)
-            # padded slot (f, r) -> table row; slots past a feature's rows repeat
-            # its row 0 (projected, never looked up)
-            pad = [
-                off + (r if r < n else 0)
-                for off, n in zip(_offsets_of(counts), counts, strict=True)
-                for r in range(r_max)
-            ]
+            offsets = _offsets_of(counts)
+            pad: list[int] = []
+            pad_offsets = [0] * len(cols)
+            buckets = []
+            for positions in _row_buckets(counts, max_buckets=3):
+                r_b = max(counts[i] for i in positions)
+                base = len(pad)
+                for k, i in enumerate(positions):
+                    pad_offsets[i] = base + k * r_b
+                    # slots past a feature's rows repeat its row 0 (projected, never looked up)
+                    pad += [offsets[i] + (r if r < counts[i] else 0) for r in range(r_b)]
+                buckets.append((positions, r_b, base))
+            self._buckets.append(buckets)
+            self._padded_rows.append(len(pad))
             self.register_buffer(f"pad_rows_{t}", torch.tensor(pad), persistent=False)
-            self.register_buffer(
-                f"pad_offsets_{t}", torch.arange(len(cols)) * r_max, persistent=False
-            )
+            self.register_buffer(f"pad_offsets_{t}", torch.tensor(pad_offsets), persistent=False)
+            for b, (positions, _, _) in enumerate(buckets):
+                self.register_buffer(f"bucket_{t}_{b}", torch.tensor(positions), persistent=False)
         # Output in spec order; when every feature has one width this is the identity.
         order = [j for cols in self._columns for j in cols]
         self._in_spec_order = order == list(range(spec.n_categorical))
@@ -239,7 +279,7 @@ class FeatureEmbedding(nn.Module):
         out = []
         for t, cols in enumerate(self._columns):
             width = self.tables[t].embedding_dim
-            rows = len(cols) * self._pad_rows[t]  # padded table
+            rows = self._padded_rows[t]
             out.append(self.fold and rows * width < batch_size * len(cols) * (width - 1))
         return out
 
@@ -273,14 +313,9 @@ class FeatureEmbedding(nn.Module):
                     part = self._gather(t, idx_BF).reshape(B, -1).float() @ w_XN
                 else:
                     self._check_range(t, idx_BF)
-                    F_t, width = len(cols), self.tables[t].embedding_dim
-                    table = self.tables[t].weight.float()
-                    padded = _GatherRows.apply(table, getattr(self, f"pad_rows_{t}"))
-                    p_FRN = torch.bmm(
-                        padded.view(F_t, self._pad_rows[t], width), w_XN.view(F_t, width, -1)
+                    part = _BagSum.apply(
+                        self._projected_rows(t, w_XN), idx_BF + getattr(self, f"pad_offsets_{t}")
                     )
-                    rows_BF = idx_BF + getattr(self, f"pad_offsets_{t}")
-                    part = _BagSum.apply(p_FRN.view(F_t * self._pad_rows[t], -1), rows_BF)
                 z_BN = part if z_BN is None else z_BN + part
             if self.n_numeric:
                 w_num = w_DN[self._cat_width :]
@@ -288,6 +323,19 @@ class FeatureEmbedding(nn.Module):
         if z_BN is None:
             return w_DN.new_zeros(B, w_DN.shape[1])
         return z_BN
+
+    def _projected_rows(self, t: int, w_XN: torch.Tensor) -> torch.Tensor:
+        """Table ``t``'s padded rows, each times its feature's block of ``w``: ``(rows, N)``."""
+        F_t, width = len(self._columns[t]), self.tables[t].embedding_dim
+        padded = _GatherRows.apply(self.tables[t].weight.float(), getattr(self, f"pad_rows_{t}"))
+        w_FdN = w_XN.view(F_t, width, -1)
+        parts = []
+        for b, (positions, r_b, base) in enumerate(self._buckets[t]):
+            n = len(positions)
+            w_b = w_FdN if n == F_t else w_FdN.index_select(0, getattr(self, f"bucket_{t}_{b}"))
+            x_b = padded[base : base + n * r_b].view(n, r_b, width)
+            parts.append(torch.bmm(x_b, w_b).view(n * r_b, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def lazy(self, cat: torch.Tensor, num: torch.Tensor) -> EmbeddedInput:
         """The embedded batch as a :class:`~mtl.moe.linear_input.LinearInput`."""

@@ -175,3 +175,26 @@ def test_project_is_float32_under_autocast(spec: FeatureSpec) -> None:
         z = emb.project(cat, num, w)
     assert z.dtype == torch.float32
     torch.testing.assert_close(z, emb(cat, num) @ w)
+
+
+def test_row_buckets_minimise_padded_rows_and_cover_every_feature() -> None:
+    """Against brute force over all split points of the sorted counts."""
+    import itertools
+    import random
+
+    from mtl.models.rec.embedding import _row_buckets
+
+    rng = random.Random(0)
+    for _ in range(50):
+        counts = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
+        groups = _row_buckets(counts, max_buckets=3)
+        assert sorted(i for g in groups for i in g) == list(range(len(counts)))
+        padded = sum(len(g) * max(counts[i] for i in g) for g in groups)
+        c = sorted(counts)
+        n = len(c)
+        best = n * c[-1]
+        for k in (1, 2):
+            for cuts in itertools.combinations(range(1, n), k):
+                bounds = [0, *cuts, n]
+                best = min(best, sum((b - a) * c[b - 1] for a, b in itertools.pairwise(bounds)))
+        assert padded == best and len(groups) <= 3
