@@ -142,6 +142,34 @@ def test_project_equals_embedding_times_weight(widths: list[int], fold: bool) ->
     torch.testing.assert_close(lazy.materialize(), emb(cat, num))
 
 
+def test_project_with_several_features_per_padding_bucket() -> None:
+    """Features that share a bucket get distinct row offsets in the projected table."""
+    torch.manual_seed(2)
+    vocab = [2, 2, 3, 8, 8, 7, 40, 38]
+    spec = FeatureSpec(
+        categorical=[CategoricalFeature(f"f{j}", v, 4) for j, v in enumerate(vocab)],
+        numeric=[NumericFeature("x", 0.0, 1.0)],
+        tasks=[TaskSpec("y", "binary")],
+    )
+    emb = FeatureEmbedding(spec=spec)
+    assert emb.folds(256) == [True]
+    assert any(len(positions) > 1 for positions, _, _ in emb._buckets[0])
+    cat = torch.stack([torch.randint(0, v + 1, (256,)) for v in vocab], dim=1)
+    num = torch.randn(256, 1)
+    w = torch.randn(emb.output_dim, 5, requires_grad=True)
+    z = emb.project(cat, num, w)
+    ref = emb(cat, num) @ w
+    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(z)
+    params = [*emb.parameters(), w]
+    for a, b in zip(
+        torch.autograd.grad((z * g).sum(), params),
+        torch.autograd.grad((ref * g).sum(), params),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_folding_rule_picks_small_tables_only() -> None:
     spec = FeatureSpec(
         categorical=[
