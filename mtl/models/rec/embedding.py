@@ -144,17 +144,13 @@ class FeatureEmbedding(nn.Module):
         widths = sorted({f.embed_dim for f in spec.categorical})
         self.tables = nn.ModuleList()
         self._columns: list[list[int]] = []  # per table: its features' column indices
-        self._slot: list[tuple[int, int, int]] = []  # per feature: (table, row offset, rows)
-        slots: dict[int, tuple[int, int, int]] = {}
+        slots: dict[int, tuple[int, int, int]] = {}  # feature: (table, row offset, rows)
         for t, width in enumerate(widths):
             cols = [j for j, f in enumerate(spec.categorical) if f.embed_dim == width]
-            offsets, rows = [], 0
-            for j in cols:
-                n = spec.categorical[j].vocab_size + 1
-                slots[j] = (t, rows, n)
-                offsets.append(rows)
-                rows += n
-            table = nn.Embedding(rows, width)
+            counts = [spec.categorical[j].vocab_size + 1 for j in cols]
+            offsets = _offsets_of(counts)
+            slots.update({j: (t, o, n) for j, o, n in zip(cols, offsets, counts, strict=True)})
+            table = nn.Embedding(sum(counts), width)
             nn.init.normal_(table.weight, std=init_std)
             self.tables.append(table)
             self._columns.append(cols)
@@ -170,40 +166,47 @@ class FeatureEmbedding(nn.Module):
         for f in spec.categorical:
             starts.append(starts[-1] + f.embed_dim)
         self._cat_width = starts[-1]
-        # Folding projects padded (F_b, R_b, d) views of each table, one batched
-        # matmul per bucket of features with similar row counts (R_b the bucket's
-        # largest), so that a few large vocabularies do not pad all the others.
         self._w_span: list[tuple[int, int] | None] = []  # table's columns, if contiguous
         self._buckets: list[list[tuple[list[int], int, int]]] = []  # (positions, R_b, base)
         self._padded_rows: list[int] = []  # sum of F_b * R_b
         for t, cols in enumerate(self._columns):
-            width = spec.categorical[cols[0]].embed_dim
-            w_rows = [starts[j] + i for j in cols for i in range(width)]
-            self.register_buffer(f"w_rows_{t}", torch.tensor(w_rows), persistent=False)
-            contiguous = w_rows == list(range(w_rows[0], w_rows[0] + len(w_rows)))
-            self._w_span.append((w_rows[0], w_rows[-1] + 1) if contiguous else None)
-            counts = [spec.categorical[j].vocab_size + 1 for j in cols]
-            offsets = _offsets_of(counts)
-            pad: list[int] = []
-            pad_offsets = [0] * len(cols)
-            buckets = []
-            for positions in _row_buckets(counts, max_buckets=3):
-                r_b = max(counts[i] for i in positions)
-                base = len(pad)
-                for k, i in enumerate(positions):
-                    pad_offsets[i] = base + k * r_b
-                    # slots past a feature's rows repeat its row 0 (projected, never looked up)
-                    pad += [offsets[i] + (r if r < counts[i] else 0) for r in range(r_b)]
-                buckets.append((positions, r_b, base))
-            self._buckets.append(buckets)
-            self._padded_rows.append(len(pad))
-            self.register_buffer(f"pad_rows_{t}", torch.tensor(pad), persistent=False)
-            self.register_buffer(f"pad_offsets_{t}", torch.tensor(pad_offsets), persistent=False)
-            for b, (positions, _, _) in enumerate(buckets):
-                self.register_buffer(f"bucket_{t}_{b}", torch.tensor(positions), persistent=False)
+            self._register_fold_layout(t, cols, starts)
         # Output in spec order; when every feature has one width this is the identity.
         order = [j for cols in self._columns for j in cols]
         self._in_spec_order = order == list(range(spec.n_categorical))
+
+    def _register_fold_layout(self, t: int, cols: list[int], starts: list[int]) -> None:
+        """Buffers :meth:`project` needs to fold table ``t``.
+
+        Folding projects padded ``(F_b, R_b, d)`` views of the table, one batched
+        matmul per bucket of features with similar row counts (``R_b`` the
+        bucket's largest), so that a few large vocabularies do not pad all the
+        others.
+        """
+        width = self.spec.categorical[cols[0]].embed_dim
+        w_rows = [starts[j] + i for j in cols for i in range(width)]
+        self.register_buffer(f"w_rows_{t}", torch.tensor(w_rows), persistent=False)
+        contiguous = w_rows == list(range(w_rows[0], w_rows[0] + len(w_rows)))
+        self._w_span.append((w_rows[0], w_rows[-1] + 1) if contiguous else None)
+        counts = [self.spec.categorical[j].vocab_size + 1 for j in cols]
+        offsets = _offsets_of(counts)
+        pad: list[int] = []
+        pad_offsets = [0] * len(cols)
+        buckets = []
+        for positions in _row_buckets(counts, max_buckets=3):
+            r_b = max(counts[i] for i in positions)
+            base = len(pad)
+            for k, i in enumerate(positions):
+                pad_offsets[i] = base + k * r_b
+                # slots past a feature's rows repeat its row 0 (projected, never looked up)
+                pad += [offsets[i] + (r if r < counts[i] else 0) for r in range(r_b)]
+            buckets.append((positions, r_b, base))
+        self._buckets.append(buckets)
+        self._padded_rows.append(len(pad))
+        self.register_buffer(f"pad_rows_{t}", torch.tensor(pad), persistent=False)
+        self.register_buffer(f"pad_offsets_{t}", torch.tensor(pad_offsets), persistent=False)
+        for b, (positions, _, _) in enumerate(buckets):
+            self.register_buffer(f"bucket_{t}_{b}", torch.tensor(positions), persistent=False)
 
     @property
     def output_dim(self) -> int:
