@@ -17,6 +17,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtl.training.cpu_memory import reuse_freed_memory
+
 GROUPS: tuple[str, ...] = ("model", "data", "trainer", "experiment")
 """Config groups whose choices are validated (one YAML file per choice)."""
 
@@ -132,6 +134,21 @@ def compose_config(
 def to_yaml(cfg: DictConfig) -> str:
     """The config as YAML text (for ``--print-config`` and the run directory)."""
     return OmegaConf.to_yaml(cfg)
+
+
+def start_run(cfg: DictConfig) -> Path:
+    """What both runners do first: create ``cfg.output_dir``, save the config there,
+    and (unless ``reuse_freed_memory: false``) keep freed CPU memory for reuse.
+
+    Returns:
+        the output directory.
+    """
+    out_dir = Path(str(cfg.output_dir)).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.get("reuse_freed_memory", True):
+        reuse_freed_memory()
+    return out_dir
 
 
 def resume_checkpoint_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:

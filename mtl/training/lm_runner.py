@@ -30,8 +30,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from mtl.data.text import TextDataModule
 from mtl.moe import SigmoidBiasGate
-from mtl.training.config import resume_checkpoint_path, trainer_kwargs_from
-from mtl.training.cpu_memory import reuse_freed_memory
+from mtl.training.config import resume_checkpoint_path, start_run, trainer_kwargs_from
 from mtl.training.lm_module import AuxFreeBiasUpdate, LMModule
 
 log = logging.getLogger(__name__)
@@ -125,11 +124,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         >>> run_train(cfg)["val_loss"] < run_train(cfg)["unigram_entropy"]  # doctest: +SKIP
         True
     """
-    out_dir = Path(str(cfg.output_dir)).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    if cfg.get("reuse_freed_memory", True):
-        reuse_freed_memory()
+    out_dir = start_run(cfg)
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
 
     dm = build_datamodule(cfg)

@@ -26,8 +26,12 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from mtl.data.datamodule import RecDataModule
-from mtl.training.config import compose_config, resume_checkpoint_path, trainer_kwargs_from
-from mtl.training.cpu_memory import reuse_freed_memory
+from mtl.training.config import (
+    compose_config,
+    resume_checkpoint_path,
+    start_run,
+    trainer_kwargs_from,
+)
 from mtl.training.rec_module import RecModule
 
 log = logging.getLogger(__name__)
@@ -129,11 +133,7 @@ def run_train(cfg: DictConfig, datamodule: RecDataModule | None = None) -> dict[
         >>> run_train(cfg)["test"]["auc/click"] > 0.5  # doctest: +SKIP
         True
     """
-    out_dir = Path(str(cfg.output_dir)).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    if cfg.get("reuse_freed_memory", True):
-        reuse_freed_memory()
+    out_dir = start_run(cfg)
     threads = torch.get_num_threads()
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
