@@ -71,9 +71,13 @@ SIZES: dict[str, dict[str, Any]] = {
     # conf/model/mmoe.yaml defaults
     "large": {"num_experts": 8, "expert_hidden": [256, 128], "tower_hidden": [64], "dropout": 0.1},
 }
-"""MMoE sizes shared by mtl's and rechub's MMoE. rechub's experts are
-``Linear -> BatchNorm -> ReLU -> Dropout``; mtl's MMoE gets ``expert_norm=True``
-(per-expert batch norm) so that its experts are the same."""
+"""MMoE sizes shared by mtl's and rechub's MMoE."""
+RECHUB_LAYOUT = {"expert_norm": True, "tower_norm": True, "gate_norm": True}
+"""rechub's MMOE builds every MLP as ``Linear -> BatchNorm -> act -> Dropout``: experts
+``Linear -> BN -> ReLU -> Dropout``, gates ``Linear -> BN -> Softmax``, towers
+``Linear -> BN -> ReLU -> Dropout -> Linear``. These options (with
+``expert_dropout = dropout``) make mtl's MMoE the same network, parameter for
+parameter; :func:`bench_dataset` checks that the counts agree."""
 MMOE_CFG: dict[str, Any] = dict(SIZES["small"])
 HOME = {"name": "home"}
 """mtl's HoME with its ``conf/model/home.yaml`` defaults (no rechub counterpart)."""
@@ -284,7 +288,12 @@ def bench_dataset(
         f"loaded in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
-    mmoe = {"name": "mmoe", "expert_norm": True, **MMOE_CFG}
+    mmoe = {
+        "name": "mmoe",
+        **RECHUB_LAYOUT,
+        "expert_dropout": MMOE_CFG["dropout"],
+        **MMOE_CFG,
+    }
     builders: dict[str, Callable[[], list[Variant]]] = {
         "mtl": lambda: [mtl_variant(dm, mmoe, "mtl")],
         "mtl_bf16": lambda: [mtl_variant(dm, mmoe, "mtl_bf16", bf16=True)],
@@ -304,6 +313,9 @@ def bench_dataset(
             + ", ".join(f"{v.name}/{v.model_name} {v.epoch_times[-1]:.1f}s" for v in variants),
             flush=True,
         )
+    counts = {v.num_params for v in variants if v.model_name == "mmoe"}
+    if len(counts) > 1:
+        raise RuntimeError(f"mtl's and rechub's MMoE differ in parameter count: {sorted(counts)}")
     n_train = len(dm.tensors("train"))
     rows = []
     for v in variants:

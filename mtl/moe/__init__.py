@@ -15,7 +15,9 @@ from mtl.moe.dispatch import (
     DispatchResult,
     DroplessDispatch,
     combine_dense,
+    combine_dense_many,
 )
+from mtl.moe.dropout import FastDropout, fast_dropout
 from mtl.moe.experts import ExpertBank, ExpertList
 from mtl.moe.gates import (
     DenseSoftmaxGate,
@@ -50,6 +52,7 @@ __all__ = [
     "ExpertBank",
     "ExpertChoiceGate",
     "ExpertList",
+    "FastDropout",
     "MoELayer",
     "MoEOutput",
     "MultiGateMixture",
@@ -63,7 +66,9 @@ __all__ = [
     "TopPGate",
     "aux_losses",
     "combine_dense",
+    "combine_dense_many",
     "cv_squared",
+    "fast_dropout",
     "importance_loss",
     "load_balance_loss",
     "load_cv_loss",

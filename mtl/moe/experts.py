@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtl.moe.dropout import fast_dropout
 from mtl.moe.grouped import _compute_dtype, grouped_matmul
 
 Activation = Literal["relu", "gelu", "silu", "swish", "identity"]
@@ -95,6 +96,9 @@ class ExpertBank(nn.Module):
         hidden_sizes: per-expert active width of the hidden layer (two-layer
             experts only): expert ``e`` uses the first ``hidden_sizes[e]`` of
             ``dims[1]`` units, so experts of different sizes share one tensor.
+        dropout: dropout after every activated layer, in training
+            (:func:`~mtl.moe.dropout.fast_dropout`; torch-rechub's and
+            DeepCTR's expert MLPs drop there).
 
     Shapes:
         forward_all: ``(T, D_in)`` or ``(E, T, D_in)`` -> ``(E, T, D_out)``.
@@ -117,9 +121,13 @@ class ExpertBank(nn.Module):
         activate_last: bool = False,
         norm: Literal["batch"] | None = None,
         hidden_sizes: Sequence[int] | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         dims = [int(d) for d in dims]
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if len(dims) < 2 or min(dims) < 1:
@@ -240,6 +248,7 @@ class ExpertBank(nn.Module):
             and not self.biases
             and not self.norms
             and self.hidden_mask_EH is None
+            and (self.dropout == 0.0 or not self.training)
         )
 
     def forward_all(self, x: Tensor) -> Tensor:
@@ -327,7 +336,7 @@ class ExpertBank(nn.Module):
             z_TEH = z_TEH * gate_TEH
         if i == 0 and self.hidden_mask_EH is not None:
             z_TEH = z_TEH * self.hidden_mask_EH.to(z_TEH.dtype)
-        return z_TEH
+        return fast_dropout(z_TEH, self.dropout, self.training)
 
     def forward_grouped(self, x_ND: Tensor, counts_E: Tensor, expert_ids_N: Tensor) -> Tensor:
         """Each expert on its own slice of expert-sorted rows.
@@ -358,13 +367,15 @@ class ExpertBank(nn.Module):
                     z = z * grouped_matmul(h, self.gate_weights[i], counts_E)
                 if i == 0 and self.hidden_mask_EH is not None:
                     z = z * self.hidden_mask_EH[ids].to(z.dtype)
+                z = fast_dropout(z, self.dropout, self.training)
             h = z
         return h
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, dims={self.dims}, activation={self.activation}, "
-            f"glu={self.glu}, bias={bool(len(self.biases))}, norm={'batch' if self.norms else None}"
+            f"glu={self.glu}, bias={bool(len(self.biases))}, norm={'batch' if self.norms else None}, "
+            f"dropout={self.dropout}"
         )
 
 

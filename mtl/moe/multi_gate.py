@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mtl.moe.dispatch import combine_dense
+from mtl.moe.dispatch import combine_dense_many
 from mtl.moe.experts import ExpertBank
 from mtl.moe.gates.dense import DenseSoftmaxGate
 from mtl.moe.linear_input import LinearInput, input_width, materialize, project
@@ -108,16 +108,22 @@ class MultiGateMixture(nn.Module):
         # split, not slicing: each slice's backward would zero-fill a full-size gradient
         z_expert, *z_gates = project(x, w_DN).split([n_experts] + [E] * len(self.gates), dim=1)
         y_ETD = bank.forward_all_projected(z_expert)
-        outputs: dict[str, Tensor] = {}
         routing: dict[str, RoutingResult] = {}
         for (name, gate), z_TE in zip(self.gates.items(), z_gates, strict=True):
             logits_TE = z_TE.float()
             if gate.proj.bias is not None:
                 logits_TE = logits_TE + gate.proj.bias.float()
-            r = gate.route(logits_TE)
-            routing[name] = r
-            outputs[name] = combine_dense(y_ETD, r.dense_weights())
-        return MultiGateOutput(outputs=outputs, routing=routing, expert_outputs_ETD=y_ETD)
+            routing[name] = gate.route(logits_TE)
+        return self._mix(y_ETD, routing)
+
+    @staticmethod
+    def _mix(y_ETD: Tensor, routing: dict[str, RoutingResult]) -> MultiGateOutput:
+        mixed = combine_dense_many(y_ETD, [r.dense_weights() for r in routing.values()])
+        return MultiGateOutput(
+            outputs=dict(zip(routing, mixed, strict=True)),
+            routing=routing,
+            expert_outputs_ETD=y_ETD,
+        )
 
     def forward(
         self,
@@ -136,7 +142,6 @@ class MultiGateMixture(nn.Module):
             return self._forward_fused(x)
         x = materialize(x)
         y_ETD = self.experts.forward_all(x)
-        outputs: dict[str, Tensor] = {}
         routing: dict[str, RoutingResult] = {}
         for name, gate in self.gates.items():
             if gate_inputs is None:
@@ -149,7 +154,5 @@ class MultiGateMixture(nn.Module):
                 if name not in gate_inputs:
                     raise ValueError(f"gate_inputs has no entry for gate {name!r}")
                 g = gate_inputs[name]
-            r = gate(g)
-            routing[name] = r
-            outputs[name] = combine_dense(y_ETD, r.dense_weights())
-        return MultiGateOutput(outputs=outputs, routing=routing, expert_outputs_ETD=y_ETD)
+            routing[name] = gate(g)
+        return self._mix(y_ETD, routing)

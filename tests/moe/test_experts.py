@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from mtl.moe import ExpertBank, ExpertList
+from mtl.moe.dropout import keep_mask, rounded_drop_probability
 from mtl.moe.grouped import grouped_matmul
 
 from .reference import expert_forward
@@ -106,6 +107,7 @@ def test_batch_norm_experts_normalise_each_expert_separately() -> None:
         (dict(num_experts=2, dims=[4, 4], activation="tanhh"), "activation"),
         (dict(num_experts=2, dims=[4, 4, 4], hidden_sizes=[4]), "hidden_sizes"),
         (dict(num_experts=2, dims=[4, 4], norm="layer"), "norm"),
+        (dict(num_experts=2, dims=[4, 4], dropout=1.0), "dropout"),
     ],
 )
 def test_bad_expert_arguments_name_the_argument(kw: dict, arg: str) -> None:
@@ -117,3 +119,49 @@ def test_mismatched_input_width_is_a_clear_error() -> None:
     bank = ExpertBank(num_experts=2, dims=[4, 4])
     with pytest.raises(ValueError, match="width 5"):
         bank.forward_all(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_expert_dropout_drops_each_experts_hidden_units_with_its_own_mask(
+    shared_input: bool,
+) -> None:
+    torch.manual_seed(6)
+    bank = ExpertBank(num_experts=3, dims=[5, 7, 4], activation="relu", bias=True, dropout=0.25)
+    x = torch.randn(3, 11, 5) if not shared_input else torch.randn(11, 5)
+    torch.manual_seed(8)
+    y_ETD = bank.forward_all(x)
+    # the bank draws one (T, E, H) mask per activated layer, in layer order
+    torch.manual_seed(8)
+    mask_TEH = keep_mask((11, 3, 7), 0.25)
+    scale = 1.0 / (1.0 - rounded_drop_probability(0.25))
+    for e in range(3):
+        x_e = x if shared_input else x[e]
+        h = torch.relu(x_e @ bank.weights[0][e] + bank.biases[0][e]) * mask_TEH[:, e] * scale
+        ref = h @ bank.weights[1][e] + bank.biases[1][e]
+        torch.testing.assert_close(y_ETD[e], ref)
+    assert float(mask_TEH.mean()) < 1.0
+    bank.eval()
+    no_drop = ExpertBank(num_experts=3, dims=[5, 7, 4], activation="relu", bias=True)
+    no_drop.load_state_dict(bank.state_dict())
+    torch.testing.assert_close(bank.forward_all(x), no_drop.eval().forward_all(x))
+
+
+def test_expert_dropout_applies_on_grouped_rows_and_disables_the_fused_swiglu() -> None:
+    torch.manual_seed(9)
+    bank = ExpertBank.swiglu(num_experts=2, d_model=4, d_hidden=6, dropout=0.5)
+    assert not bank._is_plain_swiglu()
+    assert bank.eval()._is_plain_swiglu()  # no dropout at inference: the fused path is exact
+    bank.train()
+    x = torch.randn(5, 4)
+    counts = torch.tensor([3, 2])
+    ids = torch.tensor([0, 0, 0, 1, 1])
+    torch.manual_seed(10)
+    y = bank.forward_grouped(x, counts, ids)
+    torch.manual_seed(10)
+    mask = keep_mask((5, 6), 0.5)
+    ref = []
+    for row in range(5):
+        e = int(ids[row])
+        h = torch.nn.functional.silu(x[row] @ bank.weights[0][e]) * (x[row] @ bank.gate_weights[0][e])
+        ref.append((h * mask[row] * 2.0) @ bank.weights[1][e])
+    torch.testing.assert_close(y, torch.stack(ref))

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from mtl.moe import DenseSoftmaxGate, ExpertBank, MultiGateMixture, TopKGate
+from mtl.moe.dispatch import combine_dense_many
 from mtl.moe.linear_input import LinearInput
 
 from .reference import expert_forward
@@ -154,3 +155,45 @@ def test_forward_all_projected_rejects_wrong_width() -> None:
     assert bank.first_layer_weight().shape == (4, 2 * 2 * 3)
     with pytest.raises(ValueError, match=r"first-layer products must be \(T, 12\)"):
         bank.forward_all_projected(torch.randn(5, 6))
+
+
+@pytest.mark.parametrize("layout", ["TED view", "ETD contiguous"])
+@pytest.mark.parametrize("num_gates", [1, 3])
+def test_combine_dense_many_matches_a_per_gate_weighted_sum(layout: str, num_gates: int) -> None:
+    torch.manual_seed(3)
+    T, E, D = 7, 4, 5
+    base = torch.randn(T, E, D) if layout == "TED view" else torch.randn(E, T, D)
+    base.requires_grad_(True)
+    y_ETD = base.transpose(0, 1) if layout == "TED view" else base
+    ws = [torch.softmax(torch.randn(T, E), -1).requires_grad_(True) for _ in range(num_gates)]
+    out = combine_dense_many(y_ETD, ws)
+    ref = [sum(w[:, e : e + 1] * y_ETD[e] for e in range(E)) for w in ws]  # per-expert loop
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r)
+    gs = [torch.randn(T, D) for _ in ws]
+    got = torch.autograd.grad(sum((o * g).sum() for o, g in zip(out, gs)), [base, *ws])
+    want = torch.autograd.grad(sum((r * g).sum() for r, g in zip(ref, gs)), [base, *ws])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_gate_logit_norm_fused_and_unfused_equal_softmax_of_batch_normed_logits() -> None:
+    torch.manual_seed(5)
+    bank = ExpertBank(num_experts=4, dims=[6, 5], activation="relu", bias=True, activate_last=True)
+    gates = {t: DenseSoftmaxGate(d_model=6, num_experts=4, logit_norm=True) for t in TASKS}
+    mix = MultiGateMixture(experts=bank, gates=gates)
+    with torch.no_grad():
+        for g in mix.gates.values():
+            g.logit_norm.weight.uniform_(0.5, 2.0)
+            g.logit_norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(16, 6, requires_grad=True)
+    fused = mix(x)
+    unfused = mix(x, gate_inputs=x)
+    for t, g in mix.gates.items():
+        z = g.proj(x)
+        z_hat = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + g.logit_norm.eps)
+        want = torch.softmax(z_hat * g.logit_norm.weight + g.logit_norm.bias, -1)
+        torch.testing.assert_close(fused.routing[t].dense_weights(), want)
+        torch.testing.assert_close(unfused.routing[t].dense_weights(), want)
+    for a, b in zip(_grads(mix, fused.outputs, x), _grads(mix, unfused.outputs, x), strict=True):
+        torch.testing.assert_close(a, b)

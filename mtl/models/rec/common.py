@@ -127,12 +127,18 @@ def _restricted(r: RoutingResult) -> RoutingResult:
 
 
 def representation_bank(
-    *, num_experts: int, dims: Sequence[int], activation: str = "relu", expert_norm: bool = False
+    *,
+    num_experts: int,
+    dims: Sequence[int],
+    activation: str = "relu",
+    expert_norm: bool = False,
+    dropout: float = 0.0,
 ) -> ExpertBank:
     """Experts whose output is a representation: every layer activated, biases on.
 
     ``expert_norm`` adds per-expert batch normalisation before each activation
-    (HoME's expert normalisation, usable by MMoE/PLE for ablations).
+    (HoME's expert normalisation, usable by MMoE/PLE for ablations); ``dropout``
+    drops after every activation, in training.
     """
     return ExpertBank(
         num_experts=num_experts,
@@ -141,4 +147,5 @@ def representation_bank(
         bias=True,
         activate_last=True,
         norm="batch" if expert_norm else None,
+        dropout=dropout,
     )

@@ -36,6 +36,11 @@ class MMoE(nn.Module):
         dropout: dropout in the towers.
         expert_activation: expert activation (``relu`` as in the paper, or ``swish``...).
         expert_norm: per-expert batch norm before each activation (HoME's fix, for ablations).
+        expert_dropout: dropout after each expert layer's activation.
+        tower_norm: batch norm before each tower activation.
+        gate_norm: batch norm on the gate logits. ``expert_norm``,
+            ``expert_dropout = dropout``, ``tower_norm`` and ``gate_norm`` together
+            build torch-rechub's ``MMOE`` exactly.
         gate_temperature: softmax temperature of the gates.
         aux_loss_weights: ``{loss name: weight}`` over :mod:`mtl.moe.losses`
             (``importance``, ``z_loss``, ``entropy``...), averaged over gates.
@@ -63,6 +68,9 @@ class MMoE(nn.Module):
         dropout: float = 0.0,
         expert_activation: str = "relu",
         expert_norm: bool = False,
+        expert_dropout: float = 0.0,
+        tower_norm: bool = False,
+        gate_norm: bool = False,
         gate_temperature: float = 1.0,
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
@@ -77,16 +85,20 @@ class MMoE(nn.Module):
             dims=[d_in, *widths],
             activation=expert_activation,
             expert_norm=expert_norm,
+            dropout=expert_dropout,
         )
         gates = {
             name: DenseSoftmaxGate(
-                d_model=d_in, num_experts=num_experts, temperature=gate_temperature
+                d_model=d_in,
+                num_experts=num_experts,
+                temperature=gate_temperature,
+                logit_norm=gate_norm,
             )
             for name in self._gate_names()
         }
         self.mixture = MultiGateMixture(experts=bank, gates=gates)
         self.towers = TaskTowers(
-            tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout
+            tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout, norm=tower_norm
         )
         self.expert_kinds = ["shared"] * num_experts
 

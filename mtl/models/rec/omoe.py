@@ -22,6 +22,7 @@ class OMoE(MMoE):
         dropout: dropout in the towers.
         expert_activation: expert activation.
         expert_norm: per-expert batch norm before each activation.
+        expert_dropout, tower_norm, gate_norm: as in :class:`~mtl.models.rec.mmoe.MMoE`.
         gate_temperature: softmax temperature of the gate.
         aux_loss_weights: ``{loss name: weight}`` over :mod:`mtl.moe.losses`.
 

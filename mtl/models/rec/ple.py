@@ -46,6 +46,8 @@ class PLE(nn.Module):
         dropout: dropout in the towers.
         expert_activation: expert activation.
         expert_norm: per-expert batch norm before each activation.
+        expert_dropout: dropout after each expert layer's activation.
+        tower_norm: batch norm before each tower activation.
         aux_loss_weights: ``{loss name: weight}``, over every gate of every level,
             each restricted to the experts it may use.
 
@@ -75,6 +77,8 @@ class PLE(nn.Module):
         dropout: float = 0.0,
         expert_activation: str = "relu",
         expert_norm: bool = False,
+        expert_dropout: float = 0.0,
+        tower_norm: bool = False,
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
@@ -109,12 +113,13 @@ class PLE(nn.Module):
                 dims=[d_level, *widths],
                 activation=expert_activation,
                 expert_norm=expert_norm,
+                dropout=expert_dropout,
             )
             levels.append(MultiGateMixture(experts=bank, gates=gates))
             d_level = widths[-1]
         self.levels = nn.ModuleList(levels)
         self.towers = TaskTowers(
-            tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout
+            tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout, norm=tower_norm
         )
 
     accepts_linear_input = True

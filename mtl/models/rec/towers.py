@@ -7,12 +7,17 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 from mtl.models.rec.common import as_widths, check_dim, check_tasks
+from mtl.moe.dropout import FastDropout
 
 
-def make_mlp(d_in: int, hidden: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
-    """``Linear -> ReLU -> Dropout`` per width in ``hidden``, every layer activated.
+def make_mlp(
+    d_in: int, hidden: Sequence[int], dropout: float = 0.0, norm: bool = False
+) -> nn.Sequential:
+    """``Linear -> [BatchNorm] -> ReLU -> Dropout`` per width in ``hidden``, every layer activated.
 
     With empty ``hidden`` it is the identity. Output width ``hidden[-1]`` (or ``d_in``).
+    ``norm`` adds batch norm before each activation (the MLP of torch-rechub and
+    DeepCTR). Dropout is :class:`~mtl.moe.dropout.FastDropout`.
 
     Example:
         >>> import torch
@@ -24,9 +29,12 @@ def make_mlp(d_in: int, hidden: Sequence[int], dropout: float = 0.0) -> nn.Seque
     layers: list[nn.Module] = []
     width = d_in
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers.append(nn.Linear(width, h))
+        if norm:
+            layers.append(nn.BatchNorm1d(h))
+        layers.append(nn.ReLU())
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(FastDropout(dropout))
         width = h
     return nn.Sequential(*layers)
 
@@ -38,6 +46,7 @@ class Tower(nn.Module):
         d_in: width of the task representation.
         hidden: hidden widths of the MLP (empty: a linear head).
         dropout: dropout after each hidden layer.
+        norm: batch norm before each hidden activation.
 
     Shapes:
         ``(B, d_in) -> (B,)``.
@@ -49,11 +58,13 @@ class Tower(nn.Module):
         torch.Size([5])
     """
 
-    def __init__(self, *, d_in: int, hidden: Sequence[int] = (), dropout: float = 0.0) -> None:
+    def __init__(
+        self, *, d_in: int, hidden: Sequence[int] = (), dropout: float = 0.0, norm: bool = False
+    ) -> None:
         super().__init__()
         check_dim("d_in", d_in)
         widths = as_widths("tower_hidden", hidden)
-        self.mlp = make_mlp(d_in, widths, dropout)
+        self.mlp = make_mlp(d_in, widths, dropout, norm)
         self.head = nn.Linear(widths[-1] if widths else d_in, 1)
 
     def forward(self, x_BD: Tensor) -> Tensor:
@@ -68,6 +79,7 @@ class TaskTowers(nn.Module):
         d_in: width of each task's representation.
         hidden: tower hidden widths.
         dropout: tower dropout.
+        norm: batch norm before each hidden activation of every tower.
 
     Shapes:
         ``{task: (B, d_in)}`` or one shared ``(B, d_in)`` -> ``{task: (B,)}``.
@@ -80,12 +92,18 @@ class TaskTowers(nn.Module):
     """
 
     def __init__(
-        self, *, tasks: Sequence[str], d_in: int, hidden: Sequence[int] = (), dropout: float = 0.0
+        self,
+        *,
+        tasks: Sequence[str],
+        d_in: int,
+        hidden: Sequence[int] = (),
+        dropout: float = 0.0,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         self.tasks = check_tasks(tasks)
         self.towers = nn.ModuleDict(
-            {t: Tower(d_in=d_in, hidden=hidden, dropout=dropout) for t in self.tasks}
+            {t: Tower(d_in=d_in, hidden=hidden, dropout=dropout, norm=norm) for t in self.tasks}
         )
 
     def forward(self, reps: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:

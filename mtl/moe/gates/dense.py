@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mtl.moe.gates.base import Router
 from mtl.moe.routing import RoutingResult
@@ -27,6 +27,9 @@ class DenseSoftmaxGate(Router):
         expert_mask: ``E`` booleans (or indices of allowed experts); None = all.
         temperature: softmax temperature (> 0).
         bias: learn a logit bias (default on, as in MMoE).
+        input_jitter: multiplicative input jitter in training (see :class:`Router`).
+        logit_norm: batch-normalise the logits before the softmax (torch-rechub's
+            MMoE gate is ``Linear -> BatchNorm -> Softmax``).
 
     Shapes:
         ``(T, d_model) ->`` RoutingResult with ``K = E``.
@@ -46,6 +49,7 @@ class DenseSoftmaxGate(Router):
         temperature: float = 1.0,
         bias: bool = True,
         input_jitter: float = 0.0,
+        logit_norm: bool = False,
     ) -> None:
         super().__init__(
             d_model=d_model, num_experts=num_experts, bias=bias, input_jitter=input_jitter
@@ -55,9 +59,13 @@ class DenseSoftmaxGate(Router):
         self.temperature = temperature
         self.register_buffer("expert_mask_E", _as_mask(expert_mask, num_experts), persistent=False)
         self._all_allowed = bool(self.expert_mask_E.all())
+        self.logit_norm = nn.BatchNorm1d(num_experts) if logit_norm else None
 
     def route(self, logits_TE: Tensor, x_TD: Tensor | None = None) -> RoutingResult:
         """Softmax over the allowed experts of float32 ``(T, E)`` logits (``x_TD`` is unused)."""
+        if self.logit_norm is not None:
+            with torch.autocast(device_type=logits_TE.device.type, enabled=False):
+                logits_TE = self.logit_norm(logits_TE.float())
         masked_TE = (
             logits_TE
             if self._all_allowed

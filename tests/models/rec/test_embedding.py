@@ -222,3 +222,26 @@ def test_row_buckets_minimise_padded_rows_and_cover_every_feature() -> None:
                 bounds = [0, *cuts, n]
                 best = min(best, sum((b - a) * c[b - 1] for a, b in itertools.pairwise(bounds)))
         assert padded == best and len(groups) <= 3
+
+
+def test_large_vocabularies_stay_gathered_while_small_ones_of_the_same_table_fold() -> None:
+    """One width, ids with thousands of rows next to small fields: a mixed plan."""
+    torch.manual_seed(3)
+    vocab = [3000, 5, 9, 17, 1200, 60, 4]
+    spec = FeatureSpec(
+        categorical=[CategoricalFeature(f"f{j}", v, 4) for j, v in enumerate(vocab)],
+        numeric=[NumericFeature("x", 0.0, 1.0)],
+        tasks=[TaskSpec("y", "binary")],
+    )
+    emb = FeatureEmbedding(spec=spec)
+    B = 512
+    flags = emb.bucket_folds(0, B)
+    folded = {i for (positions, _, _), f in zip(emb._buckets[0], flags) if f for i in positions}
+    assert folded == {1, 2, 3, 5, 6}  # every field except the two ids
+    cat = torch.stack([torch.randint(0, v + 1, (B,)) for v in vocab], dim=1)
+    num = torch.randn(B, 1)
+    _assert_project_matches_plain_product(emb, cat, num, n_out=6)
+    with pytest.raises(IndexError, match="feature 'f2'"):
+        bad = cat.clone()
+        bad[0, 2] = 10
+        emb.project(bad, num, torch.randn(emb.output_dim, 6))
