@@ -52,10 +52,22 @@ def keep_mask(
     words = (n + _LANES_PER_WORD - 1) // _LANES_PER_WORD
     # full-range int64 words: every bit uniform, so each int16 lane is uniform on [-2**15, 2**15)
     bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None)
-    lanes = bits.view(torch.int16)[:n]
+    return keep_from_uniform16(bits.view(torch.int16)[:n], p, dtype).view(shape)
+
+
+def keep_from_uniform16(lanes: Tensor, p: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """0/1 mask from int16 values uniform on ``[-2**15, 2**15)``: 0 for the lowest
+    ``round(p * 2**16)`` values, so exactly ``1 - p_rounded`` of all values keep.
+
+    Example:
+        >>> every_value = torch.arange(-(2**15), 2**15).to(torch.int16)
+        >>> float(keep_from_uniform16(every_value, 0.25).mean())
+        0.75
+    """
     threshold = round(p * _LEVELS) - _LEVELS // 2  # drop iff lane < threshold
     # a comparison written straight into a float tensor: no bool tensor and no cast pass
-    return torch.ge(lanes, threshold, out=torch.empty(n, dtype=dtype, device=device)).view(shape)
+    out = torch.empty(lanes.shape, dtype=dtype, device=lanes.device)
+    return torch.ge(lanes, threshold, out=out)
 
 
 class _ScaleKept(torch.autograd.Function):

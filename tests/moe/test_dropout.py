@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from mtl.moe.dropout import FastDropout, fast_dropout, keep_mask, rounded_drop_probability
+from mtl.moe.dropout import (
+    FastDropout,
+    fast_dropout,
+    keep_from_uniform16,
+    keep_mask,
+    rounded_drop_probability,
+)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
@@ -25,6 +31,14 @@ def test_keep_rate_is_one_minus_p_overall_and_in_every_lane(p: float) -> None:
     a, b = mask[:-1], mask[1:]
     both = float((a * b).mean())
     assert abs(both - q * q) < 6 * math.sqrt(q * q * (1 - q * q) / (n - 1))
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-5, 0.1, 0.5, 0.999])
+def test_exactly_the_rounded_share_of_all_16_bit_values_keeps(p: float) -> None:
+    every_value = torch.arange(-(2**15), 2**15).to(torch.int16)
+    kept = int(keep_from_uniform16(every_value, p).sum())
+    assert kept == 65536 - round(p * 65536)
+    assert kept / 65536 == 1.0 - rounded_drop_probability(p)
 
 
 def test_rounded_probability_is_a_multiple_of_two_to_minus_16() -> None:

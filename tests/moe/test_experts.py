@@ -162,6 +162,8 @@ def test_expert_dropout_applies_on_grouped_rows_and_disables_the_fused_swiglu() 
     ref = []
     for row in range(5):
         e = int(ids[row])
-        h = torch.nn.functional.silu(x[row] @ bank.weights[0][e]) * (x[row] @ bank.gate_weights[0][e])
+        h = torch.nn.functional.silu(x[row] @ bank.weights[0][e]) * (
+            x[row] @ bank.gate_weights[0][e]
+        )
         ref.append((h * mask[row] * 2.0) @ bank.weights[1][e])
     torch.testing.assert_close(y, torch.stack(ref))

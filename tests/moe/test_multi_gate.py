@@ -171,8 +171,10 @@ def test_combine_dense_many_matches_a_per_gate_weighted_sum(layout: str, num_gat
     for o, r in zip(out, ref, strict=True):
         torch.testing.assert_close(o, r)
     gs = [torch.randn(T, D) for _ in ws]
-    got = torch.autograd.grad(sum((o * g).sum() for o, g in zip(out, gs)), [base, *ws])
-    want = torch.autograd.grad(sum((r * g).sum() for r, g in zip(ref, gs)), [base, *ws])
+    got = torch.autograd.grad(sum((o * g).sum() for o, g in zip(out, gs, strict=True)), [base, *ws])
+    want = torch.autograd.grad(
+        sum((r * g).sum() for r, g in zip(ref, gs, strict=True)), [base, *ws]
+    )
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
 

@@ -10,7 +10,6 @@ from torch import nn
 
 from mtl.data.features import FeatureSpec
 
-
 MAX_FOLD_BUCKETS = 4
 """Padding buckets per table: enough to keep one or two large vocabularies
 (user and item ids) in buckets of their own, which then stay unfolded."""
@@ -392,10 +391,17 @@ class FeatureEmbedding(nn.Module):
         B = cat.shape[0]
         with torch.autocast(device_type=cat.device.type, enabled=False):
             w_DN = w_DN.float()
+            # split, not slices: a slice's backward zero-fills a gradient of w_DN's full size
+            w_cat, w_num = w_DN.split([self._cat_width, self.n_numeric])
             z_BN: torch.Tensor | None = None
             for t, cols in enumerate(self._columns):
                 span = self._w_span[t]
-                w_XN = w_DN[span[0] : span[1]] if span else w_DN[getattr(self, f"w_rows_{t}")]
+                if span == (0, self._cat_width):
+                    w_XN = w_cat
+                elif span:
+                    w_XN = w_cat[span[0] : span[1]]
+                else:
+                    w_XN = w_cat[getattr(self, f"w_rows_{t}")]
                 idx_BF = cat if len(self._columns) == 1 else cat[:, cols]
                 flags = self.bucket_folds(t, B)
                 if not any(flags):
@@ -410,7 +416,6 @@ class FeatureEmbedding(nn.Module):
                     part = self._project_part_folded(t, idx_BF, w_XN, self._fold_plan(t, flags))
                 z_BN = part if z_BN is None else z_BN + part
             if self.n_numeric:
-                w_num = w_DN[self._cat_width :]
                 z_BN = num.float() @ w_num if z_BN is None else z_BN.addmm_(num.float(), w_num)
         if z_BN is None:
             return w_DN.new_zeros(B, w_DN.shape[1])

@@ -236,7 +236,12 @@ def test_large_vocabularies_stay_gathered_while_small_ones_of_the_same_table_fol
     emb = FeatureEmbedding(spec=spec)
     B = 512
     flags = emb.bucket_folds(0, B)
-    folded = {i for (positions, _, _), f in zip(emb._buckets[0], flags) if f for i in positions}
+    folded = {
+        i
+        for (positions, _, _), f in zip(emb._buckets[0], flags, strict=True)
+        if f
+        for i in positions
+    }
     assert folded == {1, 2, 3, 5, 6}  # every field except the two ids
     cat = torch.stack([torch.randint(0, v + 1, (B,)) for v in vocab], dim=1)
     num = torch.randn(B, 1)
