@@ -65,6 +65,9 @@ BATCH_SIZE = 1024
 LR = 1e-3
 EMBED_DIM = 16
 """One width for every categorical feature: rechub's embedding layer requires it."""
+EMBED_INIT_STD = 1e-4
+"""rechub's ``SparseFeature`` default initialiser, ``RandomNormal(0, 1e-4)``; mtl's
+embedding gets the same (its own default is 0.01)."""
 SIZES: dict[str, dict[str, Any]] = {
     # conf/experiment/census_mmoe.yaml: the MMoE paper's census setting, CPU-sized
     "small": {"num_experts": 8, "expert_hidden": [64], "tower_hidden": [32], "dropout": 0.1},
@@ -150,7 +153,11 @@ def mtl_variant(
     """
     torch.manual_seed(0)
     module = RecModule(
-        spec=dm.spec, model=model_cfg, optim={"name": "adam", "lr": LR}, diagnostics=False
+        spec=dm.spec,
+        model=model_cfg,
+        optim={"name": "adam", "lr": LR},
+        embedding={"init_std": EMBED_INIT_STD},
+        diagnostics=False,
     )
     opt = module.configure_optimizers()
     loader: TensorBatchLoader = dm.train_dataloader()
