@@ -2,7 +2,11 @@
 
 Every variant trains on the same encoded tensors (mtl's data layer: Census-Income
 from ``../shared/data`` relative to the repo root, and the synthetic CTR log),
-with the same batch size (1024), epochs, Adam(lr=1e-3), experts and hidden sizes:
+with the same batch size (1024), epochs and Adam(lr=1e-3). mtl's MMoE is built as
+the same network as rechub's ``MMOE`` (:data:`RECHUB_LAYOUT`: batch norm in
+experts, gates and towers, dropout in experts and towers, rechub's embedding
+initialisation); the script stops if the parameter counts differ.
+
 
 * ``mtl``             -- :class:`mtl.training.RecModule` (embedding + model +
   loss) in a plain loop over mtl's :class:`TensorBatchLoader` (tensor slicing).
