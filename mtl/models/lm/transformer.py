@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mtl.models.lm.blocks import CausalSelfAttention, RMSNorm, SwiGLU
 from mtl.models.lm.moe_ffn import MoESpec, active_experts_per_token, build_moe_ffn
-from mtl.moe import ExpertBank, MoELayer, MoEOutput, RoutingResult, RoutingStats
+from mtl.moe import ExpertBank, FastDropout, MoELayer, MoEOutput, RoutingResult, RoutingStats
 
 MoEFactory = Callable[[int, int], MoELayer]
 """``(layer_index, d_model) -> MoELayer``: a programmatic alternative to a spec."""
@@ -92,7 +92,7 @@ class TransformerBlock(nn.Module):
         )
         self.ffn_norm = RMSNorm(dim=d_model, eps=norm_eps)
         self.ffn = ffn
-        self.drop = nn.Dropout(dropout)
+        self.drop = FastDropout(dropout)
 
     @property
     def is_moe(self) -> bool:
@@ -192,7 +192,7 @@ class TransformerLM(nn.Module):
         else:
             moe_idx = {i for i in range(moe_offset, n_layers) if (i - moe_offset) % moe_every == 0}
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = FastDropout(dropout)
         self.layers = nn.ModuleList(
             TransformerBlock(
                 d_model=d_model,

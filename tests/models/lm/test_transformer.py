@@ -176,3 +176,28 @@ def test_grouped_query_attention_is_causal() -> None:
     assert (y[:, 5:] - y2[:, 5:]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="divisible"):
         CausalSelfAttention(d_model=16, n_heads=4, n_kv_heads=3)
+
+
+def test_dropout_acts_in_training_only_and_keeps_gradients(
+    build_preset: Callable[..., TransformerLM],
+) -> None:
+    x = torch.randint(0, 50, (2, 16))
+    torch.manual_seed(1)
+    model = build_preset("lm_mixtral", dropout=0.3)
+    plain = build_preset("lm_mixtral", dropout=0.0)
+    plain.load_state_dict(model.state_dict())
+    model.eval()
+    plain.eval()
+    torch.testing.assert_close(model(x).logits, plain(x).logits)  # eval: no dropout
+    model.train()
+    plain.train()
+    torch.manual_seed(2)
+    a = model(x, x)
+    torch.manual_seed(3)
+    b = model(x, x)
+    assert not torch.allclose(a.logits, b.logits)  # a fresh mask per call
+    torch.manual_seed(2)
+    torch.testing.assert_close(model(x, x).logits, a.logits)  # the same mask per seed
+    assert not torch.allclose(a.logits, plain(x, x).logits)
+    a.loss.backward()
+    assert model.embed.weight.grad is not None and torch.isfinite(model.embed.weight.grad).all()
