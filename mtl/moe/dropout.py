@@ -6,8 +6,9 @@ for the ``(1024, 512)`` hidden layer of a batch-1024 MMoE's experts, more than
 the layer's matmul. :func:`fast_dropout` draws one 64-bit random word per four
 elements and compares each 16-bit lane with a threshold, which is the same
 Bernoulli dropout with the drop probability rounded to a multiple of
-``2**-16`` (``p = 0.1`` becomes ``0.100006``), about 7x faster. The kept values are scaled
-by ``1 / (1 - p_rounded)``, so the expectation is preserved exactly. Other
+``2**-16`` (``p = 0.1`` becomes ``0.100006``): 0.6 ms instead of 3.2 ms for a
+``(1024, 512)`` tensor there. The kept values are scaled by
+``1 / (1 - p_rounded)``, so the expectation is preserved exactly. Other
 devices use the native kernel (on GPU it is already fused and fast).
 """
 
@@ -20,6 +21,12 @@ from torch import Tensor, nn
 _LEVELS = 1 << 16
 """Resolution of the drop probability: one 16-bit uniform per element."""
 _LANES_PER_WORD = 4
+
+
+def _checked(p: float) -> float:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return float(p)
 
 
 def rounded_drop_probability(p: float) -> float:
@@ -103,8 +110,7 @@ def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         >>> sorted(set(y.flatten().tolist()))
         [0.0, 2.0]
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    _checked(p)
     if not training or x.numel() == 0:
         return x
     if x.device.type != "cpu":
@@ -133,9 +139,7 @@ class FastDropout(nn.Module):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = float(p)
+        self.p = _checked(p)
 
     def forward(self, x: Tensor) -> Tensor:
         return fast_dropout(x, self.p, self.training)

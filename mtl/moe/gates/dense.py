@@ -29,7 +29,8 @@ class DenseSoftmaxGate(Router):
         bias: learn a logit bias (default on, as in MMoE).
         input_jitter: multiplicative input jitter in training (see :class:`Router`).
         logit_norm: batch-normalise the logits before the softmax (torch-rechub's
-            MMoE gate is ``Linear -> BatchNorm -> Softmax``).
+            MMoE gate is ``Linear -> BatchNorm -> Softmax``); the routing
+            result's ``logits_TE`` (and a z-loss on them) are then the normalised ones.
 
     Shapes:
         ``(T, d_model) ->`` RoutingResult with ``K = E``.
