@@ -20,7 +20,8 @@ class _FoldPlan:
     """Index tensors that fold some buckets of a table and gather the rest.
 
     Attributes:
-        fold_pos: positions (in the table's columns) of the folded features.
+        fold_pos: positions (in the table's columns) of the folded features; None
+            when every feature of the table folds.
         bag_offsets: each folded feature's first row in the compacted projected rows.
         pad_rows: the table rows to project, bucket after bucket.
         buckets: per folded bucket, ``(positions, features, padded rows)``.
@@ -29,7 +30,7 @@ class _FoldPlan:
         w_rows: rows of the table's weight block that the gathered features multiply.
     """
 
-    fold_pos: torch.Tensor
+    fold_pos: torch.Tensor | None
     bag_offsets: torch.Tensor
     pad_rows: torch.Tensor
     buckets: tuple[tuple[torch.Tensor, int, int], ...]
@@ -229,20 +230,17 @@ class FeatureEmbedding(nn.Module):
         counts = [self.spec.categorical[j].vocab_size + 1 for j in cols]
         offsets = _offsets_of(counts)
         pad: list[int] = []
-        pad_offsets = [0] * len(cols)
         buckets = []
         for positions in _row_buckets(counts, max_buckets=MAX_FOLD_BUCKETS):
             r_b = max(counts[i] for i in positions)
             base = len(pad)
-            for k, i in enumerate(positions):
-                pad_offsets[i] = base + k * r_b
+            for i in positions:
                 # slots past a feature's rows repeat its row 0 (projected, never looked up)
                 pad += [offsets[i] + (r if r < counts[i] else 0) for r in range(r_b)]
             buckets.append((positions, r_b, base))
         self._buckets.append(buckets)
         self._padded_rows.append(len(pad))
         self.register_buffer(f"pad_rows_{t}", torch.tensor(pad), persistent=False)
-        self.register_buffer(f"pad_offsets_{t}", torch.tensor(pad_offsets), persistent=False)
         for b, (positions, _, _) in enumerate(buckets):
             self.register_buffer(f"bucket_{t}_{b}", torch.tensor(positions), persistent=False)
 
@@ -338,8 +336,7 @@ class FeatureEmbedding(nn.Module):
         n_cols = len(self._columns[t])
         offsets = getattr(self, f"offsets_{t}").tolist()
         pad_all = getattr(self, f"pad_rows_{t}")
-        fold_pos: list[int] = []
-        bag_offsets: list[int] = []
+        bag_offset: dict[int, int] = {}  # folded feature: its first projected row
         pad_parts: list[torch.Tensor] = []
         buckets = []
         start = 0
@@ -347,20 +344,20 @@ class FeatureEmbedding(nn.Module):
             if not fold:
                 continue
             n = len(positions)
-            fold_pos += positions
-            bag_offsets += [start + k * r_b for k in range(n)]
+            bag_offset.update({i: start + k * r_b for k, i in enumerate(positions)})
             pad_parts.append(pad_all[base : base + n * r_b])
             buckets.append((torch.tensor(positions, device=device), n, r_b))
             start += n * r_b
-        folded = set(fold_pos)
-        plain = [i for i in range(n_cols) if i not in folded]
+        # folded features in column order: when all fold, the indices need no gather
+        fold_pos = sorted(bag_offset)
+        plain = [i for i in range(n_cols) if i not in bag_offset]
 
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         plan = _FoldPlan(
-            fold_pos=as_tensor(fold_pos),
-            bag_offsets=as_tensor(bag_offsets),
+            fold_pos=None if not plain else as_tensor(fold_pos),
+            bag_offsets=as_tensor([bag_offset[i] for i in fold_pos]),
             pad_rows=torch.cat(pad_parts) if pad_parts else as_tensor([]),
             buckets=tuple(buckets),
             plain_pos=as_tensor(plain),
@@ -406,14 +403,9 @@ class FeatureEmbedding(nn.Module):
                 flags = self.bucket_folds(t, B)
                 if not any(flags):
                     part = self._gather(t, idx_BF).reshape(B, -1).float() @ w_XN
-                elif all(flags):
-                    self._check_range(t, idx_BF)
-                    part = _BagSum.apply(
-                        self._projected_rows(t, w_XN), idx_BF + getattr(self, f"pad_offsets_{t}")
-                    )
                 else:
                     self._check_range(t, idx_BF)
-                    part = self._project_part_folded(t, idx_BF, w_XN, self._fold_plan(t, flags))
+                    part = self._project_folded(t, idx_BF, w_XN, self._fold_plan(t, flags))
                 z_BN = part if z_BN is None else z_BN + part
             if self.n_numeric:
                 z_BN = num.float() @ w_num if z_BN is None else z_BN.addmm_(num.float(), w_num)
@@ -421,33 +413,29 @@ class FeatureEmbedding(nn.Module):
             return w_DN.new_zeros(B, w_DN.shape[1])
         return z_BN
 
-    def _projected_rows(self, t: int, w_XN: torch.Tensor) -> torch.Tensor:
-        """Table ``t``'s padded rows, each times its feature's block of ``w``: ``(rows, N)``."""
-        F_t, width = len(self._columns[t]), self.tables[t].embedding_dim
-        padded = _GatherRows.apply(self.tables[t].weight.float(), getattr(self, f"pad_rows_{t}"))
-        w_FdN = w_XN.view(F_t, width, -1)
-        parts = []
-        for b, (positions, r_b, base) in enumerate(self._buckets[t]):
-            n = len(positions)
-            w_b = w_FdN if n == F_t else w_FdN.index_select(0, getattr(self, f"bucket_{t}_{b}"))
-            x_b = padded[base : base + n * r_b].view(n, r_b, width)
-            parts.append(torch.bmm(x_b, w_b).view(n * r_b, -1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _project_part_folded(
+    def _project_folded(
         self, t: int, idx_BF: torch.Tensor, w_XN: torch.Tensor, plan: _FoldPlan
     ) -> torch.Tensor:
-        """Table ``t``'s share of ``x @ w``: folded buckets summed, the other features gathered."""
+        """Table ``t``'s share of ``x @ w``: folded buckets summed, the other features gathered.
+
+        Each folded bucket's padded ``(F_b, R_b, d)`` rows are multiplied by its
+        features' blocks of ``w`` in one batched matmul; each sample then sums
+        its ``F`` projected rows.
+        """
         width = self.tables[t].embedding_dim
         weight = self.tables[t].weight
-        w_FdN = w_XN.view(len(self._columns[t]), width, -1)
+        F_t = len(self._columns[t])
+        w_FdN = w_XN.view(F_t, width, -1)
         padded = _GatherRows.apply(weight.float(), plan.pad_rows)
         parts, start = [], 0
         for positions, n, r_b in plan.buckets:
+            w_b = w_FdN if n == F_t else w_FdN.index_select(0, positions)
             x_b = padded[start : start + n * r_b].view(n, r_b, width)
-            parts.append(torch.bmm(x_b, w_FdN.index_select(0, positions)).view(n * r_b, -1))
+            parts.append(torch.bmm(x_b, w_b).view(n * r_b, -1))
             start += n * r_b
         projected = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if plan.fold_pos is None:
+            return _BagSum.apply(projected, idx_BF + plan.bag_offsets)
         z_BN = _BagSum.apply(projected, idx_BF[:, plan.fold_pos] + plan.bag_offsets)
         rows = idx_BF[:, plan.plain_pos] + plan.plain_offsets
         x_plain = _GatherRows.apply(weight, rows).reshape(idx_BF.shape[0], -1).float()
