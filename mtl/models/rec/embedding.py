@@ -154,8 +154,8 @@ class FeatureEmbedding(nn.Module):
         spec: the fitted :class:`~mtl.data.features.FeatureSpec`.
         init_std: std of the normal initialisation of the embedding tables (small,
             as usual for sparse-feature models, so no field dominates at the start).
-        fold: let :meth:`project` fold small tables into the weight it multiplies
-            (see :meth:`folds`); False always gathers.
+        fold: let :meth:`project` fold small vocabularies into the weight it
+            multiplies (see :meth:`bucket_folds`); False always gathers.
 
     Shapes:
         - ``cat``: (B, F_c) int64 indices in ``[0, vocab_size]`` per column.
@@ -370,10 +370,11 @@ class FeatureEmbedding(nn.Module):
     def project(self, cat: torch.Tensor, num: torch.Tensor, w_DN: torch.Tensor) -> torch.Tensor:
         """``forward(cat, num) @ w_DN`` in float32, without forming the embedded input.
 
-        Tables that :meth:`folds` picks are multiplied by their features' blocks of
-        ``w_DN`` once (one batched matmul over features) and each sample sums its
-        ``F`` projected rows; the others are gathered and multiplied as usual. The
-        result and its gradients equal the plain product's up to float rounding.
+        Features in the padding buckets that :meth:`bucket_folds` picks have their
+        rows multiplied by their blocks of ``w_DN`` once (one batched matmul per
+        bucket) and each sample sums its projected rows; the other features are
+        gathered and multiplied as usual. The result and its gradients equal the
+        plain product's up to float rounding.
 
         Args:
             cat: ``(B, F_c)`` int64 indices.
