@@ -7,6 +7,7 @@ Parts:
     losses   -- load balance, z-loss, CV², entropy (pure functions)
     routing  -- :class:`RoutingResult`, :class:`RoutingStats`
     layer    -- :class:`MoELayer` (one gate), :class:`MultiGateMixture` (one gate per task)
+    dropout  -- :func:`fast_dropout`, :class:`FastDropout` (cheap CPU masks, used by experts and towers)
 """
 
 from mtl.moe.dispatch import (
