@@ -214,6 +214,71 @@ def rechub_model(spec: FeatureSpec) -> tuple[nn.Module, list[str], list[str]]:
     return model, sparse, dense
 
 
+def copy_rechub_into_mtl(rechub: nn.Module, module: RecModule, sparse: list[str]) -> None:
+    """Give mtl's MMoE (built with :data:`RECHUB_LAYOUT`) the weights of rechub's ``MMOE``."""
+    sd = rechub.state_dict()
+    model = module.model
+    bank = model.mixture.experts
+    H = bank.dims[1]
+    stats = ("weight", "bias", "running_mean", "running_var")
+    with torch.no_grad():
+        for j, name in enumerate(sparse):
+            module.embedding.feature_weight(j).copy_(sd[f"embedding.embed_dict.{name}.weight"])
+        for e in range(bank.num_experts):
+            bank.weights[0][e].copy_(sd[f"experts.{e}.mlp.0.weight"].T)
+            bank.biases[0][e].copy_(sd[f"experts.{e}.mlp.0.bias"])
+            for st in stats:
+                getattr(bank.norms[0], st)[e * H : (e + 1) * H].copy_(sd[f"experts.{e}.mlp.1.{st}"])
+        for i, task in enumerate(model.tasks):
+            gate = model.mixture.gates[task]
+            gate.proj.weight.copy_(sd[f"gates.{i}.mlp.0.weight"])
+            gate.proj.bias.copy_(sd[f"gates.{i}.mlp.0.bias"])
+            tower = model.towers.towers[task]
+            tower.mlp[0].weight.copy_(sd[f"towers.{i}.mlp.0.weight"])
+            tower.mlp[0].bias.copy_(sd[f"towers.{i}.mlp.0.bias"])
+            head = max(
+                int(k.split(".")[3])
+                for k in sd
+                if k.startswith(f"towers.{i}.mlp.") and k.endswith(".weight")
+            )
+            tower.head.weight.copy_(sd[f"towers.{i}.mlp.{head}.weight"])
+            tower.head.bias.copy_(sd[f"towers.{i}.mlp.{head}.bias"])
+            for st in stats:
+                getattr(gate.logit_norm, st).copy_(sd[f"gates.{i}.mlp.1.{st}"])
+                getattr(tower.mlp[1], st).copy_(sd[f"towers.{i}.mlp.1.{st}"])
+
+
+def same_network_check(dm: RecDataModule, mmoe: dict[str, Any]) -> dict[str, float]:
+    """Max difference of mtl's and rechub's predictions from the same weights.
+
+    rechub's weights are copied into mtl's MMoE; both then predict one training
+    batch in eval mode (running statistics) and, with dropout off, in training
+    mode (batch statistics). Raises if they differ by more than float rounding.
+    """
+    batch = next(tensor_batches(dm.tensors("train"), 0))
+    out: dict[str, float] = {}
+    for mode, dropout in (("eval", MMOE_CFG["dropout"]), ("train", 0.0)):
+        MMOE_CFG["dropout"], saved = dropout, MMOE_CFG["dropout"]
+        try:
+            rechub, sparse, dense = rechub_model(dm.spec)
+        finally:
+            MMOE_CFG["dropout"] = saved
+        cfg = {**mmoe, "dropout": dropout, "expert_dropout": dropout}
+        module = RecModule(spec=dm.spec, model=cfg, diagnostics=False)
+        copy_rechub_into_mtl(rechub, module, sparse)
+        rechub.train(mode == "train")
+        module.train(mode == "train")
+        with torch.no_grad():
+            p_rechub = rechub(as_feature_dict(batch, sparse, dense))
+            res = module(RecBatch(cat=batch.cat_BF, num=batch.num_BF, labels=batch.labels_BT))
+            preds = module.predictions(res)
+            p_mtl = torch.stack([preds[t] for t in module.task_names], dim=1)
+        out[mode] = float((p_mtl - p_rechub).abs().max())
+    if max(out.values()) > 1e-4:
+        raise RuntimeError(f"mtl's and rechub's MMoE disagree on the same weights: {out}")
+    return out
+
+
 def as_feature_dict(t: TabularTensors, sparse: list[str], dense: list[str]) -> dict[str, Tensor]:
     """rechub's input: one ``(B,)`` tensor per feature name."""
     x = {name: t.cat_BF[:, j] for j, name in enumerate(sparse)}
@@ -313,6 +378,14 @@ def bench_dataset(
         "rechub": lambda: rechub_variants(dm) if with_rechub else [],
     }
     chosen = only or (["mtl", "mtl_bf16", "home", "rechub"] if quick else list(builders))
+    same: dict[str, float] | None = None
+    if with_rechub and "rechub" in chosen:
+        same = same_network_check(dm, mmoe)
+        print(
+            "    same network: max |p_mtl - p_rechub| from rechub's weights: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in same.items()),
+            flush=True,
+        )
     variants = [v for name in chosen for v in builders[name]()]
     for epoch in range(epochs):
         for v in variants:
@@ -350,6 +423,7 @@ def bench_dataset(
         "train_rows": n_train,
         "tasks": dm.spec.task_names,
         "d_in": sum(f.embed_dim for f in dm.spec.categorical) + dm.spec.n_numeric,
+        "same_network_max_abs_diff": same,
         "results": rows,
     }
 
