@@ -7,7 +7,6 @@ the same network as rechub's ``MMOE`` (:data:`RECHUB_LAYOUT`: batch norm in
 experts, gates and towers, dropout in experts and towers, rechub's embedding
 initialisation); the script stops if the parameter counts differ.
 
-
 * ``mtl``             -- :class:`mtl.training.RecModule` (embedding + model +
   loss) in a plain loop over mtl's :class:`TensorBatchLoader` (tensor slicing).
 * ``mtl_bf16``        -- the same under CPU bf16 autocast (``precision: bf16-mixed``).
@@ -188,8 +187,14 @@ def mtl_variant(
     return Variant(label, model_cfg["name"], run_epoch, predict, n)
 
 
-def rechub_model(spec: FeatureSpec) -> tuple[nn.Module, list[str], list[str]]:
-    """torch-rechub's MMOE over the same features and sizes as mtl's MMoE."""
+def rechub_model(
+    spec: FeatureSpec, dropout: float | None = None
+) -> tuple[nn.Module, list[str], list[str]]:
+    """torch-rechub's MMOE over the same features and sizes as mtl's MMoE.
+
+    ``dropout`` overrides ``MMOE_CFG["dropout"]`` (experts and towers).
+    """
+    p = MMOE_CFG["dropout"] if dropout is None else dropout
     from torch_rechub.basic.features import DenseFeature, SparseFeature
     from torch_rechub.models.multi_task import MMOE
 
@@ -199,14 +204,14 @@ def rechub_model(spec: FeatureSpec) -> tuple[nn.Module, list[str], list[str]]:
         SparseFeature(name, vocab_size=f.vocab_size + 1, embed_dim=f.embed_dim)
         for name, f in zip(sparse, spec.categorical, strict=True)
     ] + [DenseFeature(name) for name in dense]
-    tower = {"dims": MMOE_CFG["tower_hidden"], "dropout": MMOE_CFG["dropout"], "activation": "relu"}
+    tower = {"dims": MMOE_CFG["tower_hidden"], "dropout": p, "activation": "relu"}
     model = MMOE(
         features=features,
         task_types=["classification"] * len(spec.tasks),
         n_expert=MMOE_CFG["num_experts"],
         expert_params={
             "dims": MMOE_CFG["expert_hidden"],
-            "dropout": MMOE_CFG["dropout"],
+            "dropout": p,
             "activation": "relu",
         },
         tower_params_list=[dict(tower) for _ in spec.tasks],
@@ -258,11 +263,7 @@ def same_network_check(dm: RecDataModule, mmoe: dict[str, Any]) -> dict[str, flo
     batch = next(tensor_batches(dm.tensors("train"), 0))
     out: dict[str, float] = {}
     for mode, dropout in (("eval", MMOE_CFG["dropout"]), ("train", 0.0)):
-        MMOE_CFG["dropout"], saved = dropout, MMOE_CFG["dropout"]
-        try:
-            rechub, sparse, dense = rechub_model(dm.spec)
-        finally:
-            MMOE_CFG["dropout"] = saved
+        rechub, sparse, dense = rechub_model(dm.spec, dropout=dropout)
         cfg = {**mmoe, "dropout": dropout, "expert_dropout": dropout}
         module = RecModule(spec=dm.spec, model=cfg, diagnostics=False)
         copy_rechub_into_mtl(rechub, module, sparse)
@@ -387,6 +388,9 @@ def bench_dataset(
             flush=True,
         )
     variants = [v for name in chosen for v in builders[name]()]
+    counts = {v.num_params for v in variants if v.model_name == "mmoe"}
+    if len(counts) > 1:
+        raise RuntimeError(f"mtl's and rechub's MMoE differ in parameter count: {sorted(counts)}")
     for epoch in range(epochs):
         for v in variants:
             t = time.perf_counter()
@@ -397,9 +401,6 @@ def bench_dataset(
             + ", ".join(f"{v.name}/{v.model_name} {v.epoch_times[-1]:.1f}s" for v in variants),
             flush=True,
         )
-    counts = {v.num_params for v in variants if v.model_name == "mmoe"}
-    if len(counts) > 1:
-        raise RuntimeError(f"mtl's and rechub's MMoE differ in parameter count: {sorted(counts)}")
     n_train = len(dm.tensors("train"))
     rows = []
     for v in variants:
