@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mtl.moe.dropout import fast_dropout
 from mtl.moe.grouped import _compute_dtype, grouped_matmul
+from mtl.moe.norm_act import batch_norm_relu_dropout
 
 Activation = Literal["relu", "gelu", "silu", "swish", "identity"]
 _ACTIVATIONS = {
@@ -327,6 +328,19 @@ class ExpertBank(nn.Module):
 
     def _layer_TEH(self, i: int, z_TEH: Tensor, gate_TEH: Tensor | None) -> Tensor:
         """Bias, norm, activation and GLU gate of layer ``i`` on its ``(T, E, H)`` products."""
+        if (
+            i < len(self.norms)
+            and self.activation == "relu"
+            and gate_TEH is None
+            and (i > 0 or self.hidden_mask_EH is None)
+        ):
+            # rec experts (Linear -> BN -> ReLU -> Dropout): one autograd node in training
+            T, E, H = z_TEH.shape
+            shift_N = self.biases[i].reshape(E * H) if i < len(self.biases) else None
+            y_TN = batch_norm_relu_dropout(
+                z_TEH.reshape(T, E * H), self.norms[i], shift_N=shift_N, dropout=self.dropout
+            )
+            return y_TN.view(T, E, H)
         if i < len(self.biases):
             z_TEH = z_TEH + self.biases[i]
         if not self._is_activated(i):
