@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtl.data.features import CategoricalFeature, FeatureSpec, NumericFeature, TaskSpec
-from mtl.models.rec.embedding import FeatureEmbedding
+from mtl.models.rec.embedding import FeatureEmbedding, _BagSum
 
 
 @pytest.fixture
@@ -250,3 +250,23 @@ def test_large_vocabularies_stay_gathered_while_small_ones_of_the_same_table_fol
         bad = cat.clone()
         bad[0, 2] = 10
         emb.project(bad, num, torch.randn(emb.output_dim, 6))
+
+
+@pytest.mark.parametrize("num_rows", [300, 40_000])  # int16 and int32 sort keys
+def test_bag_sum_and_its_sorted_backward_match_a_per_lookup_loop(num_rows: int) -> None:
+    torch.manual_seed(3)
+    B, F_, N = 50, 4, 6
+    p_VN = torch.randn(num_rows, N, requires_grad=True)
+    rows_BF = torch.randint(0, num_rows, (B, F_))
+    rows_BF[:, 1] = rows_BF[:, 0]  # repeated rows inside a sample and across samples
+    rows_BF[:5, 2] = num_rows - 1
+    out = _BagSum.apply(p_VN, rows_BF)
+    want = torch.stack([p_VN.detach()[rows_BF[b]].sum(0) for b in range(B)])
+    torch.testing.assert_close(out, want)
+    g_BN = torch.randn(B, N)
+    out.backward(g_BN)
+    grad_ref = torch.zeros(num_rows, N)
+    for b in range(B):
+        for f in range(F_):
+            grad_ref[rows_BF[b, f]] += g_BN[b]
+    torch.testing.assert_close(p_VN.grad, grad_ref)
