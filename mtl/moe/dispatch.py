@@ -65,8 +65,10 @@ def combine_dense(y_ETD: Tensor, weights_TE: Tensor) -> Tensor:
     return (y_ETD * w_ET1).sum(0)
 
 
-def combine_dense_many(y_ETD: Tensor, weights_TE: Sequence[Tensor]) -> list[Tensor]:
+def combine_dense_many(y_ETD: Tensor, weights_TE: Sequence[Tensor] | Tensor) -> list[Tensor]:
     """Mix the same ``(E, T, D)`` expert outputs with ``G`` weightings ``(T, E)`` at once.
+
+    ``weights_TE`` is a sequence of ``(T, E)`` weightings or one ``(T, G, E)`` tensor.
 
     One batched product ``(T, G, E) @ (T, E, D) -> (T, G, D)`` replaces ``G``
     broadcast multiplies and sums; in the backward it is two batched products
@@ -79,9 +81,12 @@ def combine_dense_many(y_ETD: Tensor, weights_TE: Sequence[Tensor]) -> list[Tens
     Returns:
         ``G`` tensors ``(T, D)``, in the order of ``weights_TE``.
     """
-    if len(weights_TE) == 1:
+    if isinstance(weights_TE, Tensor):
+        w_TGE = weights_TE.to(y_ETD.dtype)
+    elif len(weights_TE) == 1:
         return [combine_dense(y_ETD, weights_TE[0])]
-    w_TGE = torch.stack([w.to(y_ETD.dtype) for w in weights_TE], dim=1)
+    else:
+        w_TGE = torch.stack([w.to(y_ETD.dtype) for w in weights_TE], dim=1)
     out_TGD = torch.bmm(w_TGE, y_ETD.transpose(0, 1))
     return list(out_TGD.unbind(1))
 

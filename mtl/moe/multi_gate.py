@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mtl.moe.dispatch import combine_dense_many
 from mtl.moe.experts import ExpertBank
-from mtl.moe.gates.dense import DenseSoftmaxGate
+from mtl.moe.gates.dense import DenseSoftmaxGate, route_dense_gates, routes_together
 from mtl.moe.linear_input import LinearInput, input_width, materialize, project
 from mtl.moe.routing import RoutingResult
 
@@ -105,8 +105,21 @@ class MultiGateMixture(nn.Module):
         w_DN = self._fused_weight()
         E = bank.num_experts
         n_experts = w_DN.shape[1] - E * len(self.gates)
+        gates: list[DenseSoftmaxGate] = list(self.gates.values())  # type: ignore[arg-type]
+        z_TN = project(x, w_DN)
+        if len(gates) > 1 and routes_together(gates):
+            # the gates' columns are side by side in the product: route them in one pass
+            z_expert, z_gates_TN = z_TN.split([n_experts, E * len(gates)], dim=1)
+            y_ETD = bank.forward_all_projected(z_expert)
+            routes, probs_TGE = route_dense_gates(gates, z_gates_TN)
+            mixed = combine_dense_many(y_ETD, probs_TGE)
+            return MultiGateOutput(
+                outputs=dict(zip(self.gates, mixed, strict=True)),
+                routing=dict(zip(self.gates, routes, strict=True)),
+                expert_outputs_ETD=y_ETD,
+            )
         # split, not slicing: each slice's backward would zero-fill a full-size gradient
-        z_expert, *z_gates = project(x, w_DN).split([n_experts] + [E] * len(self.gates), dim=1)
+        z_expert, *z_gates = z_TN.split([n_experts] + [E] * len(gates), dim=1)
         y_ETD = bank.forward_all_projected(z_expert)
         routing: dict[str, RoutingResult] = {}
         for (name, gate), z_TE in zip(self.gates.items(), z_gates, strict=True):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor
 
 from mtl.moe import DenseSoftmaxGate, ExpertBank, MultiGateMixture, TopKGate
 from mtl.moe.dispatch import combine_dense_many
+from mtl.moe.gates.dense import route_dense_gates, routes_together
 from mtl.moe.linear_input import LinearInput
 
 from .reference import expert_forward
@@ -199,3 +202,68 @@ def test_gate_logit_norm_fused_and_unfused_equal_softmax_of_batch_normed_logits(
         torch.testing.assert_close(unfused.routing[t].dense_weights(), want)
     for a, b in zip(_grads(mix, fused.outputs, x), _grads(mix, unfused.outputs, x), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("logit_norm", [True, False])
+def test_gates_routed_together_equal_each_gate_routed_alone(logit_norm: bool) -> None:
+
+    torch.manual_seed(7)
+    T, D, E, G = 24, 6, 4, 3
+    gates = [DenseSoftmaxGate(d_model=D, num_experts=E, logit_norm=logit_norm) for _ in range(G)]
+    if logit_norm:
+        with torch.no_grad():
+            for g in gates:
+                g.logit_norm.weight.uniform_(0.5, 2.0)
+                g.logit_norm.bias.uniform_(-1.0, 1.0)
+                g.logit_norm.running_mean.uniform_(-1.0, 1.0)
+    alone = copy.deepcopy(gates)
+    assert routes_together(gates)
+    x = torch.randn(T, D, requires_grad=True)
+    for _ in range(2):  # two training steps: running statistics accumulate alike
+        z = torch.cat([x @ g.proj.weight.t() for g in gates], dim=1)
+        routes, probs_TGE = route_dense_gates(gates, z)
+        want = [g(x) for g in alone]
+        for gi, (r, w) in enumerate(zip(routes, want, strict=True)):
+            torch.testing.assert_close(r.logits_TE, w.logits_TE)
+            torch.testing.assert_close(r.dense_weights(), w.dense_weights())
+            torch.testing.assert_close(probs_TGE[:, gi], w.probs_TE)
+            torch.testing.assert_close(r.experts_TK, w.experts_TK)
+        g_out = torch.randn(T, G, E)
+        params = [p for g in gates for p in g.parameters()]
+        params_alone = [p for g in alone for p in g.parameters()]
+        got = torch.autograd.grad((probs_TGE * g_out).sum(), [x, *params])
+        ref = torch.autograd.grad(
+            sum((w.probs_TE * g_out[:, i]).sum() for i, w in enumerate(want)), [x, *params_alone]
+        )
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(gates, alone, strict=True):
+        for (name, u), v in zip(a.named_buffers(), b.buffers(), strict=True):
+            torch.testing.assert_close(u, v, msg=name)
+    for g in gates + alone:
+        g.eval()
+    z = torch.cat([x @ g.proj.weight.t() for g in gates], dim=1)
+    routes, _ = route_dense_gates(gates, z)
+    for r, g in zip(routes, alone, strict=True):
+        torch.testing.assert_close(r.dense_weights(), g(x).dense_weights())
+
+
+def test_only_alike_gates_route_together() -> None:
+    def gate(**kw: object) -> DenseSoftmaxGate:
+        return DenseSoftmaxGate(d_model=4, num_experts=3, **kw)  # type: ignore[arg-type]
+
+    assert routes_together([gate(), gate()])
+    assert not routes_together([gate(), gate(logit_norm=True)])
+    assert not routes_together([gate(), gate(temperature=2.0)])
+    assert not routes_together([gate(), gate(expert_mask=[True, False, True])])
+    assert not routes_together([gate(), gate(bias=False)])
+    cumulative = gate(logit_norm=True)
+    cumulative.logit_norm.momentum = None
+    assert not routes_together([gate(logit_norm=True), cumulative])
+    other_eps = gate(logit_norm=True)
+    other_eps.logit_norm.eps = 1e-3
+    assert not routes_together([gate(logit_norm=True), other_eps])
+    assert not routes_together([gate(logit_norm=True), gate(logit_norm=True).eval()])
+    assert not routes_together([])
+    with pytest.raises(ValueError, match=r"\(T, 6\)"):
+        route_dense_gates([gate(), gate()], torch.randn(5, 7))
