@@ -167,3 +167,39 @@ def test_expert_dropout_applies_on_grouped_rows_and_disables_the_fused_swiglu() 
         )
         ref.append((h * mask[row] * 2.0) @ bank.weights[1][e])
     torch.testing.assert_close(y, torch.stack(ref))
+
+
+def test_batch_norm_relu_dropout_experts_match_a_per_expert_loop_with_the_same_mask() -> None:
+    torch.manual_seed(11)
+    E, H = 3, 7
+    bank = ExpertBank(
+        num_experts=E, dims=[5, H, 4], activation="relu", bias=True, norm="batch", dropout=0.25
+    )
+    with torch.no_grad():
+        bank.norms[0].weight.uniform_(0.5, 1.5)
+        bank.norms[0].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(13, 5, requires_grad=True)
+    torch.manual_seed(12)
+    y_ETD = bank.forward_all(x)
+    # the fused layer draws its (T, E*H) mask after the norm, from the same generator
+    torch.manual_seed(12)
+    mask_TEH = keep_mask((13, E, H), 0.25)
+    scale = 1.0 / (1.0 - rounded_drop_probability(0.25))
+    bn = bank.norms[0]
+    refs = []
+    for e in range(E):
+        z = x @ bank.weights[0][e] + bank.biases[0][e]
+        units = slice(e * H, (e + 1) * H)
+        z_hat = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + bn.eps)
+        h = torch.relu(z_hat * bn.weight[units] + bn.bias[units]) * mask_TEH[:, e] * scale
+        refs.append(h @ bank.weights[1][e] + bank.biases[1][e])
+    for e in range(E):
+        torch.testing.assert_close(y_ETD[e], refs[e])
+    g = torch.randn_like(y_ETD)
+    got = torch.autograd.grad((y_ETD * g).sum(), [x, bank.weights[0], bn.weight])
+    want = torch.autograd.grad(
+        sum((r * g[e]).sum() for e, r in enumerate(refs)), [x, bank.weights[0], bn.weight]
+    )
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert int(bn.num_batches_tracked) == 1
