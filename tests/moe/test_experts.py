@@ -203,3 +203,6 @@ def test_batch_norm_relu_dropout_experts_match_a_per_expert_loop_with_the_same_m
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
     assert int(bn.num_batches_tracked) == 1
+    # the expert bias cancels in training but moves the running mean that eval mode uses
+    z_all = torch.cat([x @ bank.weights[0][e] + bank.biases[0][e] for e in range(E)], dim=1)
+    torch.testing.assert_close(bn.running_mean, bn.momentum * z_all.detach().mean(0))
