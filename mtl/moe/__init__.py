@@ -8,6 +8,7 @@ Parts:
     routing  -- :class:`RoutingResult`, :class:`RoutingStats`
     layer    -- :class:`MoELayer` (one gate), :class:`MultiGateMixture` (one gate per task)
     dropout  -- :func:`fast_dropout`, :class:`FastDropout` (cheap CPU masks, used by experts and towers)
+    norm_act -- :func:`batch_norm_relu_dropout` (a hidden layer's norm, ReLU and dropout as one node)
 """
 
 from mtl.moe.dispatch import (
@@ -41,6 +42,7 @@ from mtl.moe.losses import (
     router_z_loss,
 )
 from mtl.moe.multi_gate import MultiGateMixture, MultiGateOutput
+from mtl.moe.norm_act import batch_norm_relu_dropout
 from mtl.moe.routing import RoutingResult, RoutingStats, routing_stats
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "TopKGate",
     "TopPGate",
     "aux_losses",
+    "batch_norm_relu_dropout",
     "combine_dense",
     "combine_dense_many",
     "cv_squared",
