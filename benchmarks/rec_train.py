@@ -18,7 +18,10 @@ initialisation); the script stops if the parameter counts differ.
 
 Epochs are interleaved (epoch e of every variant, then epoch e + 1), so the
 variants share the machine's load. Throughput = train rows / median epoch
-time. Test AUC per task after the last epoch.
+time. Test AUC per task after the last epoch. With ``--seeds N`` every variant
+trains N times (initialisation and batch order from seeds 0..N-1, same split):
+AUC is reported as mean +- std over seeds, the speed-up with its range over
+seeds.
 
 torch-rechub is optional: install it in its own environment (never let it pull
 a CUDA torch), then run the script with that interpreter::
@@ -33,6 +36,7 @@ Without it the rechub variants are skipped with a message.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -147,14 +151,15 @@ class Variant:
 
 
 def mtl_variant(
-    dm: RecDataModule, model_cfg: dict[str, Any], label: str, bf16: bool = False
+    dm: RecDataModule, model_cfg: dict[str, Any], label: str, bf16: bool = False, seed: int = 0
 ) -> Variant:
     """mtl's RecModule in a plain training loop over its TensorBatchLoader.
 
     With ``bf16`` the forward runs under CPU bf16 autocast (what the trainer's
     ``precision: bf16-mixed`` does); weights, optimizer and losses stay float32.
+    ``seed`` sets the initialisation and the batch order.
     """
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     module = RecModule(
         spec=dm.spec,
         model=model_cfg,
@@ -164,6 +169,7 @@ def mtl_variant(
     )
     opt = module.configure_optimizers()
     loader: TensorBatchLoader = dm.train_dataloader()
+    loader.seed += seed * 1_000_003  # seed 0: the datamodule's own order
 
     def run_epoch(epoch: int) -> None:
         module.train()
@@ -287,21 +293,24 @@ def as_feature_dict(t: TabularTensors, sparse: list[str], dense: list[str]) -> d
     return x
 
 
-def rechub_variants(dm: RecDataModule) -> list[Variant]:
-    """rechub's MMOE fed by its DataLoader path, and by mtl's tensor slicing."""
+def rechub_variants(dm: RecDataModule, seed: int = 0) -> list[Variant]:
+    """rechub's MMOE fed by its DataLoader path, and by mtl's tensor slicing.
+
+    ``seed`` sets the initialisation and the batch order.
+    """
     from torch.utils.data import DataLoader
     from torch_rechub.utils.data import TorchDataset
 
     train = dm.tensors("train")
     out = []
     for label in ("rechub", "rechub_tensor"):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model, sparse, dense = rechub_model(dm.spec)
         opt = torch.optim.Adam(model.parameters(), lr=LR)
         if label == "rechub":
             arrays = {k: v.numpy() for k, v in as_feature_dict(train, sparse, dense).items()}
             dataset = TorchDataset(arrays, train.labels_BT.numpy())
-            g = torch.Generator().manual_seed(0)
+            g = torch.Generator().manual_seed(seed)
             loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, generator=g)
 
             def batches(epoch: int, loader: DataLoader = loader) -> Iterator[Any]:
@@ -311,7 +320,7 @@ def rechub_variants(dm: RecDataModule) -> list[Variant]:
             def batches(epoch: int, sparse: list[str] = sparse, dense: list[str] = dense) -> Any:
                 return (
                     (as_feature_dict(b, sparse, dense), b.labels_BT)
-                    for b in tensor_batches(train, epoch)
+                    for b in tensor_batches(train, epoch, seed)
                 )
 
         def run_epoch(
@@ -354,10 +363,34 @@ def test_auc(v: Variant, dm: RecDataModule) -> dict[str, float]:
     }
 
 
+def train_interleaved(variants: list[Variant], epochs: int) -> None:
+    """Epoch ``e`` of every variant, then epoch ``e + 1``: the variants share the load."""
+    for epoch in range(epochs):
+        for v in variants:
+            t = time.perf_counter()
+            v.run_epoch(epoch)
+            v.epoch_times.append(time.perf_counter() - t)
+        print(
+            f"    epoch {epoch}: "
+            + ", ".join(f"{v.name}/{v.model_name} {v.epoch_times[-1]:.1f}s" for v in variants),
+            flush=True,
+        )
+
+
 def bench_dataset(
-    name: str, epochs: int, quick: bool, with_rechub: bool, only: list[str] | None = None
+    name: str,
+    epochs: int,
+    quick: bool,
+    with_rechub: bool,
+    only: list[str] | None = None,
+    seeds: int = 1,
 ) -> dict[str, Any]:
-    """Train every variant ``epochs`` epochs, interleaved, on one dataset."""
+    """Train every variant ``epochs`` epochs, interleaved, on one dataset, once per seed.
+
+    A seed sets every variant's initialisation and batch order; the split is
+    the same for all. Throughput pools the epochs of all seeds; test AUC is the
+    mean (and standard deviation) over seeds.
+    """
     t0 = time.perf_counter()
     dm = load_data(name, quick)
     print(
@@ -371,12 +404,12 @@ def bench_dataset(
         "expert_dropout": MMOE_CFG["dropout"],
         **MMOE_CFG,
     }
-    builders: dict[str, Callable[[], list[Variant]]] = {
-        "mtl": lambda: [mtl_variant(dm, mmoe, "mtl")],
-        "mtl_bf16": lambda: [mtl_variant(dm, mmoe, "mtl_bf16", bf16=True)],
-        "home": lambda: [mtl_variant(dm, dict(HOME), "mtl")],
-        "home_bf16": lambda: [mtl_variant(dm, dict(HOME), "mtl_bf16", bf16=True)],
-        "rechub": lambda: rechub_variants(dm) if with_rechub else [],
+    builders: dict[str, Callable[[int], list[Variant]]] = {
+        "mtl": lambda s: [mtl_variant(dm, mmoe, "mtl", seed=s)],
+        "mtl_bf16": lambda s: [mtl_variant(dm, mmoe, "mtl_bf16", bf16=True, seed=s)],
+        "home": lambda s: [mtl_variant(dm, dict(HOME), "mtl", seed=s)],
+        "home_bf16": lambda s: [mtl_variant(dm, dict(HOME), "mtl_bf16", bf16=True, seed=s)],
+        "rechub": lambda s: rechub_variants(dm, seed=s) if with_rechub else [],
     }
     chosen = only or (["mtl", "mtl_bf16", "home", "rechub"] if quick else list(builders))
     same: dict[str, float] | None = None
@@ -387,45 +420,70 @@ def bench_dataset(
             + ", ".join(f"{k} {v:.1e}" for k, v in same.items()),
             flush=True,
         )
-    variants = [v for name in chosen for v in builders[name]()]
-    counts = {v.num_params for v in variants if v.model_name == "mmoe"}
-    if len(counts) > 1:
-        raise RuntimeError(f"mtl's and rechub's MMoE differ in parameter count: {sorted(counts)}")
-    for epoch in range(epochs):
-        for v in variants:
-            t = time.perf_counter()
-            v.run_epoch(epoch)
-            v.epoch_times.append(time.perf_counter() - t)
-        print(
-            f"    epoch {epoch}: "
-            + ", ".join(f"{v.name}/{v.model_name} {v.epoch_times[-1]:.1f}s" for v in variants),
-            flush=True,
-        )
+    runs: list[list[Variant]] = []  # per seed, its variants
+    aucs: list[list[dict[str, float]]] = []
+    for seed in range(seeds):
+        if seeds > 1:
+            print(f"    seed {seed}:", flush=True)
+        variants = [v for key in chosen for v in builders[key](seed)]
+        counts = {v.num_params for v in variants if v.model_name == "mmoe"}
+        if len(counts) > 1:
+            raise RuntimeError(
+                f"mtl's and rechub's MMoE differ in parameter count: {sorted(counts)}"
+            )
+        train_interleaved(variants, epochs)
+        runs.append(variants)
+        aucs.append([test_auc(v, dm) for v in variants])
     n_train = len(dm.tensors("train"))
-    rows = []
-    for v in variants:
-        ep = median(v.epoch_times)
-        rows.append(
-            {
-                "impl": v.name,
-                "model": v.model_name,
-                "params": v.num_params,
-                "epoch_times_s": v.epoch_times,
-                "median_epoch_s": ep,
-                "samples_per_s": n_train / ep,
-                "test_auc": test_auc(v, dm),
-            }
-        )
+    rows = [
+        _result_row([run[i] for run in runs], [a[i] for a in aucs], n_train)
+        for i in range(len(runs[0]))
+    ]
     ref = next((r for r in rows if r["impl"] == "rechub"), None)
     for r in rows:
         r["speedup_vs_rechub"] = None if ref is None else r["samples_per_s"] / ref["samples_per_s"]
+        r["speedup_by_seed"] = (
+            None
+            if ref is None
+            else [
+                median(ref_t) / median(t)
+                for t, ref_t in zip(
+                    r["epoch_times_by_seed"], ref["epoch_times_by_seed"], strict=True
+                )
+            ]
+        )
     return {
         "dataset": name,
         "train_rows": n_train,
         "tasks": dm.spec.task_names,
         "d_in": sum(f.embed_dim for f in dm.spec.categorical) + dm.spec.n_numeric,
+        "seeds": seeds,
         "same_network_max_abs_diff": same,
         "results": rows,
+    }
+
+
+def _result_row(
+    per_seed: list[Variant], aucs: list[dict[str, float]], n_train: int
+) -> dict[str, Any]:
+    """One variant's figures pooled over seeds."""
+    v = per_seed[0]
+    times = [t for run in per_seed for t in run.epoch_times]
+    ep = median(times)
+    tasks = list(aucs[0])
+    return {
+        "impl": v.name,
+        "model": v.model_name,
+        "params": v.num_params,
+        "epoch_times_s": times,
+        "epoch_times_by_seed": [run.epoch_times for run in per_seed],
+        "median_epoch_s": ep,
+        "samples_per_s": n_train / ep,
+        "test_auc": {t: statistics.fmean(a[t] for a in aucs) for t in tasks},
+        "test_auc_std": {
+            t: statistics.stdev([a[t] for a in aucs]) if len(aucs) > 1 else 0.0 for t in tasks
+        },
+        "test_auc_by_seed": aucs,
     }
 
 
@@ -433,9 +491,19 @@ def report(points: list[dict[str, Any]]) -> str:
     head = ["dataset", "model", "impl", "params", "epoch s", "samples/s", "x rechub", "test AUC"]
     rows = []
     for p in points:
+        several = p.get("seeds", 1) > 1
         for r in p["results"]:
-            auc = ", ".join(f"{k} {v:.4f}" for k, v in r["test_auc"].items())
+            if several:
+                auc = ", ".join(
+                    f"{k} {v:.4f} +- {r['test_auc_std'][k]:.4f}" for k, v in r["test_auc"].items()
+                )
+            else:
+                auc = ", ".join(f"{k} {v:.4f}" for k, v in r["test_auc"].items())
             sp = r["speedup_vs_rechub"]
+            speed = "-" if sp is None else f"{sp:.1f}x"
+            if several and sp is not None:
+                by_seed = r["speedup_by_seed"]
+                speed += f" ({min(by_seed):.1f}-{max(by_seed):.1f})"
             rows.append(
                 [
                     p["dataset"],
@@ -444,7 +512,7 @@ def report(points: list[dict[str, Any]]) -> str:
                     fmt_num(r["params"]),
                     f"{r['median_epoch_s']:.2f}",
                     fmt_num(r["samples_per_s"]),
-                    "-" if sp is None else f"{sp:.1f}x",
+                    speed,
                     auc,
                 ]
             )
@@ -467,7 +535,16 @@ def main() -> None:
         default=None,
         help="run only these (rechub = both rechub feeds); default: all",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train every variant once per seed (initialisation and batch order) and "
+        "report test AUC as mean +- std over seeds",
+    )
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     MMOE_CFG.clear()
     MMOE_CFG.update(SIZES[args.size])
     process = setup_process(args)
@@ -488,7 +565,7 @@ def main() -> None:
         flush=True,
     )
     points = [
-        bench_dataset(d, epochs, args.quick, version is not None, args.variants)
+        bench_dataset(d, epochs, args.quick, version is not None, args.variants, args.seeds)
         for d in args.datasets
     ]
     print(report(points))
@@ -505,6 +582,7 @@ def main() -> None:
                 "home": HOME,
                 "quick": args.quick,
                 "variants": args.variants,
+                "seeds": args.seeds,
             },
             "points": points,
         },

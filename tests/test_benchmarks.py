@@ -55,9 +55,21 @@ def test_rec_train_trains_mtl_mmoe_on_the_synthetic_log(tmp_path: Path) -> None:
         "rec_train.py",
         tmp_path / "rec.json",
         *("--quick", "--datasets", "synthetic", "--epochs", "1", "--variants", "mtl"),
+        *("--seeds", "2"),
     )
     (point,) = result["points"]
     (row,) = point["results"]
+    assert point["seeds"] == 2
     assert row["impl"] == "mtl" and row["samples_per_s"] > 0
-    # one epoch on 20k rows learns something on every task
-    assert all(0.52 < auc <= 1.0 for auc in row["test_auc"].values()), row["test_auc"]
+    assert [len(t) for t in row["epoch_times_by_seed"]] == [1, 1]
+    first, second = row["test_auc_by_seed"]
+    # one epoch on 20k rows learns something on every task, from either seed
+    for aucs in (first, second):
+        assert all(0.52 < auc <= 1.0 for auc in aucs.values()), aucs
+    # the seeds train different models, and the reported AUC is their mean and spread
+    assert first != second
+    for task, mean in row["test_auc"].items():
+        assert mean == pytest.approx((first[task] + second[task]) / 2)
+        assert row["test_auc_std"][task] == pytest.approx(
+            abs(first[task] - second[task]) / math.sqrt(2)
+        )
