@@ -226,37 +226,50 @@ def rechub_model(
 
 
 def copy_rechub_into_mtl(rechub: nn.Module, module: RecModule, sparse: list[str]) -> None:
-    """Give mtl's MMoE (built with :data:`RECHUB_LAYOUT`) the weights of rechub's ``MMOE``."""
+    """Give mtl's MMoE (built with :data:`RECHUB_LAYOUT`) the weights of rechub's ``MMOE``.
+
+    rechub's ``MLP`` holds four modules per hidden layer (``Linear``,
+    ``BatchNorm1d``, activation, ``Dropout``), so hidden layer ``l`` is
+    ``mlp.{4 l}`` / ``mlp.{4 l + 1}``, and a tower's output ``Linear`` follows
+    the last one.
+    """
     sd = rechub.state_dict()
     model = module.model
     bank = model.mixture.experts
-    H = bank.dims[1]
     stats = ("weight", "bias", "running_mean", "running_var")
     with torch.no_grad():
         for j, name in enumerate(sparse):
             module.embedding.feature_weight(j).copy_(sd[f"embedding.embed_dict.{name}.weight"])
-        for e in range(bank.num_experts):
-            bank.weights[0][e].copy_(sd[f"experts.{e}.mlp.0.weight"].T)
-            bank.biases[0][e].copy_(sd[f"experts.{e}.mlp.0.bias"])
-            for st in stats:
-                getattr(bank.norms[0], st)[e * H : (e + 1) * H].copy_(sd[f"experts.{e}.mlp.1.{st}"])
+        for layer in range(len(bank.dims) - 1):
+            H = bank.dims[layer + 1]
+            for e in range(bank.num_experts):
+                src = f"experts.{e}.mlp."
+                bank.weights[layer][e].copy_(sd[f"{src}{4 * layer}.weight"].T)
+                bank.biases[layer][e].copy_(sd[f"{src}{4 * layer}.bias"])
+                for st in stats:
+                    getattr(bank.norms[layer], st)[e * H : (e + 1) * H].copy_(
+                        sd[f"{src}{4 * layer + 1}.{st}"]
+                    )
         for i, task in enumerate(model.tasks):
             gate = model.mixture.gates[task]
             gate.proj.weight.copy_(sd[f"gates.{i}.mlp.0.weight"])
             gate.proj.bias.copy_(sd[f"gates.{i}.mlp.0.bias"])
-            tower = model.towers.towers[task]
-            tower.mlp[0].weight.copy_(sd[f"towers.{i}.mlp.0.weight"])
-            tower.mlp[0].bias.copy_(sd[f"towers.{i}.mlp.0.bias"])
-            head = max(
-                int(k.split(".")[3])
-                for k in sd
-                if k.startswith(f"towers.{i}.mlp.") and k.endswith(".weight")
-            )
-            tower.head.weight.copy_(sd[f"towers.{i}.mlp.{head}.weight"])
-            tower.head.bias.copy_(sd[f"towers.{i}.mlp.{head}.bias"])
             for st in stats:
                 getattr(gate.logit_norm, st).copy_(sd[f"gates.{i}.mlp.1.{st}"])
-                getattr(tower.mlp[1], st).copy_(sd[f"towers.{i}.mlp.1.{st}"])
+            tower = model.towers.towers[task]
+            n_hidden = len(MMOE_CFG["tower_hidden"])
+            for layer in range(n_hidden):
+                src = f"towers.{i}.mlp."
+                linear, norm = (
+                    tower.mlp[layer * tower.mlp._block],
+                    tower.mlp[layer * tower.mlp._block + 1],
+                )
+                linear.weight.copy_(sd[f"{src}{4 * layer}.weight"])
+                linear.bias.copy_(sd[f"{src}{4 * layer}.bias"])
+                for st in stats:
+                    getattr(norm, st).copy_(sd[f"{src}{4 * layer + 1}.{st}"])
+            tower.head.weight.copy_(sd[f"towers.{i}.mlp.{4 * n_hidden}.weight"])
+            tower.head.bias.copy_(sd[f"towers.{i}.mlp.{4 * n_hidden}.bias"])
 
 
 def same_network_check(dm: RecDataModule, mmoe: dict[str, Any]) -> dict[str, float]:
