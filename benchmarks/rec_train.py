@@ -257,13 +257,11 @@ def copy_rechub_into_mtl(rechub: nn.Module, module: RecModule, sparse: list[str]
             for st in stats:
                 getattr(gate.logit_norm, st).copy_(sd[f"gates.{i}.mlp.1.{st}"])
             tower = model.towers.towers[task]
-            n_hidden = len(MMOE_CFG["tower_hidden"])
-            for layer in range(n_hidden):
+            linears = [m for m in tower.mlp if isinstance(m, nn.Linear)]
+            norms = [m for m in tower.mlp if isinstance(m, nn.BatchNorm1d)]
+            n_hidden = len(linears)
+            for layer, (linear, norm) in enumerate(zip(linears, norms, strict=True)):
                 src = f"towers.{i}.mlp."
-                linear, norm = (
-                    tower.mlp[layer * tower.mlp._block],
-                    tower.mlp[layer * tower.mlp._block + 1],
-                )
                 linear.weight.copy_(sd[f"{src}{4 * layer}.weight"])
                 linear.bias.copy_(sd[f"{src}{4 * layer}.bias"])
                 for st in stats:
