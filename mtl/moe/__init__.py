@@ -5,7 +5,7 @@ Parts:
     gates    -- dense softmax, top-k, noisy top-k, top-p, expert choice, sigmoid+bias
     dispatch -- dense mixing, sparse dropless (grouped matmul), capacity with dropping
     losses   -- load balance, z-loss, CV², entropy (pure functions)
-    routing  -- :class:`RoutingResult`, :class:`RoutingStats`
+    routing  -- :class:`RoutingResult`, :class:`RoutingStats`, :func:`bin_counts` (sync-free counts)
     layer    -- :class:`MoELayer` (one gate), :class:`MultiGateMixture` (one gate per task)
     dropout  -- :func:`fast_dropout`, :class:`FastDropout` (cheap CPU masks, used by experts and towers)
     norm_act -- :func:`batch_norm_relu_dropout` (a hidden layer's norm, ReLU and dropout as one node)
@@ -43,7 +43,7 @@ from mtl.moe.losses import (
 )
 from mtl.moe.multi_gate import MultiGateMixture, MultiGateOutput
 from mtl.moe.norm_act import batch_norm_relu_dropout
-from mtl.moe.routing import RoutingResult, RoutingStats, routing_stats
+from mtl.moe.routing import RoutingResult, RoutingStats, bin_counts, routing_stats
 
 __all__ = [
     "AUX_LOSSES",
@@ -69,6 +69,7 @@ __all__ = [
     "TopPGate",
     "aux_losses",
     "batch_norm_relu_dropout",
+    "bin_counts",
     "combine_dense",
     "combine_dense_many",
     "cv_squared",

@@ -30,7 +30,7 @@ from mtl.moe.grouped import (
     fused_swiglu_moe,
     permute_tokens,
 )
-from mtl.moe.routing import RoutingResult
+from mtl.moe.routing import RoutingResult, bin_counts
 
 
 class Experts(Protocol):
@@ -171,7 +171,7 @@ class DroplessDispatch(nn.Module):
         # ~100x slower on CPU for E >= 64 at these sizes.
         ids_sorted_N, order_N = torch.sort(flat_ids.view(1, -1), dim=-1, stable=True)
         ids_sorted_N, order_N = ids_sorted_N.view(-1), order_N.view(-1)
-        counts_E = torch.bincount(flat_ids, minlength=E + 1)[:E]
+        counts_E = bin_counts(flat_ids, E + 1)[:E]
         token_N = order_N // K  # token of each sorted row
         capacity = self._padded_capacity(x_TD, routing, experts, counts_E)
         if capacity is not None:

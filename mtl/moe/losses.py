@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mtl.moe.routing import RoutingResult
+from mtl.moe.routing import RoutingResult, bin_counts
 
 
 def load_balance_loss(
@@ -40,7 +40,7 @@ def load_balance_loss(
     E = probs_TE.shape[-1]
     ids = experts_TK.reshape(-1)
     weights = None if valid_TK is None else valid_TK.reshape(-1).to(probs_TE.dtype)
-    counts_E = torch.bincount(ids, weights=weights, minlength=E).to(probs_TE.dtype)
+    counts_E = bin_counts(ids, E, weights=weights).to(probs_TE.dtype)
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
     P_E = probs_TE.float().mean(0)
     # elementwise product + sum, not torch.dot: dot is autocast to low precision

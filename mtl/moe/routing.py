@@ -119,6 +119,45 @@ class RoutingStats:
         }
 
 
+def bin_counts(
+    ids: Tensor, num_bins: int, weights: Tensor | None = None, *, scatter: bool | None = None
+) -> Tensor:
+    """How often each value in ``[0, num_bins)`` occurs in ``ids``: ``torch.bincount`` without a host sync.
+
+    On CUDA ``torch.bincount`` reads the largest (and smallest) id back to the
+    host to size its output, a sync in every training step; a ``scatter_add_``
+    into ``num_bins`` zeros gives the same counts without it. CPU keeps
+    ``bincount`` (no sync there, and faster).
+
+    Args:
+        ids: int64 ids of any shape, each in ``[0, num_bins)`` (outside is an
+            error; on CUDA a device-side one).
+        num_bins: length of the result.
+        weights: same shape as ``ids``, or None to count.
+        scatter: force (True) or forbid (False) the ``scatter_add_`` path;
+            ``None`` takes it off CPU.
+
+    Returns:
+        ``(num_bins,)`` int64 counts, or sums of ``weights`` in their dtype.
+
+    Example:
+        >>> bin_counts(torch.tensor([[0, 2], [2, 2]]), 4).tolist()
+        [1, 0, 3, 0]
+        >>> bin_counts(torch.tensor([0, 2]), 3, weights=torch.tensor([0.5, 2.0])).tolist()
+        [0.5, 0.0, 2.0]
+    """
+    flat = ids.reshape(-1)
+    use_scatter = flat.device.type != "cpu" if scatter is None else scatter
+    if not use_scatter:
+        w = None if weights is None else weights.reshape(-1)
+        out = torch.bincount(flat, weights=w, minlength=num_bins)
+        if out.shape[0] != num_bins:
+            raise ValueError(f"ids must lie in [0, {num_bins}), got one of {out.shape[0] - 1}")
+        return out if weights is None else out.to(weights.dtype)
+    src = torch.ones_like(flat) if weights is None else weights.reshape(-1)
+    return torch.zeros(num_bins, dtype=src.dtype, device=flat.device).scatter_add_(0, flat, src)
+
+
 @torch.no_grad()
 def routing_stats(routing: RoutingResult, kept_TK: Tensor | None = None) -> RoutingStats:
     """Statistics of one routing decision.
@@ -135,7 +174,7 @@ def routing_stats(routing: RoutingResult, kept_TK: Tensor | None = None) -> Rout
     kept = valid_TK if kept_TK is None else kept_TK & valid_TK
     E = routing.num_experts
     ids = routing.experts_TK.masked_fill(~kept, E)
-    tokens_per_expert_E = torch.bincount(ids.reshape(-1), minlength=E + 1)[:E].float()
+    tokens_per_expert_E = bin_counts(ids, E + 1)[:E].float()
     had_expert_T = valid_TK.any(-1)
     has_expert_T = kept.any(-1)
     p_TE = routing.probs_TE

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl.moe.gates.base import Router, check_k
-from mtl.moe.routing import RoutingResult
+from mtl.moe.routing import RoutingResult, bin_counts
 
 
 class TopKGate(Router):
@@ -126,7 +126,7 @@ class NoisyTopKGate(Router):
         if std_TE is None or self.k == E:
             # no noise (eval) or every expert chosen: the exact count
             chosen = torch.topk(noisy_TE, self.k, dim=-1).indices
-            return torch.bincount(chosen.reshape(-1), minlength=E).to(clean_TE.dtype)
+            return bin_counts(chosen, E).to(clean_TE.dtype)
         top_TK1 = torch.topk(noisy_TE, self.k + 1, dim=-1).values
         # threshold an expert must beat: the k-th value if it is currently out,
         # the (k+1)-th if it is in (then it competes with the best excluded one)
