@@ -1,0 +1,34 @@
+"""The model packages import with torch alone, and config nodes still turn into plain values.
+
+A GPU machine may have torch but not Hydra, polars or Lightning; the CUDA checks
+(``tests/test_cuda.py``, ``benchmarks/moe_layer.py``) rely on this.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from omegaconf import OmegaConf
+
+from mtl.config_values import to_plain
+
+HEAVY = ("polars", "omegaconf", "hydra", "pytorch_lightning", "lightning", "torchmetrics")
+
+
+def test_model_packages_import_without_hydra_polars_or_lightning() -> None:
+    code = (
+        "import sys; import mtl.moe, mtl.models.lm, mtl.models.rec; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_to_plain_resolves_config_nodes_and_passes_the_rest_through() -> None:
+    cfg = OmegaConf.create({"a": 2, "b": "${a}", "c": [1, "${a}"]})
+    plain = to_plain(cfg)
+    assert plain == {"a": 2, "b": 2, "c": [1, 2]} and type(plain) is dict
+    assert to_plain(OmegaConf.create([1, "x"])) == [1, "x"]
+    value = {"a": 1}
+    assert to_plain(value) is value
