@@ -82,14 +82,14 @@ def test_dispatch_on_the_device_matches_the_per_expert_loop(
     bank = copy.deepcopy(layer.experts).to(DEVICE, dtype)
     x_dev = x.to(DEVICE, dtype).requires_grad_()
     routing, w_dev = _fixed(layer.gate(x), DEVICE)
-    res = dispatch(x_dev, routing, bank)
-    g = torch.randn(T, 64)
-    (res.output_TD.float() * g.to(DEVICE)).sum().backward()
-
     # the reference: fp32 on CPU from the same (rounded) weights, inputs and decision
     ref_bank = copy.deepcopy(bank).float().cpu()
     x_ref = x_dev.detach().float().cpu().requires_grad_()
     w_ref = w_dev.detach().cpu().requires_grad_()
+
+    res = dispatch(x_dev, routing, bank)
+    g = torch.randn(T, 64)
+    (res.output_TD.float() * g.to(DEVICE)).sum().backward()
     keep = getattr(res, "kept_TK", None)
     ref = loop_moe(
         ref_bank,
