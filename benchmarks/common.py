@@ -20,6 +20,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -133,16 +134,20 @@ def time_interleaved(
     warmup: int,
     device: torch.device,
     before_round: Callable[[str], None] | None = None,
+    calls: Mapping[str, int] | None = None,
 ) -> dict[str, list[float]]:
-    """Wall seconds of each callable over ``repeats`` rotated rounds, after ``warmup`` calls.
+    """Wall seconds per call of each callable over ``repeats`` rotated rounds, after ``warmup`` calls.
 
     Args:
         fns: ``{name: step}``; each call is one timed unit (e.g. forward + backward).
-        repeats: timed rounds; every round calls every variant once.
+        repeats: timed rounds; every round calls every variant ``calls[name]`` times.
         warmup: untimed calls of each variant first.
-        device: synchronised before and after each timed call.
-        before_round: called with a variant's name before each of its timed calls
+        device: synchronised before and after each variant's timed calls.
+        before_round: called with a variant's name before each of its timed rounds
             (outside the timer), e.g. to reset gradients.
+        calls: calls per round and variant (default 1), timed together and
+            divided out: on a GPU a millisecond step timed alone between two
+            syncs measures mostly the sync and the first launches.
     """
     names = list(fns)
     for name in names:
@@ -153,14 +158,36 @@ def time_interleaved(
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
+            n = 1 if calls is None else max(1, int(calls.get(name, 1)))
             if before_round is not None:
                 before_round(name)
             sync(device)
             t0 = time.perf_counter()
-            fns[name]()
+            for _ in range(n):
+                fns[name]()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - t0) / n)
     return times
+
+
+def calls_for(
+    fns: Mapping[str, Callable[[], object]], device: torch.device, target_s: float = 0.025
+) -> dict[str, int]:
+    """Calls per timed round so that each round lasts about ``target_s`` (1 on CPU).
+
+    One synchronised call of each variant measures it; CPU steps here take
+    tens of milliseconds or more and are timed one by one.
+    """
+    if device.type == "cpu":
+        return {name: 1 for name in fns}
+    out = {}
+    for name, fn in fns.items():
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out[name] = max(1, min(200, math.ceil(target_s / max(time.perf_counter() - t0, 1e-6))))
+    return out
 
 
 _LIBC: ctypes.CDLL | None = None

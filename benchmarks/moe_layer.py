@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     MemoryResult,
     base_parser,
+    calls_for,
     environment,
     fmt_num,
     markdown_table,
@@ -245,12 +246,19 @@ def bench_shape(
         name: peak_memory(step, device) if memory else MemoryResult(None, "skipped")
         for name, step in steps.items()
     }
-    times = time_interleaved(steps, repeats=repeats, warmup=0, device=device)
+    # GPU: a few untimed steps (kernel selection, allocator) and several steps per round
+    warmup = 3 if device.type == "cuda" else 0
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    calls = calls_for(steps, device)
+    times = time_interleaved(steps, repeats=repeats, warmup=0, device=device, calls=calls)
     results = {
         name: {
             "median_s": median(ts),
             "tokens_per_s": shape.T / median(ts),
             "times_s": ts,
+            "calls_per_round": calls[name],
             "peak_mem_bytes": mem[name].peak_bytes,
             "mem_method": mem[name].method,
         }

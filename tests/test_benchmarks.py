@@ -6,9 +6,11 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +75,30 @@ def test_rec_train_trains_mtl_mmoe_on_the_synthetic_log(tmp_path: Path) -> None:
         assert row["test_auc_std"][task] == pytest.approx(
             abs(first[task] - second[task]) / math.sqrt(2)
         )
+
+
+def test_time_interleaved_divides_each_round_by_its_calls() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from common import calls_for, time_interleaved
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    counts = {"a": 0, "b": 0}
+
+    def step(name: str) -> None:
+        counts[name] += 1
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.002:  # about 2 ms of work per call
+            pass
+
+    fns = {"a": lambda: step("a"), "b": lambda: step("b")}
+    cpu = torch.device("cpu")
+    assert calls_for(fns, cpu) == {"a": 1, "b": 1}  # CPU: one call per round
+    # elsewhere enough ~2 ms calls to fill ~25 ms ("meta" stands in for a GPU: no sync)
+    assert all(5 <= n <= 13 for n in calls_for(fns, torch.device("meta")).values())
+    counts.update(a=0, b=0)
+    times = time_interleaved(fns, repeats=3, warmup=1, device=cpu, calls={"a": 4, "b": 1})
+    assert counts == {"a": 1 + 3 * 4, "b": 1 + 3}
+    # per-call seconds, not per-round: both about 2 ms although a ran 4 calls a round
+    for ts in times.values():
+        assert len(ts) == 3 and all(0.0019 < t < 0.02 for t in ts), times
