@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mtl.data.features import CategoricalFeature, FeatureSpec, NumericFeature, TaskSpec
+from mtl.data.spec import CategoricalFeature, FeatureSpec, NumericFeature, TaskSpec
 from mtl.models.lm import TransformerLM
 from mtl.models.rec.embedding import FeatureEmbedding
 from mtl.models.rec.mmoe import MMoE

@@ -12,136 +12,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 
-TaskKind = Literal["binary", "regression"]
-TASK_KINDS: tuple[str, ...] = ("binary", "regression")
+from mtl.data.spec import (
+    TASK_KINDS,
+    CategoricalFeature,
+    FeatureSpec,
+    NumericFeature,
+    TaskKind,
+    TaskSpec,
+)
+
+__all__ = [
+    "DEFAULT_MAX_INT_CATEGORIES",
+    "TASK_KINDS",
+    "CategoricalFeature",
+    "ColumnRoles",
+    "FeatureSpec",
+    "FittedFeatures",
+    "NumericFeature",
+    "TaskKind",
+    "TaskSpec",
+    "build_feature_spec",
+    "default_embed_dim",
+    "fit_features",
+    "infer_roles",
+]
 
 # Integer columns with at most this many distinct train values are treated as
 # categorical when roles are inferred (codes such as "industry recode 0..51").
 DEFAULT_MAX_INT_CATEGORIES = 1000
-
-
-@dataclass(frozen=True)
-class CategoricalFeature:
-    """A categorical input column.
-
-    Args:
-        name: column name in the source frame.
-        vocab_size: number of categories known from the train split, EXCLUDING the
-            OOV slot; the embedding table therefore has ``vocab_size + 1`` rows and
-            index 0 means unseen / null / too rare.
-        embed_dim: width of this feature's embedding.
-
-    Example:
-        >>> CategoricalFeature(name="device", vocab_size=4, embed_dim=8).vocab_size
-        4
-    """
-
-    name: str
-    vocab_size: int
-    embed_dim: int
-
-
-@dataclass(frozen=True)
-class NumericFeature:
-    """A numeric input column, standardised as ``(x - mean) / std`` with train statistics.
-
-    Example:
-        >>> NumericFeature(name="age", mean=34.5, std=22.3).name
-        'age'
-    """
-
-    name: str
-    mean: float
-    std: float
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One prediction target.
-
-    Args:
-        name: label column name.
-        kind: ``"binary"`` (0/1 label, logit output) or ``"regression"``.
-        weight: default loss weight of the task.
-
-    Example:
-        >>> TaskSpec(name="click", kind="binary").weight
-        1.0
-    """
-
-    name: str
-    kind: TaskKind
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in TASK_KINDS:
-            raise ValueError(
-                f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}"
-            )
-
-
-@dataclass
-class FeatureSpec:
-    """Everything a model needs to know about the encoded inputs and the tasks.
-
-    The column order here is the column order of ``cat_BF``, ``num_BF`` and
-    ``labels_BT`` in :class:`mtl.data.tabular.TabularTensors`.
-
-    Args:
-        categorical: categorical features, in tensor column order.
-        numeric: numeric features, in tensor column order.
-        tasks: tasks, in label column order.
-        user_column: raw column giving the user id used for per-user metrics, or None.
-
-    Example:
-        >>> spec = FeatureSpec(
-        ...     categorical=[CategoricalFeature("item", 100, 8)],
-        ...     numeric=[NumericFeature("price", 3.0, 1.5)],
-        ...     tasks=[TaskSpec("click", "binary")],
-        ... )
-        >>> spec.n_categorical, spec.n_numeric, spec.task_names
-        (1, 1, ['click'])
-    """
-
-    categorical: list[CategoricalFeature]
-    numeric: list[NumericFeature]
-    tasks: list[TaskSpec]
-    user_column: str | None = None
-
-    @property
-    def n_categorical(self) -> int:
-        return len(self.categorical)
-
-    @property
-    def n_numeric(self) -> int:
-        return len(self.numeric)
-
-    @property
-    def n_tasks(self) -> int:
-        return len(self.tasks)
-
-    @property
-    def task_names(self) -> list[str]:
-        return [t.name for t in self.tasks]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (for checkpoints / hyper-parameter logging)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FeatureSpec:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            categorical=[CategoricalFeature(**c) for c in data["categorical"]],
-            numeric=[NumericFeature(**n) for n in data["numeric"]],
-            tasks=[TaskSpec(**t) for t in data["tasks"]],
-            user_column=data.get("user_column"),
-        )
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl.data.features import FeatureSpec
+from mtl.data.spec import FeatureSpec
 from mtl.moe.routing import bin_counts
 
 MAX_FOLD_BUCKETS = 4
@@ -154,7 +154,7 @@ class FeatureEmbedding(nn.Module):
     :meth:`feature_weight` gives one feature's rows.
 
     Args:
-        spec: the fitted :class:`~mtl.data.features.FeatureSpec`.
+        spec: the fitted :class:`~mtl.data.spec.FeatureSpec`.
         init_std: std of the normal initialisation of the embedding tables (small,
             as usual for sparse-feature models, so no field dominates at the start).
         fold: let :meth:`project` fold small vocabularies into the weight it
@@ -167,7 +167,7 @@ class FeatureEmbedding(nn.Module):
           in spec order: categorical embeddings first, then numeric values.
 
     Example:
-        >>> from mtl.data.features import CategoricalFeature, NumericFeature, TaskSpec
+        >>> from mtl.data.spec import CategoricalFeature, NumericFeature, TaskSpec
         >>> spec = FeatureSpec(categorical=[CategoricalFeature("item", 10, 4)],
         ...     numeric=[NumericFeature("price", 0.0, 1.0)], tasks=[TaskSpec("click", "binary")])
         >>> emb = FeatureEmbedding(spec=spec)
@@ -461,7 +461,7 @@ class EmbeddedInput:
     cheaper); ``materialize()`` is the embedding's forward.
 
     Example:
-        >>> from mtl.data.features import CategoricalFeature, TaskSpec
+        >>> from mtl.data.spec import CategoricalFeature, TaskSpec
         >>> spec = FeatureSpec(categorical=[CategoricalFeature("item", 10, 4)], numeric=[],
         ...     tasks=[TaskSpec("click", "binary")])
         >>> emb = FeatureEmbedding(spec=spec)
