@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -127,9 +128,10 @@ def test_bf16_moe_layer_step_makes_no_host_sync(E: int, k: int) -> None:
 
 def test_lm_training_step_on_the_device_matches_cpu() -> None:
     torch.manual_seed(0)
+    # factories, not ``_target_`` mappings: those go through Hydra, absent on GPU machines
     spec = {
-        "gate": {"_target_": "mtl.moe.TopKGate", "num_experts": 4, "k": 2, "renormalize": True},
-        "experts": {"_target_": "mtl.moe.ExpertBank.swiglu", "num_experts": 4, "d_hidden": 32},
+        "gate": partial(TopKGate, num_experts=4, k=2, renormalize=True),
+        "experts": partial(ExpertBank.swiglu, num_experts=4, d_hidden=32),
         "aux_loss_weights": {"load_balance": 0.01, "z_loss": 0.001},
     }
     cpu = TransformerLM(
