@@ -101,4 +101,6 @@ def test_time_interleaved_divides_each_round_by_its_calls() -> None:
     assert counts == {"a": 1 + 3 * 4, "b": 1 + 3}
     # per-call seconds, not per-round: both about 2 ms although a ran 4 calls a round
     for ts in times.values():
-        assert len(ts) == 3 and all(0.0019 < t < 0.02 for t in ts), times
+        assert len(ts) == 3 and all(t > 0.0019 for t in ts), times
+        # a round of 4 calls is ~8 ms: undivided, a's median would be far above this
+        assert sorted(ts)[1] < 0.005, times
