@@ -58,6 +58,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per variant")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     parser.add_argument(
+        "--no-plot", action="store_true", help="skip the PNG of every round's ratios (plots.py)"
+    )
+    parser.add_argument(
         "--default-malloc",
         action="store_true",
         help="keep glibc's allocator defaults (default: mtl.training.cpu_memory."
@@ -276,6 +279,15 @@ def write_json(name: str, payload: dict[str, Any], path: Path | None = None) -> 
     payload.setdefault("env", {})["load_avg_1m_end"] = os.getloadavg()[0]
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return out
+
+
+def report_written(path: Path, args: argparse.Namespace) -> None:
+    """Say where the JSON went and, unless ``--no-plot``, plot it next to it (``plots.py``)."""
+    print(f"\nwrote {path}")
+    if not getattr(args, "no_plot", False):
+        from plots import plot_or_skip
+
+        plot_or_skip(path)
 
 
 def setup_process(args: argparse.Namespace) -> dict[str, Any]:

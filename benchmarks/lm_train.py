@@ -37,6 +37,7 @@ from common import (
     fmt_num,
     markdown_table,
     median,
+    report_written,
     setup_process,
     write_json,
 )
@@ -161,7 +162,7 @@ def main() -> None:
         },
         args.out,
     )
-    print(f"\nwrote {path}")
+    report_written(path, args)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from common import (
     median,
     peak_memory,
     pick_device,
+    report_written,
     setup_process,
     time_interleaved,
     write_json,
@@ -361,7 +362,7 @@ def main() -> None:
         },
         args.out,
     )
-    print(f"\nwrote {path}")
+    report_written(path, args)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from common import (
     fmt_num,
     markdown_table,
     median,
+    report_written,
     setup_process,
     write_json,
 )
@@ -598,7 +599,7 @@ def main() -> None:
         },
         args.out,
     )
-    print(f"\nwrote {path}")
+    report_written(path, args)
 
 
 if __name__ == "__main__":

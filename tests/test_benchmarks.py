@@ -36,14 +36,17 @@ def test_moe_layer_variants_agree_and_report_throughput(tmp_path: Path) -> None:
     for name in ("mtl", "dense", "loop"):
         assert point["variants"][name]["tokens_per_s"] > 0
     assert set(point["ratios"]) == {"mtl_vs_dense", "mtl_vs_loop"}
+    # the plot of every round's ratios lands next to the JSON
+    assert (tmp_path / "moe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lm_train_reports_every_preset_against_dense(tmp_path: Path) -> None:
     result = _run(
         "lm_train.py",
         tmp_path / "lm.json",
-        *("--quick", "--presets", "lm_dense", "lm_mixtral", "--steps", "2"),
+        *("--quick", "--presets", "lm_dense", "lm_mixtral", "--steps", "2", "--no-plot"),
     )
+    assert not (tmp_path / "lm.png").exists()
     rows = {r["preset"]: r for r in result["results"]}
     assert set(rows) == {"lm_dense", "lm_mixtral"}
     assert rows["lm_dense"]["vs_dense"] == 1.0
@@ -62,6 +65,7 @@ def test_rec_train_trains_mtl_mmoe_on_the_synthetic_log(tmp_path: Path) -> None:
     (point,) = result["points"]
     (row,) = point["results"]
     assert point["seeds"] == 2
+    assert not (tmp_path / "rec.png").exists()  # no rechub row: nothing to pair, no plot
     assert row["impl"] == "mtl" and row["samples_per_s"] > 0
     assert [len(t) for t in row["epoch_times_by_seed"]] == [1, 1]
     first, second = row["test_auc_by_seed"]
