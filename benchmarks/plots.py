@@ -39,6 +39,7 @@ TARGETS_CUDA = {"dense": 0.75}
 """moe_layer target on a GPU (bf16): mtl's throughput over the dense FFN's."""
 REC_TARGET = 5.0
 """rec_train target: mtl's samples/s over torch-rechub's MMoE at batch 1024."""
+AUC_LABEL = "AUC difference"
 
 
 @dataclass
@@ -110,7 +111,7 @@ def _shape_label(shape: Mapping[str, Any]) -> str:
 def rec_train_panels(payload: Mapping[str, Any]) -> list[Panel]:
     """Per epoch, each variant's samples/s over rechub's (same seed, same epoch); test AUC by seed."""
     speed = Panel(title="speed vs torch-rechub", ylabel="samples/s / rechub's", target=REC_TARGET)
-    auc = Panel(title="test AUC minus rechub's mean, per seed", ylabel="AUC difference")
+    auc = Panel(title="test AUC minus rechub's mean, per seed", ylabel=AUC_LABEL)
     for point in payload["points"]:
         rows = {r["impl"]: r for r in point["results"]}
         ref = rows.get("rechub")
@@ -238,8 +239,9 @@ def plot_file(json_path: Path, png_path: Path | None = None) -> Path:
     payload = json.loads(Path(json_path).read_text())
     panels = panels_for(payload, str(json_path))
     env = payload.get("env", {})
+    seeds = " (AUC: one seed)" if any(p.ylabel == AUC_LABEL for p in panels) else ""
     title = (
-        f"{Path(json_path).name}: each dot one timed round (AUC: one seed), each tick their median\n"
+        f"{Path(json_path).name}: each dot one timed round{seeds}, each tick their median\n"
         f"{env.get('started', '?')}, commit {env.get('git_commit', '?')}, {env.get('device', '?')}"
     )
     fig = draw(panels, title)
