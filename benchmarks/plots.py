@@ -53,7 +53,12 @@ class Panel:
             sit side by side.
         target: dashed horizontal line, or None.
         target_label: its legend entry.
-        log: log-scaled y axis (for ratios spanning orders of magnitude).
+
+    Example:
+        >>> p = Panel(title="mtl vs dense", ylabel="mtl tokens/s / dense", target=0.85)
+        >>> p.groups["T=4096"] = {"dense": paired_ratios([1.0, 1.0], [0.8, 0.9])}
+        >>> p.groups["T=4096"]["dense"]
+        [0.8, 0.9]
     """
 
     title: str
@@ -61,7 +66,6 @@ class Panel:
     groups: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     target: float | None = None
     target_label: str = "target"
-    log: bool = False
 
 
 def paired_ratios(num_s: Sequence[float], den_s: Sequence[float]) -> list[float]:
@@ -195,6 +199,7 @@ def draw(panels: Sequence[Panel], title: str) -> Any:
     for ax, panel in zip(axes, panels, strict=True):
         series = sorted({s for g in panel.groups.values() for s in g})
         width = 0.8 / max(1, len(series))
+        labelled: set[str] = set()
         for x, group in enumerate(panel.groups.values()):
             for i, name in enumerate(series):
                 if name not in group:
@@ -204,9 +209,9 @@ def draw(panels: Sequence[Panel], title: str) -> Any:
                 # a small deterministic spread so that equal rounds stay visible
                 jitter = [pos + width * 0.3 * ((j % 5) / 4 - 0.5) for j in range(len(vals))]
                 colour = colours[i % len(colours)]
-                ax.scatter(
-                    jitter, vals, s=14, alpha=0.7, color=colour, label=name if x == 0 else None
-                )
+                label = None if name in labelled else name
+                labelled.add(name)
+                ax.scatter(jitter, vals, s=14, alpha=0.7, color=colour, label=label)
                 ax.hlines(
                     statistics.median(vals),
                     pos - width * 0.4,
@@ -223,8 +228,6 @@ def draw(panels: Sequence[Panel], title: str) -> Any:
                 lw=1,
                 label=f"{panel.target_label} {panel.target:g}",
             )
-        if panel.log:
-            ax.set_yscale("log")
         ax.set_title(panel.title, fontsize=10)
         ax.set_ylabel(panel.ylabel)
         ax.grid(axis="y", alpha=0.3)
