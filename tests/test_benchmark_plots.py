@@ -188,3 +188,18 @@ def test_cli_writes_into_the_given_directory(tmp_path: Path) -> None:
     plots.main([str(path), "--dir", str(tmp_path / "figures")])
     assert (tmp_path / "figures" / "moe_layer.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "moe_layer.png").exists()
+
+
+def test_a_series_missing_from_the_first_group_still_gets_a_legend_entry() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    payload = _moe_payload()
+    payload["points"][1]["variants"]["hf_eager"] = {"times_s": [1.0, 1.0]}  # second shape only
+    panels = plots.moe_layer_panels(payload)
+    fig = plots.draw(panels, "t")
+    try:
+        _, labels = fig.axes[2].get_legend_handles_labels()
+        assert labels == ["hf_eager"]
+    finally:
+        plt.close(fig)
