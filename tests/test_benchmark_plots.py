@@ -195,11 +195,14 @@ def test_a_series_missing_from_the_first_group_still_gets_a_legend_entry() -> No
     import matplotlib.pyplot as plt
 
     payload = _moe_payload()
+    for point in payload["points"]:
+        n = len(point["variants"]["mtl"]["times_s"])
+        point["variants"]["hf_grouped_mm"] = {"times_s": [1.0] * n}
     payload["points"][1]["variants"]["hf_eager"] = {"times_s": [1.0, 1.0]}  # second shape only
     panels = plots.moe_layer_panels(payload)
     fig = plots.draw(panels, "t")
     try:
         _, labels = fig.axes[2].get_legend_handles_labels()
-        assert labels == ["hf_eager"]
+        assert sorted(labels) == ["hf_eager", "hf_grouped_mm"]
     finally:
         plt.close(fig)
