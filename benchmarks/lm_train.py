@@ -10,10 +10,18 @@ backward + optimizer step. Steps are interleaved across presets in rounds (a
 few steps of each preset per round) so that all presets share the machine's
 load; tokens/s = tokens per step / median step time.
 
+``--compile`` adds a ``torch.compile``d twin of every model (same initial
+weights, compiled in place as ``mtl train compile=true`` does), timed in the
+same rounds: the table then also gives each compiled model against its eager
+twin, and each compiled preset against the compiled dense model. The first
+calls, which compile, are warm-up and not timed; their time is in the JSON
+(``warmup_s``).
+
 Usage::
 
     python benchmarks/lm_train.py            # every preset
     python benchmarks/lm_train.py --quick    # mixtral, olmoe, switch vs dense
+    python benchmarks/lm_train.py --compile  # ... and each one torch.compile'd
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from common import (
 )
 
 from mtl.data.text import TextDataModule
+from mtl.training.compile import compile_model
 from mtl.training.lm_module import build_lm
 
 CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -70,6 +79,11 @@ def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="*", default=None, help="presets to compare")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per preset")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time a torch.compile'd twin of every model (inductor defaults)",
+    )
     args = parser.parse_args()
     process = setup_process(args)
     names = args.presets or (QUICK_PRESETS if args.quick else presets())
@@ -90,9 +104,18 @@ def main() -> None:
         flush=True,
     )
     batches = list(dm.train_dataloader())
-    models = {n: build(n, dm.vocab_size) for n in ["lm_dense", *names]}
+    # variant key -> (preset, compiled); a compiled twin starts from the same weights
+    variants = {n: (n, False) for n in ["lm_dense", *names]}
+    if args.compile:
+        variants.update({f"{n}+compile": (n, True) for n in ["lm_dense", *names]})
+    models: dict[str, nn.Module] = {}
+    for key, (preset, compiled) in variants.items():
+        models[key] = build(preset, dm.vocab_size)
+        if compiled:
+            compile_model(models[key], True)
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in models.items()}
     losses: dict[str, float] = {}
+    warmup_s: dict[str, float] = {}
 
     def step(name: str, i: int) -> None:
         model, opt = models[name], opts[name]
@@ -107,9 +130,11 @@ def main() -> None:
         opt.step()
         losses[name] = float(ce.detach())
 
-    for n in models:  # warm-up
+    for n in models:  # warm-up (a compiled model compiles here)
+        t = time.perf_counter()
         for i in range(2):
             step(n, i)
+        warmup_s[n] = time.perf_counter() - t
     times: dict[str, list[float]] = {n: [] for n in models}
     order = list(models)
     for r in range(steps // per_round):
@@ -120,34 +145,42 @@ def main() -> None:
                 step(n, 2 + r * per_round + j)
                 times[n].append(time.perf_counter() - t)
     tokens = BATCH * BLOCK
-    dense_tps = tokens / median(times["lm_dense"])
     rows = []
-    for n, m in models.items():
-        counts = m.parameter_counts()
-        tps = tokens / median(times[n])
-        rows.append(
-            {
-                "preset": n,
-                "params_total": counts["total"],
-                "params_active": counts["active"],
-                "median_step_s": median(times[n]),
-                "tokens_per_s": tps,
-                "vs_dense": tps / dense_tps,
-                "step_times_s": times[n],
-                "last_train_ce": losses[n],
-            }
-        )
-    head = ["preset", "params", "active", "step ms", "tokens/s", "vs dense"]
+    for key, model in models.items():
+        preset, compiled = variants[key]
+        counts = model.parameter_counts()  # type: ignore[operator]
+        tps = tokens / median(times[key])
+        dense_key = "lm_dense+compile" if compiled else "lm_dense"
+        row: dict[str, Any] = {
+            "preset": preset,
+            "compiled": compiled,
+            "params_total": counts["total"],
+            "params_active": counts["active"],
+            "median_step_s": median(times[key]),
+            "tokens_per_s": tps,
+            "vs_dense": tps / (tokens / median(times[dense_key])),
+            "step_times_s": times[key],
+            "warmup_s": warmup_s[key],
+            "last_train_ce": losses[key],
+        }
+        if compiled:
+            row["vs_eager"] = median(times[preset]) / median(times[key])
+        rows.append(row)
+    head = ["preset", "variant", "params", "active", "step ms", "tokens/s", "vs dense"]
+    if args.compile:
+        head.append("vs eager")
     table = markdown_table(
         head,
         [
             [
                 r["preset"],
+                "compiled" if r["compiled"] else "eager",
                 fmt_num(r["params_total"]),
                 fmt_num(r["params_active"]),
                 f"{r['median_step_s'] * 1e3:.0f}",
                 fmt_num(r["tokens_per_s"]),
                 f"{r['vs_dense']:.2f}x",
+                *([f"{r['vs_eager']:.2f}x" if r["compiled"] else "-"] if args.compile else []),
             ]
             for r in rows
         ],
@@ -157,7 +190,13 @@ def main() -> None:
         "lm_train",
         {
             "env": env,
-            "config": {"block": BLOCK, "batch": BATCH, "steps": steps, "corpus": dm.source},
+            "config": {
+                "block": BLOCK,
+                "batch": BATCH,
+                "steps": steps,
+                "corpus": dm.source,
+                "compile": args.compile,
+            },
             "results": rows,
         },
         args.out,

@@ -148,23 +148,46 @@ def _by_seed(row: Mapping[str, Any]) -> list[list[float]]:
 
 
 def lm_train_panels(payload: Mapping[str, Any]) -> list[Panel]:
-    """Per step, each preset's tokens/s over lm_dense's (steps of one round paired)."""
-    rows = {r["preset"]: r for r in payload["results"]}
-    if "lm_dense" not in rows:
+    """Per step, each preset's tokens/s over lm_dense's (steps of one round paired).
+
+    With ``--compile`` rows (``"compiled": true``) the first panel also shows
+    each compiled preset over the compiled dense model, and a second panel each
+    compiled model over its eager twin.
+    """
+    eager = {r["preset"]: r for r in payload["results"] if not r.get("compiled")}
+    compiled = {r["preset"]: r for r in payload["results"] if r.get("compiled")}
+    if "lm_dense" not in eager:
         raise ValueError("lm_train JSON has no lm_dense row to compare with")
-    dense = rows["lm_dense"]["step_times_s"]
     panel = Panel(
-        title="MoE presets vs the dense LM (same active parameters)",
+        title="MoE presets vs dense LM (same active params)",
         ylabel="tokens/s / lm_dense's",
         target=1.0,
         target_label="dense",
     )
-    for name, row in rows.items():
-        if name != "lm_dense":
-            panel.groups[name.removeprefix("lm_")] = {
-                "preset": paired_ratios(row["step_times_s"], dense)
-            }
-    return [panel]
+    for name, row in eager.items():
+        if name == "lm_dense":
+            continue
+        group = {"eager": paired_ratios(row["step_times_s"], eager["lm_dense"]["step_times_s"])}
+        if name in compiled and "lm_dense" in compiled:
+            group["compiled"] = paired_ratios(
+                compiled[name]["step_times_s"], compiled["lm_dense"]["step_times_s"]
+            )
+        panel.groups[name.removeprefix("lm_")] = group
+    panels = [panel]
+    if compiled:
+        twins = Panel(
+            title="torch.compile vs eager, same model",
+            ylabel="compiled tokens/s / eager's",
+            target=1.0,
+            target_label="eager",
+        )
+        for name, row in compiled.items():
+            if name in eager:
+                twins.groups[name.removeprefix("lm_")] = {
+                    "compiled": paired_ratios(row["step_times_s"], eager[name]["step_times_s"])
+                }
+        panels.append(twins)
+    return panels
 
 
 def panels_for(payload: Mapping[str, Any], source: str = "payload") -> list[Panel]:

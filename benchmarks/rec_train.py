@@ -10,6 +10,9 @@ initialisation); the script stops if the parameter counts differ.
 * ``mtl``             -- :class:`mtl.training.RecModule` (embedding + model +
   loss) in a plain loop over mtl's :class:`TensorBatchLoader` (tensor slicing).
 * ``mtl_bf16``        -- the same under CPU bf16 autocast (``precision: bf16-mixed``).
+* ``mtl_compile``     -- the same with the model ``torch.compile``d (``compile: true``);
+  only when asked for. Its first epoch includes the compilation, which the
+  median over three or more epochs leaves out.
 * ``rechub``          -- torch-rechub's ``MMOE`` fed the way its trainers do:
   a ``torch.utils.data.DataLoader`` over its ``TorchDataset`` of per-feature
   arrays (per-sample indexing and collation).
@@ -66,6 +69,7 @@ from common import (
 from mtl.data.datamodule import RecDataModule
 from mtl.data.features import FeatureSpec
 from mtl.data.tabular import RecBatch, TabularTensors, TensorBatchLoader
+from mtl.training.compile import compile_model
 from mtl.training.rec_module import RecModule
 
 CENSUS_PATH = REPO_ROOT.parent / "shared" / "data" / "census-income-kdd" / "census-income.test.gz"
@@ -152,13 +156,19 @@ class Variant:
 
 
 def mtl_variant(
-    dm: RecDataModule, model_cfg: dict[str, Any], label: str, bf16: bool = False, seed: int = 0
+    dm: RecDataModule,
+    model_cfg: dict[str, Any],
+    label: str,
+    bf16: bool = False,
+    seed: int = 0,
+    compiled: bool = False,
 ) -> Variant:
     """mtl's RecModule in a plain training loop over its TensorBatchLoader.
 
     With ``bf16`` the forward runs under CPU bf16 autocast (what the trainer's
     ``precision: bf16-mixed`` does); weights, optimizer and losses stay float32.
-    ``seed`` sets the initialisation and the batch order.
+    ``seed`` sets the initialisation and the batch order. ``compiled`` compiles
+    the model in place as ``mtl train compile=true`` does.
     """
     torch.manual_seed(seed)
     module = RecModule(
@@ -168,6 +178,7 @@ def mtl_variant(
         embedding={"init_std": EMBED_INIT_STD},
         diagnostics=False,
     )
+    compile_model(module.model, compiled)
     opt = module.configure_optimizers()
     loader: TensorBatchLoader = dm.train_dataloader()
     loader.seed += seed * 1_000_003  # seed 0: the datamodule's own order
@@ -420,11 +431,13 @@ def bench_dataset(
     builders: dict[str, Callable[[int], list[Variant]]] = {
         "mtl": lambda s: [mtl_variant(dm, mmoe, "mtl", seed=s)],
         "mtl_bf16": lambda s: [mtl_variant(dm, mmoe, "mtl_bf16", bf16=True, seed=s)],
+        "mtl_compile": lambda s: [mtl_variant(dm, mmoe, "mtl_compile", seed=s, compiled=True)],
         "home": lambda s: [mtl_variant(dm, dict(HOME), "mtl", seed=s)],
         "home_bf16": lambda s: [mtl_variant(dm, dict(HOME), "mtl_bf16", bf16=True, seed=s)],
         "rechub": lambda s: rechub_variants(dm, seed=s) if with_rechub else [],
     }
-    chosen = only or (["mtl", "mtl_bf16", "home", "rechub"] if quick else list(builders))
+    every = [v for v in builders if v != "mtl_compile"]  # compiling: only when asked for
+    chosen = only or (["mtl", "mtl_bf16", "home", "rechub"] if quick else every)
     same: dict[str, float] | None = None
     if with_rechub and "rechub" in chosen:
         same = same_network_check(dm, mmoe)
@@ -542,7 +555,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="*",
-        choices=["mtl", "mtl_bf16", "home", "home_bf16", "rechub"],
+        choices=["mtl", "mtl_bf16", "mtl_compile", "home", "home_bf16", "rechub"],
         default=None,
         help="run only these (rechub = both rechub feeds); default: all",
     )

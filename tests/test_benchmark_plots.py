@@ -124,10 +124,30 @@ def test_lm_train_panels_are_relative_to_dense() -> None:
         ]
     }
     (panel,) = plots.lm_train_panels(payload)
-    assert panel.groups == {"mixtral": {"preset": [0.5, 0.8]}}
+    assert panel.groups == {"mixtral": {"eager": [0.5, 0.8]}}
     payload["results"].pop(0)
     with pytest.raises(ValueError, match="no lm_dense row"):
         plots.lm_train_panels(payload)
+
+
+def test_lm_train_compiled_rows_pair_with_compiled_dense_and_their_eager_twin() -> None:
+    payload = {
+        "results": [
+            {"preset": "lm_dense", "step_times_s": [0.1, 0.2]},
+            {"preset": "lm_mixtral", "step_times_s": [0.2, 0.25]},
+            {"preset": "lm_dense", "compiled": True, "step_times_s": [0.05, 0.4]},
+            {"preset": "lm_mixtral", "compiled": True, "step_times_s": [0.1, 0.4]},
+        ]
+    }
+    presets, twins = plots.lm_train_panels(payload)
+    # eager against eager dense; compiled against compiled dense: 0.05/0.1, 0.4/0.4
+    assert presets.groups == {"mixtral": {"eager": [0.5, 0.8], "compiled": [0.5, 1.0]}}
+    # each compiled model over its eager twin, step by step: 0.1/0.05, 0.2/0.4; 0.2/0.1, 0.25/0.4
+    assert twins.groups == {
+        "dense": {"compiled": [2.0, 0.5]},
+        "mixtral": {"compiled": [2.0, 0.625]},
+    }
+    assert twins.target == 1.0
 
 
 def test_unknown_json_is_named_in_the_error(tmp_path: Path) -> None:

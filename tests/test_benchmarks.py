@@ -55,6 +55,26 @@ def test_lm_train_reports_every_preset_against_dense(tmp_path: Path) -> None:
     assert rows["lm_mixtral"]["params_total"] > rows["lm_mixtral"]["params_active"]
 
 
+def test_lm_train_compile_times_a_compiled_twin_of_every_model(tmp_path: Path) -> None:
+    result = _run(
+        "lm_train.py",
+        tmp_path / "lm.json",
+        *("--presets", "lm_mixtral", "--steps", "2", "--compile"),
+    )
+    rows = {(r["preset"], r["compiled"]): r for r in result["results"]}
+    assert set(rows) == {(p, c) for p in ("lm_dense", "lm_mixtral") for c in (False, True)}
+    assert result["config"]["compile"] is True
+    for preset in ("lm_dense", "lm_mixtral"):
+        eager, compiled = rows[(preset, False)], rows[(preset, True)]
+        # same initial weights and batches: the twin trains to the same loss
+        assert compiled["last_train_ce"] == pytest.approx(eager["last_train_ce"], abs=1e-4)
+        ratio = eager["median_step_s"] / compiled["median_step_s"]
+        assert compiled["vs_eager"] == pytest.approx(ratio)
+        assert "vs_eager" not in eager
+    assert rows[("lm_dense", True)]["vs_dense"] == 1.0
+    assert (tmp_path / "lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_rec_train_trains_mtl_mmoe_on_the_synthetic_log(tmp_path: Path) -> None:
     result = _run(
         "rec_train.py",

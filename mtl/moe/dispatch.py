@@ -158,6 +158,15 @@ class DroplessDispatch(nn.Module):
     chunk_rows: int = 1024
 
     def forward(self, x_TD: Tensor, routing: RoutingResult, experts: Experts) -> DispatchResult:
+        if torch.compiler.is_compiling():
+            # The row layout is sized from per-expert counts read back to the host
+            # (chunk bounds, padded capacity): traced, each new set of counts would
+            # be baked in and recompile the graph. Under torch.compile the dispatch
+            # runs eagerly between the compiled graphs of the router and the rest.
+            return _dispatch_eagerly(self, x_TD, routing, experts)
+        return self._dispatch(x_TD, routing, experts)
+
+    def _dispatch(self, x_TD: Tensor, routing: RoutingResult, experts: Experts) -> DispatchResult:
         T, K = routing.experts_TK.shape
         E = experts.num_experts
         flat_ids = routing.experts_TK.reshape(-1)
@@ -249,6 +258,13 @@ def _fusable(experts: Experts, x_TD: Tensor) -> bool:
     )
 
 
+@torch.compiler.disable
+def _dispatch_eagerly(
+    dispatch: DroplessDispatch, x_TD: Tensor, routing: RoutingResult, experts: Experts
+) -> DispatchResult:
+    return dispatch._dispatch(x_TD, routing, experts)
+
+
 class CapacityDispatch(nn.Module):
     """Fixed expert capacity with token dropping (GShard, Switch Transformer).
 
@@ -301,8 +317,10 @@ class CapacityDispatch(nn.Module):
         # kept slots write to row e * C + pos; dropped ones to a dummy row E * C
         row_N = torch.where(kept_N, ids_KT.reshape(-1) * C + pos_N, E * C)
         token_N = torch.arange(T, device=x_TD.device).repeat(K)
+        # every slot is copied, the dropped ones all onto the dummy row: no boolean
+        # indexing, whose data-dependent size is a host sync (and a torch.compile break)
         buffer = x_TD.new_zeros(E * C + 1, x_TD.shape[-1])
-        buffer = buffer.index_copy(0, row_N[kept_N], x_TD[token_N[kept_N]])
+        buffer = buffer.index_copy(0, row_N, x_TD[token_N])
         y_ECD = experts.forward_all(buffer[: E * C].view(E, C, -1))
         y_rows = torch.cat([y_ECD.reshape(E * C, -1), y_ECD.new_zeros(1, y_ECD.shape[-1])])
         y_KTD = y_rows[row_N].view(K, T, -1)

@@ -49,6 +49,10 @@ def grouped_mm_supported(x: Tensor, w_EDH: Tensor) -> bool:
     if x.device.type == "cpu":
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False
+        if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            # the kernel's meta function (what torch.compile traces with) accepts
+            # bf16 only, the CUDA rule, although the CPU kernel runs all three
+            return False
         # the CPU path needs 16-byte aligned row strides on both operands
         item = x.element_size()
         return (x.shape[-1] * item) % 16 == 0 and (w_EDH.shape[-1] * item) % 16 == 0

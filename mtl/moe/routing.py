@@ -135,7 +135,7 @@ def bin_counts(
         num_bins: length of the result.
         weights: same shape as ``ids``, or None to count.
         scatter: force (True) or forbid (False) the ``scatter_add_`` path;
-            ``None`` takes it off CPU.
+            ``None`` takes it off CPU and under ``torch.compile``.
 
     Returns:
         ``(num_bins,)`` int64 counts, or sums of ``weights`` in their dtype.
@@ -147,7 +147,10 @@ def bin_counts(
         [0.5, 0.0, 2.0]
     """
     flat = ids.reshape(-1)
-    use_scatter = flat.device.type != "cpu" if scatter is None else scatter
+    if scatter is None:
+        # bincount's output length depends on the data: torch.compile would break the graph
+        scatter = flat.device.type != "cpu" or torch.compiler.is_compiling()
+    use_scatter = scatter
     if not use_scatter:
         w = None if weights is None else weights.reshape(-1)
         out = torch.bincount(flat, weights=w, minlength=num_bins)

@@ -293,14 +293,16 @@ class LMModule(pl.LightningModule):
         gen = None
         if seed is not None:
             gen = torch.Generator(device=device).manual_seed(seed)
-        out = generate_ids(
-            self.model,
-            ids.view(1, -1).to(device),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            generator=gen,
-        )
+        # a compiled model (config `compile`) would recompile for every prompt length
+        with torch.compiler.set_stance("force_eager"):
+            out = generate_ids(
+                self.model,
+                ids.view(1, -1).to(device),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                generator=gen,
+            )
         return self.tokenizer.decode(out[0].cpu())
 
     def _start_ids(self) -> Tensor:

@@ -30,6 +30,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from mtl.data.text import TextDataModule
 from mtl.moe import SigmoidBiasGate
+from mtl.training.compile import compile_model
 from mtl.training.config import resume_checkpoint_path, start_run, trainer_kwargs_from
 from mtl.training.lm_module import AuxFreeBiasUpdate, LMModule
 
@@ -136,6 +137,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         optim=cfg.get("optim"),
         max_steps=max_steps if max_steps > 0 else None,
     )
+    compile_model(module.model, cfg.get("compile"))
     ckpt_dir = out_dir / "checkpoints"
     callbacks = _callbacks(
         cfg, module, ckpt_dir, progress_bar=bool(trainer_kwargs.get("enable_progress_bar", True))

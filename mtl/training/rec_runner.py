@@ -26,6 +26,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from mtl.data.datamodule import RecDataModule
+from mtl.training.compile import compile_model
 from mtl.training.config import (
     compose_config,
     resume_checkpoint_path,
@@ -155,6 +156,7 @@ def _train(cfg: DictConfig, out_dir: Path, datamodule: RecDataModule | None) -> 
         seed=int(cfg.seed),
         diagnostics=bool(cfg.get("diagnostics", True)),
     )
+    compile_model(module.model, cfg.get("compile"))
     monitor, mode = resolve_monitor(cfg, module)
     ckpt_dir = out_dir / "checkpoints"
     ckpt_cfg = cfg.get("checkpoint") or {}
