@@ -111,6 +111,26 @@ def test_compiled_rec_run_equals_eager(tmp_path: Path) -> None:
         assert comp["test"][key] == pytest.approx(value, abs=1e-5), key
 
 
+def test_compiled_census_mmoe_does_not_keep_recompiling(tmp_path: Path, census_path: Path) -> None:
+    """Several embedding tables, folded and gathered: a frame specialised per table or per
+    fold-plan list length would recompile for every one of them and hit the limit."""
+    overrides = [
+        "experiment=census_mmoe",
+        f"data.path={census_path}",
+        "data.batch_size=1024",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+        "num_threads=1",
+    ]
+    eager = run_train(compose_config("train", [*overrides, f"output_dir={tmp_path / 'e'}"]))
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=4):
+        comp = run_train(compose_config("train", [*overrides, AOT, f"output_dir={tmp_path / 'c'}"]))
+    for key, value in eager["test"].items():
+        assert comp["test"][key] == pytest.approx(value, abs=1e-5), key
+
+
 @pytest.mark.slow
 def test_inductor_compiled_moe_lm_trains_like_eager() -> None:
     """Inductor itself (C++ codegen) on an OLMoE-style and a Switch-style LM, 3 AdamW steps."""

@@ -278,9 +278,10 @@ class FeatureEmbedding(nn.Module):
                 parts[j] = emb_BFd[:, i]
         return parts
 
-    def _gather(self, t: int, idx_BF: torch.Tensor) -> torch.Tensor:
+    def _gather(self, t: int, idx_BF: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """(B, F_t) per-feature indices -> (B, F_t, width) from table ``t``."""
-        self._check_range(t, idx_BF)
+        if check:
+            self._check_range(t, idx_BF)
         rows = idx_BF + getattr(self, f"offsets_{t}")
         weight = self.tables[t].weight
         if weight.device.type == "cpu":
@@ -395,7 +396,8 @@ class FeatureEmbedding(nn.Module):
             # split, not slices: a slice's backward zero-fills a gradient of w_DN's full size
             w_cat, w_num = w_DN.split([self._cat_width, self.n_numeric])
             z_BN: torch.Tensor | None = None
-            for t, cols in enumerate(self._columns):
+            idx, plans = self._checked_indices_and_plans(cat)
+            for t, (idx_BF, plan) in enumerate(zip(idx, plans, strict=True)):
                 span = self._w_span[t]
                 if span == (0, self._cat_width):
                     w_XN = w_cat
@@ -403,19 +405,34 @@ class FeatureEmbedding(nn.Module):
                     w_XN = w_cat[span[0] : span[1]]
                 else:
                     w_XN = w_cat[getattr(self, f"w_rows_{t}")]
-                idx_BF = cat if len(self._columns) == 1 else cat[:, cols]
-                flags = self.bucket_folds(t, B)
-                if not any(flags):
-                    part = self._gather(t, idx_BF).reshape(B, -1).float() @ w_XN
+                if plan is None:
+                    part = self._gather(t, idx_BF, check=False).reshape(B, -1).float() @ w_XN
                 else:
-                    self._check_range(t, idx_BF)
-                    part = self._project_folded(t, idx_BF, w_XN, self._fold_plan(t, flags))
+                    part = self._project_folded(t, idx_BF, w_XN, plan)
                 z_BN = part if z_BN is None else z_BN + part
             if self.n_numeric:
                 z_BN = num.float() @ w_num if z_BN is None else z_BN.addmm_(num.float(), w_num)
         if z_BN is None:
             return w_DN.new_zeros(B, w_DN.shape[1])
         return z_BN
+
+    # Eager under torch.compile: the range check branches on the data and the plans
+    # come from a cache; kept out of project's loop, they break the graph once, not
+    # per table (a break inside a loop makes dynamo give up on the whole frame).
+    @torch.compiler.disable
+    def _checked_indices_and_plans(
+        self, cat: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[_FoldPlan | None]]:
+        """Per table: its ``(B, F_t)`` index columns (range-checked) and its fold plan, or None."""
+        idx: list[torch.Tensor] = []
+        plans: list[_FoldPlan | None] = []
+        for t, cols in enumerate(self._columns):
+            idx_BF = cat if len(self._columns) == 1 else cat[:, cols]
+            self._check_range(t, idx_BF)
+            flags = self.bucket_folds(t, cat.shape[0])
+            idx.append(idx_BF)
+            plans.append(self._fold_plan(t, flags) if any(flags) else None)
+        return idx, plans
 
     def _project_folded(
         self, t: int, idx_BF: torch.Tensor, w_XN: torch.Tensor, plan: _FoldPlan
