@@ -107,6 +107,25 @@ def git_commit() -> str | None:
         return None
 
 
+def git_dirty(root: Path = REPO_ROOT) -> bool | None:
+    """Whether tracked files differ from the commit (the figures then come from neither).
+
+    None outside git. Untracked and ignored files (``benchmarks/out``) do not count.
+    """
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return bool(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
     env: dict[str, Any] = {
@@ -118,6 +137,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m_start": os.getloadavg()[0],
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -268,7 +268,8 @@ def plot_file(json_path: Path, png_path: Path | None = None) -> Path:
     seeds = " (AUC: one seed)" if any(p.ylabel == AUC_LABEL for p in panels) else ""
     title = (
         f"{Path(json_path).name}: each dot one timed round{seeds}, each tick their median\n"
-        f"{env.get('started', '?')}, commit {env.get('git_commit', '?')}, {env.get('device', '?')}"
+        f"{env.get('started', '?')}, commit {env.get('git_commit', '?')}"
+        f"{' + uncommitted changes' if env.get('git_dirty') else ''}, {env.get('device', '?')}"
     )
     fig = draw(panels, title)
     out = Path(png_path) if png_path is not None else Path(json_path).with_suffix(".png")
