@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 5 in one call, for a machine with a CUDA GPU and torch
 # (the device tool's machines have no Hydra, polars or Lightning, and no registry):
-#   1. tests/test_cuda.py: the CUDA paths against CPU references, and the bf16
-#      MoE layer step with no host sync;
+#   1. tests/test_cuda.py: the CUDA paths against CPU references, the bf16
+#      MoE layer step with no host sync, and a torch.compile'd MoE LM against
+#      its eager twin (aot_eager, and inductor where triton imports);
 #   2. benchmarks/moe_layer.py in bf16: tokens/s and peak memory against the
 #      dense SwiGLU FFN, the per-expert loop and (where transformers imports)
 #      HF's MixtralSparseMoeBlock;
