@@ -573,6 +573,11 @@ def main() -> None:
     MMOE_CFG.update(SIZES[args.size])
     process = setup_process(args)
     epochs = args.epochs or (3 if args.quick else 5)
+    if args.variants and "mtl_compile" in args.variants and epochs < 3:
+        parser.error(
+            f"mtl_compile needs --epochs 3 or more: its first epoch compiles, and the "
+            f"median of {epochs} epoch(s) would time the compilation"
+        )
     version = rechub_available()
     if version is None:
         print(

@@ -75,6 +75,15 @@ def test_lm_train_compile_times_a_compiled_twin_of_every_model(tmp_path: Path) -
     assert (tmp_path / "lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_rec_train_compiled_variant_needs_three_epochs(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "rec_train.py"), "--quick"]
+    cmd += ["--variants", "mtl_compile", "--epochs", "2", "--out", str(tmp_path / "r.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "mtl_compile needs --epochs 3 or more" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_rec_train_trains_mtl_mmoe_on_the_synthetic_log(tmp_path: Path) -> None:
     result = _run(
         "rec_train.py",

@@ -139,6 +139,10 @@ class DroplessDispatch(nn.Module):
     in one autograd node, a few experts at a time, so that no full-size
     temporary is allocated.
 
+    Under ``torch.compile`` the dispatch runs eagerly between the compiled
+    graphs (one graph break): its row layout is sized from per-expert counts
+    read back to the host, and traced, every new routing would recompile.
+
     Attributes:
         max_padding: largest padded-layout overhead, as a fraction of the real
             rows, accepted before switching to the sorted layout.

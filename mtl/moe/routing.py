@@ -150,8 +150,7 @@ def bin_counts(
     if scatter is None:
         # bincount's output length depends on the data: torch.compile would break the graph
         scatter = flat.device.type != "cpu" or torch.compiler.is_compiling()
-    use_scatter = scatter
-    if not use_scatter:
+    if not scatter:
         w = None if weights is None else weights.reshape(-1)
         out = torch.bincount(flat, weights=w, minlength=num_bins)
         if out.shape[0] != num_bins:

@@ -15,7 +15,8 @@ row layout is sized from per-expert counts read back to the host, which would
 recompile the graph at every new routing). Whether it pays off depends on the
 model and the device: on the 2-core CPU of ``benchmarks/RESULTS.md`` the LM
 presets gained a little and the recommender models lost (inductor's CPU
-batch-norm code), so measure with ``benchmarks/lm_train.py --compile`` first.
+batch-norm code), so measure first: ``benchmarks/lm_train.py --compile``,
+``benchmarks/rec_train.py --variants mtl mtl_compile``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
+
+from mtl.config_values import to_plain
 
 COMPILE_KEYS = frozenset({"backend", "mode", "dynamic", "fullgraph", "options"})
 """The ``torch.compile`` keyword arguments a ``compile`` mapping may set."""
@@ -82,7 +85,7 @@ def compile_model(model: nn.Module, value: Any) -> bool:
         >>> compile_model(layer, {"backend": "eager"}), list(layer.state_dict())
         (True, ['weight', 'bias'])
     """
-    options = compile_options(value)
+    options = compile_options(to_plain(value))
     if options is None:
         return False
     model.compile(**options)

@@ -60,6 +60,20 @@ def test_bad_compile_values_name_what_is_wrong(value: object, match: str) -> Non
         compile_options(value)
 
 
+def test_compile_model_hands_torch_compile_plain_values_from_a_config() -> None:
+    from omegaconf import OmegaConf
+
+    class Recorder(torch.nn.Linear):
+        def compile(self, **kwargs: object) -> None:  # type: ignore[override]
+            self.kwargs = kwargs
+
+    model = Recorder(2, 2)
+    value = OmegaConf.create({"backend": "inductor", "options": {"max_autotune": True}})
+    assert compile_model(model, value) is True
+    assert model.kwargs == {"backend": "inductor", "options": {"max_autotune": True}}
+    assert type(model.kwargs["options"]) is dict
+
+
 def test_compiled_model_keeps_its_state_dict_keys() -> None:
     cfg = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "max_seq_len": 8}
     model = build_lm(cfg, vocab_size=11)
