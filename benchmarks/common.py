@@ -91,20 +91,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str | None:
-    """Commit of the working tree (read-only query), or None outside git."""
+def _git(*args: str, root: Path = REPO_ROOT) -> str | None:
+    """Standard output of a read-only git command in ``root``, or None outside git."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
         )
-        return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout
+
+
+def git_commit() -> str | None:
+    """Commit of the working tree (read-only query), or None outside git."""
+    out = _git("rev-parse", "--short", "HEAD")
+    return None if out is None else out.strip()
 
 
 def git_dirty(root: Path = REPO_ROOT) -> bool | None:
@@ -112,18 +113,8 @@ def git_dirty(root: Path = REPO_ROOT) -> bool | None:
 
     None outside git. Untracked and ignored files (``benchmarks/out``) do not count.
     """
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return bool(out.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None
+    out = _git("status", "--porcelain", "--untracked-files=no", root=root)
+    return None if out is None else bool(out.strip())
 
 
 def environment(device: torch.device) -> dict[str, Any]:

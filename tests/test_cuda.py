@@ -126,17 +126,22 @@ def test_bf16_moe_layer_step_makes_no_host_sync(E: int, k: int) -> None:
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
 
 
-def test_lm_training_step_on_the_device_matches_cpu() -> None:
+def _tiny_moe_lm(num_experts: int) -> TransformerLM:
+    """A 2-layer top-2 SwiGLU MoE LM, seeded."""
     torch.manual_seed(0)
     # factories, not ``_target_`` mappings: those go through Hydra, absent on GPU machines
     spec = {
-        "gate": partial(TopKGate, num_experts=4, k=2, renormalize=True),
-        "experts": partial(ExpertBank.swiglu, num_experts=4, d_hidden=32),
+        "gate": partial(TopKGate, num_experts=num_experts, k=2, renormalize=True),
+        "experts": partial(ExpertBank.swiglu, num_experts=num_experts, d_hidden=32),
         "aux_loss_weights": {"load_balance": 0.01, "z_loss": 0.001},
     }
-    cpu = TransformerLM(
+    return TransformerLM(
         vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, moe=spec
     )
+
+
+def test_lm_training_step_on_the_device_matches_cpu() -> None:
+    cpu = _tiny_moe_lm(4)
     dev = copy.deepcopy(cpu).to(DEVICE)
     idx = torch.randint(0, 50, (4, 16))
     targets = torch.randint(0, 50, (4, 16))
@@ -210,15 +215,7 @@ def test_compiled_moe_lm_on_the_device_matches_eager(backend: str) -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    spec = {
-        "gate": partial(TopKGate, num_experts=8, k=2, renormalize=True),
-        "experts": partial(ExpertBank.swiglu, num_experts=8, d_hidden=32),
-        "aux_loss_weights": {"load_balance": 0.01, "z_loss": 0.001},
-    }
-    eager = TransformerLM(
-        vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, moe=spec
-    ).to(DEVICE)
+    eager = _tiny_moe_lm(8).to(DEVICE)
     compiled = copy.deepcopy(eager)
     compiled.compile(backend=_backend_or_skip(backend))
     gen = torch.Generator().manual_seed(1)
