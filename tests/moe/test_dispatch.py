@@ -165,6 +165,32 @@ def test_dropless_output_of_a_sample_is_independent_of_the_batch() -> None:
         torch.testing.assert_close(layer(batch).output[:1], alone, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_capacity_equals_the_loop_over_kept_slots_outputs_and_gradients(k: int) -> None:
+    # dropped slots are copied onto a dummy row that no expert output reads: they must
+    # get no output and send no gradient back to their tokens, their weights or the experts
+    torch.manual_seed(7 + k)
+    T, D, H, E = 64, 12, 20, 4
+    bank = ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=H)
+    gate = TopKGate(d_model=D, num_experts=E, k=k, renormalize=True)
+    disp = CapacityDispatch(capacity_factor=0.6)
+    x = torch.randn(T, D, requires_grad=True)
+    routing = gate(x)
+    res = disp(x, routing, bank)
+    assert 0 < int((~res.kept_TK).sum()) < T * k  # some slots dropped, some kept
+    ref = loop_moe(bank, x, routing.weights_TK, routing.experts_TK, keep_TK=res.kept_TK)
+    torch.testing.assert_close(res.output_TD, ref, rtol=1e-5, atol=1e-5)
+
+    g = torch.randn_like(ref)
+    params = [x, gate.proj.weight, *bank.parameters()]
+    grads = torch.autograd.grad((res.output_TD * g).sum(), params)
+    routing2 = gate(x)
+    ref2 = loop_moe(bank, x, routing2.weights_TK, routing2.experts_TK, keep_TK=res.kept_TK)
+    ref_grads = torch.autograd.grad((ref2 * g).sum(), params)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_capacity_output_of_a_sample_depends_on_the_batch() -> None:
     """Documents the token-dropping side channel: other requests change your output."""
     layer = _layer(CapacityDispatch(capacity_factor=1.0))
