@@ -161,16 +161,12 @@ class DroplessDispatch(nn.Module):
     max_padding: float = 0.25
     chunk_rows: int = 1024
 
+    # The row layout is sized from per-expert counts read back to the host (chunk
+    # bounds, padded capacity): traced, each new set of counts would be baked in and
+    # recompile the graph. Under torch.compile the dispatch runs eagerly between the
+    # compiled graphs of the router and the rest.
+    @torch.compiler.disable
     def forward(self, x_TD: Tensor, routing: RoutingResult, experts: Experts) -> DispatchResult:
-        if torch.compiler.is_compiling():
-            # The row layout is sized from per-expert counts read back to the host
-            # (chunk bounds, padded capacity): traced, each new set of counts would
-            # be baked in and recompile the graph. Under torch.compile the dispatch
-            # runs eagerly between the compiled graphs of the router and the rest.
-            return _dispatch_eagerly(self, x_TD, routing, experts)
-        return self._dispatch(x_TD, routing, experts)
-
-    def _dispatch(self, x_TD: Tensor, routing: RoutingResult, experts: Experts) -> DispatchResult:
         T, K = routing.experts_TK.shape
         E = experts.num_experts
         flat_ids = routing.experts_TK.reshape(-1)
@@ -260,13 +256,6 @@ def _fusable(experts: Experts, x_TD: Tensor) -> bool:
         and experts._is_plain_swiglu()
         and (experts.weights[0].dtype == x_TD.dtype or torch.is_autocast_enabled("cpu"))
     )
-
-
-@torch.compiler.disable
-def _dispatch_eagerly(
-    dispatch: DroplessDispatch, x_TD: Tensor, routing: RoutingResult, experts: Experts
-) -> DispatchResult:
-    return dispatch._dispatch(x_TD, routing, experts)
 
 
 class CapacityDispatch(nn.Module):
