@@ -65,6 +65,11 @@ def presets() -> list[str]:
     return sorted(p.stem for p in CONF_DIR.glob("lm_*.yaml") if p.stem != "lm_dense")
 
 
+def variant_key(preset: str, compiled: bool) -> str:
+    """The name a model is timed under: its preset, ``+compile`` for the compiled twin."""
+    return f"{preset}+compile" if compiled else preset
+
+
 def build(name: str, vocab_size: int) -> nn.Module:
     """The preset's model, exactly as ``mtl train model=<name>`` builds it."""
     cfg: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
@@ -105,9 +110,11 @@ def main() -> None:
     )
     batches = list(dm.train_dataloader())
     # variant key -> (preset, compiled); a compiled twin starts from the same weights
-    variants = {n: (n, False) for n in ["lm_dense", *names]}
-    if args.compile:
-        variants.update({f"{n}+compile": (n, True) for n in ["lm_dense", *names]})
+    variants = {
+        variant_key(n, c): (n, c)
+        for c in ([False, True] if args.compile else [False])
+        for n in ["lm_dense", *names]
+    }
     models: dict[str, nn.Module] = {}
     for key, (preset, compiled) in variants.items():
         models[key] = build(preset, dm.vocab_size)
@@ -150,7 +157,7 @@ def main() -> None:
         preset, compiled = variants[key]
         counts = model.parameter_counts()  # type: ignore[operator]
         tps = tokens / median(times[key])
-        dense_key = "lm_dense+compile" if compiled else "lm_dense"
+        dense_key = variant_key("lm_dense", compiled)
         row: dict[str, Any] = {
             "preset": preset,
             "compiled": compiled,
@@ -164,7 +171,7 @@ def main() -> None:
             "last_train_ce": losses[key],
         }
         if compiled:
-            row["vs_eager"] = median(times[preset]) / median(times[key])
+            row["vs_eager"] = median(times[variant_key(preset, False)]) / median(times[key])
         rows.append(row)
     head = ["preset", "variant", "params", "active", "step ms", "tokens/s", "vs dense"]
     if args.compile:
