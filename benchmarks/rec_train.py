@@ -9,6 +9,8 @@ initialisation); the script stops if the parameter counts differ.
 
 * ``mtl``             -- :class:`mtl.training.RecModule` (embedding + model +
   loss) in a plain loop over mtl's :class:`TensorBatchLoader` (tensor slicing).
+* ``mtl_trainer``     -- the same model trained by pytorch-lightning's Trainer, as
+  ``mtl train`` runs it (``rec_lightning.py``): what a user's run gets.
 * ``mtl_bf16``        -- the same under CPU bf16 autocast (``precision: bf16-mixed``).
 * ``mtl_compile``     -- the same with the model ``torch.compile``d (``compile: true``);
   only when asked for. Its first epoch includes the compilation, which the
@@ -65,6 +67,7 @@ from common import (
     setup_process,
     write_json,
 )
+from rec_lightning import OneOptimizerRecModule, trainer_epoch_runner
 
 from mtl.data.datamodule import RecDataModule
 from mtl.data.features import FeatureSpec
@@ -145,11 +148,15 @@ def tensor_batches(t: TabularTensors, epoch: int, seed: int = 0) -> Iterator[Tab
 # ------------------------------------------------------------------------- variants
 @dataclass
 class Variant:
-    """One trainer: ``run_epoch(epoch)`` trains an epoch, ``predict(split)`` gives test probs."""
+    """One trainer: ``run_epoch(epoch)`` trains an epoch, ``predict(split)`` gives test probs.
+
+    ``run_epoch`` may return the epoch's seconds as it measured them itself (the
+    Lightning variant leaves its fit's set-up out); otherwise it is timed around.
+    """
 
     name: str
     model_name: str
-    run_epoch: Callable[[int], None]
+    run_epoch: Callable[[int], float | None]
     predict: Callable[[TabularTensors], Tensor]
     num_params: int
     epoch_times: list[float] = field(default_factory=list)
@@ -203,6 +210,36 @@ def mtl_variant(
 
     n = sum(p.numel() for p in module.parameters())
     return Variant(label, model_cfg["name"], run_epoch, predict, n)
+
+
+def trainer_variant(dm: RecDataModule, model_cfg: dict[str, Any], seed: int = 0) -> Variant:
+    """mtl's RecModule trained by pytorch-lightning's Trainer, as ``mtl train`` does.
+
+    Same module, optimizer, loader and seeds as :func:`mtl_variant`
+    (``rec_lightning.py`` says how the Trainer is set up and timed).
+    """
+    torch.manual_seed(seed)
+    module = OneOptimizerRecModule(
+        spec=dm.spec,
+        model=model_cfg,
+        optim={"name": "adam", "lr": LR},
+        embedding={"init_std": EMBED_INIT_STD},
+        seed=seed,
+        diagnostics=False,
+    )
+    loader: TensorBatchLoader = dm.train_dataloader()
+    loader.seed += seed * 1_000_003  # as in mtl_variant
+
+    @torch.no_grad()
+    def predict(t: TabularTensors) -> Tensor:
+        module.eval()
+        out = module(RecBatch(cat=t.cat_BF, num=t.num_BF, labels=t.labels_BT))
+        preds = module.predictions(out)
+        return torch.stack([preds[task] for task in module.task_names], dim=1)
+
+    n = sum(p.numel() for p in module.parameters())
+    run_epoch = trainer_epoch_runner(module, loader)
+    return Variant("mtl_trainer", model_cfg["name"], run_epoch, predict, n)
 
 
 def rechub_model(
@@ -391,8 +428,8 @@ def train_interleaved(variants: list[Variant], epochs: int) -> None:
     for epoch in range(epochs):
         for v in variants:
             t = time.perf_counter()
-            v.run_epoch(epoch)
-            v.epoch_times.append(time.perf_counter() - t)
+            seconds = v.run_epoch(epoch)
+            v.epoch_times.append(time.perf_counter() - t if seconds is None else seconds)
         print(
             f"    epoch {epoch}: "
             + ", ".join(f"{v.name}/{v.model_name} {v.epoch_times[-1]:.1f}s" for v in variants),
@@ -430,6 +467,7 @@ def bench_dataset(
     }
     builders: dict[str, Callable[[int], list[Variant]]] = {
         "mtl": lambda s: [mtl_variant(dm, mmoe, "mtl", seed=s)],
+        "mtl_trainer": lambda s: [trainer_variant(dm, mmoe, seed=s)],
         "mtl_bf16": lambda s: [mtl_variant(dm, mmoe, "mtl_bf16", bf16=True, seed=s)],
         "mtl_compile": lambda s: [mtl_variant(dm, mmoe, "mtl_compile", seed=s, compiled=True)],
         "home": lambda s: [mtl_variant(dm, dict(HOME), "mtl", seed=s)],
@@ -437,7 +475,7 @@ def bench_dataset(
         "rechub": lambda s: rechub_variants(dm, seed=s) if with_rechub else [],
     }
     every = [v for v in builders if v != "mtl_compile"]  # compiling: only when asked for
-    chosen = only or (["mtl", "mtl_bf16", "home", "rechub"] if quick else every)
+    chosen = only or (["mtl", "mtl_trainer", "mtl_bf16", "home", "rechub"] if quick else every)
     same: dict[str, float] | None = None
     if with_rechub and "rechub" in chosen:
         same = same_network_check(dm, mmoe)
@@ -555,7 +593,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="*",
-        choices=["mtl", "mtl_bf16", "mtl_compile", "home", "home_bf16", "rechub"],
+        choices=["mtl", "mtl_trainer", "mtl_bf16", "mtl_compile", "home", "home_bf16", "rechub"],
         default=None,
         help="run only these (rechub = both rechub feeds); default: all",
     )

@@ -4,7 +4,9 @@ Loss: next-token cross-entropy plus the model's weighted router losses. Logged:
 ``train/loss`` (cross-entropy), ``train/aux_loss`` and each router loss,
 ``train/ppl``, ``train/tokens_per_s``, ``val/loss``, ``val/ppl`` (exp of the
 token-weighted mean loss) and per MoE layer ``moe/layer{i}/load_max_over_mean``,
-``dropped_fraction``, ``router_entropy`` (plus their mean over layers).
+``dropped_fraction``, ``router_entropy`` (plus their mean over layers). Training
+values are logged on the steps that the logger writes or the progress bar shows
+(:func:`~mtl.training.step_logging.step_metrics_due`), not on every step.
 
 Checkpoints carry the tokenizer (state + fingerprint); resuming with data whose
 vocabulary differs raises :class:`VocabularyMismatchError` before any weight is
@@ -29,6 +31,7 @@ from mtl.data.tokenizers import Tokenizer
 from mtl.models.lm.generate import generate as generate_ids
 from mtl.models.lm.transformer import LMOutput, TransformerLM
 from mtl.moe import RoutingStats, SigmoidBiasGate
+from mtl.training.step_logging import step_metrics_due
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 DEFAULT_OPTIM: dict[str, Any] = {
@@ -186,17 +189,20 @@ class LMModule(pl.LightningModule):
         ce = self._loss(out, targets_BT)
         loss = ce + out.aux_loss
         B = inputs_BT.shape[0]
-        self.log("train/loss", ce, prog_bar=True, batch_size=B)
-        self.log("train/ppl", torch.exp(ce.detach()), batch_size=B)
-        if out.aux_losses:
-            self.log("train/aux_loss", out.aux_loss, batch_size=B)
-            for name, value in out.aux_losses.items():
-                self.log(f"train/aux/{name}", value, batch_size=B)
-        self._log_routing(out.layer_stats, "train", B)
+        # Step values only where the logger or the progress bar reads them: a step logs
+        # tens of keys (routing statistics per layer), ~0.6 ms each on CPU.
+        if step_metrics_due(self, batch_idx):
+            self.log("train/loss", ce, prog_bar=True, batch_size=B)
+            self.log("train/ppl", torch.exp(ce.detach()), batch_size=B)
+            if out.aux_losses:
+                self.log("train/aux_loss", out.aux_loss, batch_size=B)
+                for name, value in out.aux_losses.items():
+                    self.log(f"train/aux/{name}", value, batch_size=B)
+            self._log_routing(out.layer_stats, "train", B)
         return {"loss": loss, "layer_stats": out.layer_stats}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._step_start is None:
+        if self._step_start is None or not step_metrics_due(self, batch_idx):
             return
         if self.device.type == "cuda":  # kernels run asynchronously: wait for the step
             torch.cuda.synchronize(self.device)
@@ -372,6 +378,8 @@ class AuxFreeBiasUpdate(pl.Callback):
             if trainer.world_size > 1:
                 counts_E = trainer.strategy.reduce(counts_E, reduce_op="sum")
             gates[i].update_bias(counts_E)
+            if not step_metrics_due(pl_module, batch_idx):
+                continue
             pl_module.log(
                 f"moe/layer{i}/bias_absmax",
                 gates[i].expert_bias_E.abs().max(),

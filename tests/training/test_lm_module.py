@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
 
 from mtl.data.text import TextDataModule
 from mtl.data.tokenizers import CharTokenizer
@@ -94,6 +96,42 @@ def test_fit_logs_losses_throughput_and_routing(tmp_path: Path) -> None:
     assert torch.isclose(metrics["val/ppl"], metrics["val/loss"].exp())
     assert metrics["train/tokens_per_s"] > 0
     assert 1.0 <= metrics["moe/layer0/load_max_over_mean"] <= 4.0
+
+
+def test_fit_logs_step_values_only_where_logger_or_last_step_reads_them(tmp_path: Path) -> None:
+    dm = _dm(_text_file(tmp_path / "a.txt", "abcdefgh"))
+    module = LMModule(model=MODEL, tokenizer=dm.tokenizer, max_steps=10)
+    train_ce: list[float] = []
+    loss = module._loss
+
+    def recording(out: Any, targets_BT: torch.Tensor) -> torch.Tensor:
+        ce = loss(out, targets_BT)
+        if module.training:
+            train_ce.append(float(ce))
+        return ce
+
+    module._loss = recording  # type: ignore[method-assign]
+    calls: list[str] = []
+    log = module.log
+
+    def counting(name: str, *args: Any, **kw: Any) -> None:
+        calls.append(name)
+        log(name, *args, **kw)
+
+    module.log = counting  # type: ignore[method-assign]
+    trainer = _trainer(
+        tmp_path, 10, log_every_n_steps=4, logger=CSVLogger(tmp_path), limit_val_batches=0
+    )
+    trainer.fit(module, datamodule=dm)
+    assert len(train_ce) == 10
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
+    written = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    assert sorted(written) == [3, 7]  # Lightning writes step metrics every 4 steps
+    for step, value in written.items():
+        assert abs(value - train_ce[step]) < 1e-5
+    # the run's last step is logged too: the runner reports it as the final train loss
+    assert abs(float(trainer.callback_metrics["train/loss"]) - train_ce[-1]) < 1e-5
+    assert calls.count("train/loss") == 3 and calls.count("train/tokens_per_s") == 3
 
 
 def test_model_and_tokenizer_vocab_must_agree() -> None:

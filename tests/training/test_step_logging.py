@@ -1,0 +1,227 @@
+"""step_logging: which steps log, epoch means on the device, and RecModule's training logs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger
+from torch import Tensor, nn
+
+from mtl.data.features import CategoricalFeature, FeatureSpec, NumericFeature, TaskSpec
+from mtl.data.tabular import RecBatch
+from mtl.training.rec_module import RecModule
+from mtl.training.step_logging import EpochMeans, step_metrics_due
+
+
+def _trainer(root: Path, **kw: Any) -> pl.Trainer:
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "default_root_dir": str(root),
+    }
+    return pl.Trainer(**{**settings, **kw})
+
+
+# ------------------------------------------------------------------ EpochMeans
+def test_epoch_means_are_batch_size_weighted_means() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values = torch.rand(7, 3, generator=gen)  # (steps, names)
+    weights = [16, 16, 3, 16, 1, 9, 16]
+    means = EpochMeans()
+    for step in range(7):
+        means.add({"a": values[step, 0], "b": values[step, 1], "c": values[step, 2]}, weights[step])
+    got = means.compute()
+    w = torch.tensor(weights, dtype=torch.float64)
+    for j, name in enumerate("abc"):
+        want = (values[:, j].double() * w).sum() / w.sum()
+        assert abs(float(got[name]) - float(want)) < 1e-6, name
+    assert abs(float(got["a"]) - float(values[:, 0].mean())) > 1e-3  # the weights matter here
+
+
+def test_epoch_means_reset_detach_and_errors() -> None:
+    means = EpochMeans()
+    assert means.compute() == {}
+    x = torch.tensor(2.0, requires_grad=True)
+    means.add({"loss": x * 3}, 4)
+    (mean,) = means.compute().values()
+    assert not mean.requires_grad and float(mean) == 6.0
+    with pytest.raises(ValueError, match=r"\['other'\] after \['loss'\]"):
+        means.add({"other": x}, 1)
+    with pytest.raises(ValueError, match="'loss' has shape \\(2,\\)"):
+        means.add({"loss": torch.ones(2)}, 1)
+    means.reset()
+    means.add({"other": torch.tensor(1.0)}, 1)
+    assert list(means.compute()) == ["other"]
+
+
+# ---------------------------------------------------------- step_metrics_due
+class _Probe(pl.LightningModule):
+    """Records step_metrics_due for every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.due: list[tuple[int, int, bool]] = []
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        self.due.append((self.current_epoch, batch_idx, step_metrics_due(self, batch_idx)))
+        return (self.w - batch).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader(n: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(torch.randn(n, 1), batch_size=1)
+
+
+def test_due_on_logger_steps_bar_refreshes_and_last_batch(tmp_path: Path) -> None:
+    probe = _Probe()
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=2,
+        log_every_n_steps=3,
+        enable_progress_bar=True,
+        callbacks=[TQDMProgressBar(refresh_rate=4)],
+    )
+    trainer.fit(probe, train_dataloaders=_loader(10))
+    got = [(e, b) for e, b, due in probe.due if due]
+    want = [
+        (e, b)
+        for e in range(2)
+        for b in range(10)
+        if (10 * e + b + 1) % 3 == 0 or (b + 1) % 4 == 0 or b == 9
+    ]
+    assert got == want
+    assert len(probe.due) == 20 and len(got) < 20
+
+
+def test_due_on_the_last_step_of_a_max_steps_run(tmp_path: Path) -> None:
+    probe = _Probe()
+    trainer = _trainer(tmp_path, max_steps=7, log_every_n_steps=5)
+    trainer.fit(probe, train_dataloaders=_loader(50))
+    assert [b for _, b, due in probe.due if due] == [4, 6]
+
+
+def test_due_without_a_trainer() -> None:
+    assert step_metrics_due(_Probe(), 0)
+
+
+# ------------------------------------------------------------ RecModule logs
+def _spec() -> FeatureSpec:
+    return FeatureSpec(
+        categorical=[CategoricalFeature("item", 20, 4), CategoricalFeature("user", 30, 4)],
+        numeric=[NumericFeature("price", 0.0, 1.0)],
+        tasks=[TaskSpec("click", "binary"), TaskSpec("like", "binary")],
+    )
+
+
+class _Batches:
+    """A fixed list of batches as one loader (a plain list would be many loaders)."""
+
+    def __init__(self, batches: list[RecBatch]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _batches(sizes: list[int]) -> _Batches:
+    gen = torch.Generator().manual_seed(1)
+    return _Batches(
+        [
+            RecBatch(
+                cat=torch.randint(0, 20, (n, 2), generator=gen),
+                num=torch.randn(n, 1, generator=gen),
+                labels=(torch.rand(n, 2, generator=gen) < 0.4).float(),
+            )
+            for n in sizes
+        ]
+    )
+
+
+def test_rec_training_logs_match_per_step_lightning_logging(tmp_path: Path) -> None:
+    """Epoch means equal batch-size-weighted means of every step's losses; the step
+    loss is written at exactly the steps Lightning's logger writes; few log calls."""
+    torch.manual_seed(0)
+    module = RecModule(
+        spec=_spec(),
+        model={
+            "name": "mmoe",
+            "num_experts": 3,
+            "expert_hidden": [8],
+            "aux_loss_weights": {"importance": 0.1},
+        },
+        diagnostics=False,
+    )
+    seen: list[tuple[int, float, dict[str, float], float, int]] = []
+    compute_loss = module.compute_loss
+
+    def recording(out: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        total, parts = compute_loss(out, labels)
+        seen.append(
+            (
+                module.current_epoch,
+                float(total),
+                {k: float(v) for k, v in parts.items()},
+                float(out.aux_loss),
+                labels.shape[0],
+            )
+        )
+        return total, parts
+
+    module.compute_loss = recording  # type: ignore[method-assign]
+    calls: list[str] = []
+    log = module.log
+
+    def counting(name: str, *args: Any, **kw: Any) -> None:
+        calls.append(name)
+        log(name, *args, **kw)
+
+    module.log = counting  # type: ignore[method-assign]
+    sizes = [16, 16, 16, 5]  # a short last batch: the means must weigh by batch size
+    trainer = _trainer(tmp_path, max_epochs=2, log_every_n_steps=3, logger=CSVLogger(tmp_path))
+    trainer.fit(module, train_dataloaders=_batches(sizes))
+    assert len(seen) == 8
+
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
+    epoch_rows = [r for r in rows if r.get("train/loss_epoch")]
+    assert [int(r["epoch"]) for r in epoch_rows] == [0, 1]
+    for epoch, row in enumerate(epoch_rows):
+        steps = [s for s in seen if s[0] == epoch]
+        n = sum(s[4] for s in steps)
+        want = {
+            "train/loss_epoch": sum(s[1] * s[4] for s in steps) / n,
+            "train/loss/click": sum(s[2]["click"] * s[4] for s in steps) / n,
+            "train/loss/like": sum(s[2]["like"] * s[4] for s in steps) / n,
+            "train/aux_loss": sum(s[3] * s[4] for s in steps) / n,
+        }
+        for key, value in want.items():
+            assert abs(float(row[key]) - value) < 1e-5, (epoch, key)
+        plain_mean = sum(s[1] for s in steps) / len(steps)
+        assert abs(plain_mean - want["train/loss_epoch"]) > 1e-6
+
+    step_rows = {
+        int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")
+    }
+    assert sorted(step_rows) == [s for s in range(8) if (s + 1) % 3 == 0]  # Lightning's own rule
+    for step, value in step_rows.items():
+        assert abs(value - seen[step][1]) < 1e-6, step
+    # 4 epoch keys x 2 epochs + the step loss on the due steps (2, 5 and each last batch)
+    assert calls.count("train/loss_step") == 4
+    assert len(calls) == 4 + 8
