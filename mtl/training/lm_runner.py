@@ -30,6 +30,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from mtl.data.text import TextDataModule
 from mtl.moe import SigmoidBiasGate
+from mtl.training.callbacks import ValidateAtMaxSteps
 from mtl.training.compile import compile_model
 from mtl.training.config import resume_checkpoint_path, start_run, trainer_kwargs_from
 from mtl.training.lm_module import AuxFreeBiasUpdate, LMModule
@@ -81,7 +82,7 @@ def _callbacks(
         save_top_k=int(ckpt_cfg.get("save_top_k", 1)),
         save_last=True,
     )
-    callbacks: list[pl.Callback] = [checkpoint]
+    callbacks: list[pl.Callback] = [checkpoint, ValidateAtMaxSteps()]
     if progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=20))
     if any(isinstance(m.gate, SigmoidBiasGate) for m in module.model.moe_layers().values()):

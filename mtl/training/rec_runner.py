@@ -26,6 +26,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from mtl.data.datamodule import RecDataModule
+from mtl.training.callbacks import ValidateAtMaxSteps
 from mtl.training.compile import compile_model
 from mtl.training.config import (
     compose_config,
@@ -170,7 +171,7 @@ def _train(cfg: DictConfig, out_dir: Path, datamodule: RecDataModule | None) -> 
         save_last=True,
         every_n_epochs=int(ckpt_cfg.get("every_n_epochs", 1)),
     )
-    callbacks: list[pl.Callback] = [checkpoint]
+    callbacks: list[pl.Callback] = [checkpoint, ValidateAtMaxSteps()]
     if cfg.trainer.get("enable_progress_bar", True):
         # A slower refresh keeps logs captured from non-TTY runs (CI, nohup) short.
         callbacks.append(TQDMProgressBar(refresh_rate=20))

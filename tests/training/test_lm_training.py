@@ -172,3 +172,18 @@ def test_runner_resume_checks_vocabulary(tmp_path: Path) -> None:
         ]
     )
     assert again["global_step"] == 4
+
+
+def test_run_shorter_than_an_epoch_keeps_a_validated_best_checkpoint(tmp_path: Path) -> None:
+    res = run_from_overrides(
+        [
+            "experiment=lm_mixtral",
+            "trainer.max_steps=3",
+            "data.steps_per_epoch=50",  # the run ends inside its first epoch
+            "trainer.limit_val_batches=1",
+            f"output_dir={tmp_path}",
+            *TINY,
+        ]
+    )
+    assert res["global_step"] == 3
+    assert res["best_ckpt"] is not None and Path(res["best_ckpt"]).name == "best-step000003.ckpt"
