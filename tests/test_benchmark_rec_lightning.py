@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 try:
     import rec_lightning
+    import rec_train
 finally:
     sys.path.remove(str(ROOT / "benchmarks"))
 
@@ -76,3 +77,21 @@ def test_asking_for_an_epoch_out_of_order_raises() -> None:
     run_epoch(0)
     with pytest.raises(RuntimeError, match="trainer is at epoch 1, asked for 2"):
         run_epoch(2)
+
+
+def test_rec_train_trainer_variant_trains_what_the_plain_loop_trains() -> None:
+    """Without dropout (no random numbers) Lightning's path and the plain loop see the
+    same init, batches and Adam steps: the same predictions, bit for bit."""
+    dm = _dm()
+    model = {**MODEL, "dropout": 0.0}
+    trainer = rec_train.trainer_variant(dm, model, seed=1)
+    loop = rec_train.mtl_variant(dm, model, "mtl", seed=1)
+    untrained = loop.predict(dm.tensors("test"))
+    for epoch in range(2):
+        seconds = trainer.run_epoch(epoch)
+        assert seconds is not None and seconds > 0
+        assert loop.run_epoch(epoch) is None  # timed around by train_interleaved
+    test = dm.tensors("test")
+    torch.testing.assert_close(trainer.predict(test), loop.predict(test), rtol=0, atol=0)
+    assert (trainer.predict(test) - untrained).abs().max() > 1e-3
+    assert trainer.name == "mtl_trainer" and trainer.num_params == loop.num_params
