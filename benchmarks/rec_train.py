@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,7 @@ RECHUB_LAYOUT = {"expert_norm": True, "tower_norm": True, "gate_norm": True}
 ``expert_dropout = dropout``) make mtl's MMoE the same network, parameter for
 parameter; :func:`bench_dataset` checks that the counts agree."""
 MMOE_CFG: dict[str, Any] = dict(SIZES["small"])
+ModuleT = TypeVar("ModuleT", bound=RecModule)
 HOME = {"name": "home"}
 """mtl's HoME with its ``conf/model/home.yaml`` defaults (no rechub counterpart)."""
 
@@ -177,14 +178,7 @@ def mtl_variant(
     ``seed`` sets the initialisation and the batch order. ``compiled`` compiles
     the model in place as ``mtl train compile=true`` does.
     """
-    torch.manual_seed(seed)
-    module = RecModule(
-        spec=dm.spec,
-        model=model_cfg,
-        optim={"name": "adam", "lr": LR},
-        embedding={"init_std": EMBED_INIT_STD},
-        diagnostics=False,
-    )
+    module = _seeded_module(RecModule, dm, model_cfg, seed)
     compile_model(module.model, compiled)
     opt = module.configure_optimizers()
     loader: TensorBatchLoader = dm.train_dataloader()
@@ -201,15 +195,8 @@ def mtl_variant(
             loss.backward()
             opt.step()
 
-    @torch.no_grad()
-    def predict(t: TabularTensors) -> Tensor:
-        module.eval()
-        out = module(RecBatch(cat=t.cat_BF, num=t.num_BF, labels=t.labels_BT))
-        preds = module.predictions(out)
-        return torch.stack([preds[task] for task in module.task_names], dim=1)
-
     n = sum(p.numel() for p in module.parameters())
-    return Variant(label, model_cfg["name"], run_epoch, predict, n)
+    return Variant(label, model_cfg["name"], run_epoch, _predictor(module), n)
 
 
 def trainer_variant(dm: RecDataModule, model_cfg: dict[str, Any], seed: int = 0) -> Variant:
@@ -218,8 +205,21 @@ def trainer_variant(dm: RecDataModule, model_cfg: dict[str, Any], seed: int = 0)
     Same module, optimizer, loader and seeds as :func:`mtl_variant`
     (``rec_lightning.py`` says how the Trainer is set up and timed).
     """
+    module = _seeded_module(OneOptimizerRecModule, dm, model_cfg, seed)
+    loader: TensorBatchLoader = dm.train_dataloader()
+    loader.seed += seed * 1_000_003  # as in mtl_variant
+
+    n = sum(p.numel() for p in module.parameters())
+    run_epoch = trainer_epoch_runner(module, loader)
+    return Variant("mtl_trainer", model_cfg["name"], run_epoch, _predictor(module), n)
+
+
+def _seeded_module(
+    cls: type[ModuleT], dm: RecDataModule, model_cfg: dict[str, Any], seed: int
+) -> ModuleT:
+    """A ``cls`` over ``dm``'s features, initialised from ``seed`` (Adam at :data:`LR`)."""
     torch.manual_seed(seed)
-    module = OneOptimizerRecModule(
+    return cls(
         spec=dm.spec,
         model=model_cfg,
         optim={"name": "adam", "lr": LR},
@@ -227,8 +227,10 @@ def trainer_variant(dm: RecDataModule, model_cfg: dict[str, Any], seed: int = 0)
         seed=seed,
         diagnostics=False,
     )
-    loader: TensorBatchLoader = dm.train_dataloader()
-    loader.seed += seed * 1_000_003  # as in mtl_variant
+
+
+def _predictor(module: RecModule) -> Callable[[TabularTensors], Tensor]:
+    """``predict(tensors) -> (N, tasks)`` probabilities of ``module`` in eval mode."""
 
     @torch.no_grad()
     def predict(t: TabularTensors) -> Tensor:
@@ -237,9 +239,7 @@ def trainer_variant(dm: RecDataModule, model_cfg: dict[str, Any], seed: int = 0)
         preds = module.predictions(out)
         return torch.stack([preds[task] for task in module.task_names], dim=1)
 
-    n = sum(p.numel() for p in module.parameters())
-    run_epoch = trainer_epoch_runner(module, loader)
-    return Variant("mtl_trainer", model_cfg["name"], run_epoch, predict, n)
+    return predict
 
 
 def rechub_model(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,3 +40,21 @@ def aliexpress_dir() -> Path:
 @pytest.fixture
 def shakespeare_path() -> Path:
     return shared_data("tinyshakespeare/input.txt")
+
+
+def _count_log_calls(module: Any) -> list[str]:
+    calls: list[str] = []
+    log = module.log
+
+    def counting(name: str, *args: Any, **kw: Any) -> None:
+        calls.append(name)
+        log(name, *args, **kw)
+
+    module.log = counting
+    return calls
+
+
+@pytest.fixture
+def count_log_calls() -> Any:
+    """``count_log_calls(module) -> keys``: every later ``module.log`` call appends its key."""
+    return _count_log_calls

@@ -98,7 +98,9 @@ def test_fit_logs_losses_throughput_and_routing(tmp_path: Path) -> None:
     assert 1.0 <= metrics["moe/layer0/load_max_over_mean"] <= 4.0
 
 
-def test_fit_logs_step_values_only_where_logger_or_last_step_reads_them(tmp_path: Path) -> None:
+def test_fit_logs_step_values_only_where_logger_or_last_step_reads_them(
+    tmp_path: Path, count_log_calls: Any
+) -> None:
     dm = _dm(_text_file(tmp_path / "a.txt", "abcdefgh"))
     module = LMModule(model=MODEL, tokenizer=dm.tokenizer, max_steps=10)
     train_ce: list[float] = []
@@ -111,14 +113,7 @@ def test_fit_logs_step_values_only_where_logger_or_last_step_reads_them(tmp_path
         return ce
 
     module._loss = recording  # type: ignore[method-assign]
-    calls: list[str] = []
-    log = module.log
-
-    def counting(name: str, *args: Any, **kw: Any) -> None:
-        calls.append(name)
-        log(name, *args, **kw)
-
-    module.log = counting  # type: ignore[method-assign]
+    calls = count_log_calls(module)
     trainer = _trainer(
         tmp_path, 10, log_every_n_steps=4, logger=CSVLogger(tmp_path), limit_val_batches=0
     )

@@ -155,7 +155,9 @@ def _batches(sizes: list[int]) -> _Batches:
     )
 
 
-def test_rec_training_logs_match_per_step_lightning_logging(tmp_path: Path) -> None:
+def test_rec_training_logs_match_per_step_lightning_logging(
+    tmp_path: Path, count_log_calls: Any
+) -> None:
     """Epoch means equal batch-size-weighted means of every step's losses; the step
     loss is written at exactly the steps Lightning's logger writes; few log calls."""
     torch.manual_seed(0)
@@ -186,14 +188,7 @@ def test_rec_training_logs_match_per_step_lightning_logging(tmp_path: Path) -> N
         return total, parts
 
     module.compute_loss = recording  # type: ignore[method-assign]
-    calls: list[str] = []
-    log = module.log
-
-    def counting(name: str, *args: Any, **kw: Any) -> None:
-        calls.append(name)
-        log(name, *args, **kw)
-
-    module.log = counting  # type: ignore[method-assign]
+    calls = count_log_calls(module)
     sizes = [16, 16, 16, 5]  # a short last batch: the means must weigh by batch size
     trainer = _trainer(tmp_path, max_epochs=2, log_every_n_steps=3, logger=CSVLogger(tmp_path))
     trainer.fit(module, train_dataloaders=_batches(sizes))
