@@ -275,3 +275,43 @@ def test_expert_chunks_cover_every_expert_and_pad_each_chunk_to_its_own_max(
         assert n_rows == sum(counts)  # one expert per chunk: no padding at all
     if target_rows == 1000:
         assert n_rows == len(counts) * max(counts)  # one chunk: the global padding
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 20, 10**6], ids=["1-expert-chunks", "chunks", "1-chunk"])
+@pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu-fused", "gelu"])
+def test_padded_layout_with_experts_that_get_no_rows(swiglu: bool, chunk_rows: int) -> None:
+    """Dead experts (no rows) inside and between chunks: same outputs and gradients as
+    the loop, and zero gradient for the dead experts' weights."""
+    torch.manual_seed(7)
+    T, D, H, E, K = 24, 8, 6, 6, 2
+    if swiglu:
+        bank = ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=H)
+    else:
+        bank = ExpertBank(num_experts=E, dims=[D, H, D], activation="gelu", bias=True)
+    # experts 1 and 4 get nothing; 0 gets 16 rows, 2 gets 17, 3 and 5 get 8 and 7
+    first = torch.tensor([0] * 16 + [3] * 8)
+    second = torch.tensor([2] * 17 + [5] * 7)
+    experts_TK = torch.stack([first, second], dim=1)
+    weights_TK = torch.rand(T, K, requires_grad=True)
+    routing = RoutingResult(
+        weights_TK=weights_TK,
+        experts_TK=experts_TK,
+        logits_TE=torch.zeros(T, E),
+        probs_TE=torch.full((T, E), 1.0 / E),
+    )
+    dispatch = DroplessDispatch()
+    dispatch.max_padding = float("inf")  # always the padded layout
+    dispatch.chunk_rows = chunk_rows
+    x = torch.randn(T, D, requires_grad=True)
+    g = torch.randn(T, D)
+    params = [x, weights_TK, *bank.parameters()]
+    out = dispatch(x, routing, bank).output_TD
+    grads = torch.autograd.grad((out * g).sum(), params)
+    ref = loop_moe(bank, x, weights_TK, experts_TK)
+    ref_grads = torch.autograd.grad((ref * g).sum(), params)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for grad in grads[2:]:
+        if grad.shape[0] == E:
+            assert grad[[1, 4]].abs().max() == 0  # dead experts: exactly zero
