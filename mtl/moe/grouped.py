@@ -93,9 +93,9 @@ def grouped_matmul(
     if use_grouped_mm:
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         if x_ND.device.type == "cpu" and not torch.compiler.is_compiling() and int(offs[-1]) == N:
-            # No padding rows (the dropless dispatch's case): nothing to mask. Reading
-            # the count is free on CPU; the two full-size ``where`` passes and their
-            # backward were ~14% of a small MoE LM's step.
+            # No padding rows (the dropless dispatch's case): nothing to mask, and the
+            # masking costs two full-size passes forward and two backward per product.
+            # Reading the count back is free on CPU.
             return _ContiguousGrad.apply(
                 F.grouped_mm(x_ND.contiguous(), w_EDH.contiguous(), offs=offs)
             )

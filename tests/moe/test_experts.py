@@ -9,17 +9,18 @@ from mtl.moe.grouped import grouped_matmul
 from .reference import expert_forward
 
 
+@pytest.mark.parametrize("padding_rows", [1, 0], ids=["padding", "exact"])
 @pytest.mark.parametrize("use_grouped_mm", [True, False])
-def test_grouped_matmul_matches_per_group_matmul(use_grouped_mm: bool) -> None:
+def test_grouped_matmul_matches_per_group_matmul(use_grouped_mm: bool, padding_rows: int) -> None:
     torch.manual_seed(0)
-    x = torch.randn(11, 8, requires_grad=True)
+    x = torch.randn(10 + padding_rows, 8, requires_grad=True)
     w = torch.randn(4, 8, 12, requires_grad=True)
-    counts = torch.tensor([3, 0, 5, 2])  # one empty group, one padding row
+    counts = torch.tensor([3, 0, 5, 2])  # one empty group (and maybe padding rows)
     y = grouped_matmul(x, w, counts, use_grouped_mm=use_grouped_mm)
     starts = [0, 3, 3, 8]
     ref = torch.cat(
         [x[s : s + c] @ w[e] for e, (s, c) in enumerate(zip(starts, counts.tolist(), strict=True))]
-        + [torch.zeros(1, 12)]
+        + [torch.zeros(padding_rows, 12)]
     )
     torch.testing.assert_close(y, ref)
     # sum() gives a stride-0 gradient, which the fused CPU kernel rejects unless handled
