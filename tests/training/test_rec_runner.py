@@ -268,7 +268,7 @@ def test_compare_unknown_model_is_a_clear_error(
 
 def test_run_shorter_than_an_epoch_validates_and_keeps_a_best_checkpoint(tmp_path: Path) -> None:
     """max_steps inside the first epoch: early stopping and the checkpoint need val metrics."""
-    cfg = compose_config("train", [*SMALL_CTR, "+trainer.max_steps=3", f"output_dir={tmp_path}"])
+    cfg = compose_config("train", [*SMALL_CTR, "trainer.max_steps=3", f"output_dir={tmp_path}"])
     m = run_train(cfg)
     assert m["global_step"] == 3
     assert Path(m["best_ckpt"]).name == "best-epoch000.ckpt" and Path(m["best_ckpt"]).is_file()
