@@ -92,22 +92,22 @@ def grouped_matmul(
         use_grouped_mm = grouped_mm_supported(x_ND, w_EDH)
     if use_grouped_mm:
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        if x_ND.device.type == "cpu" and not torch.compiler.is_compiling() and int(offs[-1]) == N:
-            # No padding rows (the dropless dispatch's case): nothing to mask, and the
-            # masking costs two full-size passes forward and two backward per product.
-            # Reading the count back is free on CPU.
-            return _ContiguousGrad.apply(
-                F.grouped_mm(x_ND.contiguous(), w_EDH.contiguous(), offs=offs)
-            )
         # Rows past the last offset are skipped by the kernel in both directions:
-        # their forward output and their input gradient are left uninitialised.
-        # ``where`` selects (it does not multiply), so garbage, even NaN, never leaks.
-        in_group_N1 = (torch.arange(N, device=x_ND.device) < offs[-1]).unsqueeze(-1)
-        zero = torch.zeros((), dtype=x_ND.dtype, device=x_ND.device)
-        x_in = torch.where(in_group_N1, x_ND, zero)
-        y = F.grouped_mm(x_in.contiguous(), w_EDH.contiguous(), offs=offs)
+        # their forward output and their input gradient are left uninitialised, so
+        # they are masked with ``where`` (it selects, it does not multiply: garbage,
+        # even NaN, never leaks). Without such rows (the dropless dispatch's case)
+        # the mask's two full-size passes forward and two backward are skipped;
+        # reading the count back is free on CPU.
+        exact = (
+            x_ND.device.type == "cpu" and not torch.compiler.is_compiling() and int(offs[-1]) == N
+        )
+        in_group_N1 = None
+        if not exact:
+            in_group_N1 = (torch.arange(N, device=x_ND.device) < offs[-1]).unsqueeze(-1)
+            x_ND = torch.where(in_group_N1, x_ND, x_ND.new_zeros(()))
+        y = F.grouped_mm(x_ND.contiguous(), w_EDH.contiguous(), offs=offs)
         y = _ContiguousGrad.apply(y)
-        return torch.where(in_group_N1, y, zero)
+        return y if in_group_N1 is None else torch.where(in_group_N1, y, y.new_zeros(()))
     # Fallback: a loop of plain matmuls (one host sync for the group sizes).
     sizes = counts_E.tolist()
     rest = N - sum(sizes)
@@ -337,7 +337,7 @@ class _FusedSwiGLUMoE(torch.autograd.Function):
         D, D_out = x_TD.shape[-1], y_MD.shape[-1]
         grad_TD = grad_TD.to(y_MD.dtype).contiguous()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_xm = x_TD.new_empty(M, x_TD.shape[-1]) if need_x else None
+        grad_xm = x_TD.new_empty(M, D) if need_x else None
         gw_M = w_M.new_empty(M) if need_w else None
         grad_w1, grad_w3, grad_w2 = (torch.empty_like(w) for w in (w1, w3, w2))
         for e0, e1, C, base in ctx.chunks:

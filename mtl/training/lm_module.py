@@ -374,11 +374,12 @@ class AuxFreeBiasUpdate(pl.Callback):
                 self._pending[i] = self._pending[i] + counts if i in self._pending else counts
         if (batch_idx + 1) % max(1, int(trainer.accumulate_grad_batches)) != 0:
             return
+        log_now = step_metrics_due(pl_module, batch_idx)
         for i, counts_E in self._pending.items():
             if trainer.world_size > 1:
                 counts_E = trainer.strategy.reduce(counts_E, reduce_op="sum")
             gates[i].update_bias(counts_E)
-            if not step_metrics_due(pl_module, batch_idx):
+            if not log_now:
                 continue
             pl_module.log(
                 f"moe/layer{i}/bias_absmax",

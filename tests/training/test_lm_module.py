@@ -227,3 +227,27 @@ def test_aux_free_bias_callback_balances_load(tmp_path: Path, shakespeare_path: 
     assert ratios[False][0] > 3.5 and ratios[True][0] > 3.5  # E/k = 4: two experts take all
     assert ratios[False][1] > 3.0  # without the callback the imbalance stays
     assert ratios[True][1] < 2.5  # with it, load moves toward balance (1.0)
+
+
+def test_aux_free_bias_updates_every_step_and_logs_on_due_steps(
+    tmp_path: Path, count_log_calls: Any
+) -> None:
+    dm = _dm(_text_file(tmp_path / "a.txt", "abcdefgh"))
+    module = _v3_module(dm.tokenizer, rate=0.002)
+    gate = module.model.moe_layers()[0].gate
+    updates: list[int] = []
+    update_bias = gate.update_bias
+
+    def counting_update(counts_E: torch.Tensor) -> None:
+        updates.append(1)
+        update_bias(counts_E)
+
+    gate.update_bias = counting_update  # type: ignore[method-assign]
+    calls = count_log_calls(module)
+    trainer = _trainer(
+        tmp_path, 10, [AuxFreeBiasUpdate()], log_every_n_steps=4, limit_val_batches=0
+    )
+    trainer.fit(module, datamodule=dm)
+    assert len(updates) == 10  # the balancing itself never skips a step
+    # logged where Lightning's logger writes (steps 3 and 7) and at the last step
+    assert calls.count("moe/layer0/bias_absmax") == 3
