@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 EXIT_USAGE = 2
 
@@ -75,45 +73,15 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _print_train_summary(result: dict[str, Any]) -> None:
-    test = result.get("test", {})
-    tasks = list(result.get("tasks", {}))
-    metrics = [
-        m for m in ("auc", "gauc", "logloss", "mse") if any(f"{m}/{t}" in test for t in tasks)
-    ]
-    width = max([len(t) for t in tasks] + [4])
-    print(
-        f"\ntest metrics ({result['model']}, seed {result['seed']}, best checkpoint by {result['monitor']}):"
-    )
-    print("task".ljust(width) + "".join(m.rjust(10) for m in metrics))
-    for t in tasks:
-        cells = []
-        for m in metrics:
-            v = test.get(f"{m}/{t}")
-            cells.append(("n/a" if v is None or math.isnan(v) else f"{v:.4f}").rjust(10))
-        print(t.ljust(width) + "".join(cells))
-    params = result.get("params", {})
-    print(
-        f"params: {params.get('model', 0):,} model / {params.get('total', 0):,} total; "
-        f"train time {result['train_time_s']:.1f} s over {result['epochs']} epochs"
-    )
-    print(f"output: {result['output_dir']}")
-
-
 def cmd_list() -> int:
     """Print the config choices found in ``conf/``."""
-    from mtl.training.config import available, conf_dir
+    from mtl.training.config import GROUPS, available, conf_dir
 
     root = conf_dir()
     print(f"configs in {root}")
-    for group, label in (
-        ("model", "models"),
-        ("data", "data"),
-        ("experiment", "experiments"),
-        ("trainer", "trainers"),
-    ):
+    for group in GROUPS:
         names = available(group, root)
-        print(f"  {label + ':':13}{', '.join(names) if names else '(none)'}")
+        print(f"  {group + ':':13}{', '.join(names) if names else '(none)'}")
     print(
         "select with e.g. `mtl train model=home data=census_income` or `mtl train experiment=census_home`"
     )
@@ -121,38 +89,31 @@ def cmd_list() -> int:
 
 
 def cmd_train(overrides: Sequence[str], print_config: bool) -> int:
-    """Compose ``train`` and run it with the rec or LM runner (``kind``)."""
+    """Compose ``train``, run it, print the summary."""
     from mtl.training.config import compose_config, to_yaml
 
     cfg = compose_config("train", overrides)
     if print_config:
         print(to_yaml(cfg))
         return 0
-    kind = str(cfg.get("kind", "rec"))
-    if kind == "lm":
-        from mtl.training import lm_runner
+    from mtl.training.results import summary
+    from mtl.training.train import train
 
-        lm_runner.run_train(cfg)
-        return 0
-    if kind != "rec":
-        raise ValueError(f"kind must be 'rec' or 'lm', got {kind!r}")
-    from mtl.training.rec_runner import run_train
-
-    _print_train_summary(run_train(cfg))
+    print(f"\n{summary(train(cfg))}")
     return 0
 
 
 def cmd_compare(overrides: Sequence[str], print_config: bool) -> int:
     """Run ``mtl compare``: every model x seed, then the report."""
-    from mtl.training.rec_runner import run_compare, split_model_overrides
+    from mtl.training.compare import compare_config, run_compare
 
     if print_config:
-        from mtl.training.config import compose_config, to_yaml
+        from mtl.training.config import to_yaml
 
-        model_overrides, others = split_model_overrides(overrides)
-        print(to_yaml(compose_config("compare", others)))
+        print(to_yaml(compare_config(overrides)))
+        model_overrides = [o for o in overrides if o.lstrip("+~").startswith("model.")]
         if model_overrides:
-            print(f"# applied to each model that accepts them: {' '.join(model_overrides)}")
+            print(f"# applied to each model whose config has the key: {' '.join(model_overrides)}")
         return 0
     run_compare(overrides)
     return 0

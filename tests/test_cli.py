@@ -56,7 +56,8 @@ def test_print_config_applies_experiment_and_overrides(capsys: pytest.CaptureFix
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "name: home" in out and "num_shared_experts: 2" in out and "max_epochs: 1" in out
+    assert "model_name: home" in out and "_target_: mtl.models.rec.HoME" in out
+    assert "num_shared_experts: 2" in out and "max_epochs: 1" in out
     assert "source: census_income" in out and "output_dir: somewhere" in out
 
 
@@ -74,9 +75,11 @@ def test_print_config_applies_experiment_and_overrides(capsys: pytest.CaptureFix
             "error: could not compose config 'train': Could not override",
         ),
         (["compare", "models=[home,xgboost]"], "error: unknown model 'xgboost'"),
+        (["train", "model=mmoe", "model.bogus=1"], "error: could not compose config 'train': "),
+        (["train", "callbacks=nope"], "error: unknown callbacks 'nope'"),
         (
             ["compare", "model.lora_rnk=4"],
-            "error: overrides ['model.lora_rnk=4'] match no argument",
+            "error: overrides ['model.lora_rnk=4'] match no key of the model configs",
         ),
     ],
 )
@@ -88,6 +91,24 @@ def test_unknown_names_give_one_line_errors(
     assert err.startswith(expected) and err.count("\n") == 1
     if "unknown model" in expected:
         assert "mmoe" in err and "home" in err
+
+
+def test_argument_a_model_does_not_take_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "train",
+            "model=mmoe",
+            "+model.bogus=1",
+            "data.source_kwargs.n=2000",
+            f"output_dir={tmp_path}",
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not build model (mtl.models.rec.MMoE): ")
+    assert "bogus" in err and err.count("\n") == 1
 
 
 def test_data_validation_error_is_one_line_exit_2(
@@ -111,7 +132,7 @@ def test_conf_dir_can_be_overridden(
 ) -> None:
     shutil.copytree(conf_dir(), tmp_path / "conf")
     (tmp_path / "conf" / "model" / "tiny_mmoe.yaml").write_text(
-        "name: mmoe\nnum_experts: 2\nexpert_hidden: [4]\n"
+        "_target_: mtl.models.rec.MMoE\nnum_experts: 2\nexpert_hidden: [4]\n"
     )
     monkeypatch.setenv("MTL_CONF_DIR", str(tmp_path / "conf"))
     assert main(["list"]) == 0

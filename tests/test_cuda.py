@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from mtl.data.spec import CategoricalFeature, FeatureSpec, NumericFeature, TaskSpec
-from mtl.models.lm import TransformerLM
+from mtl.models.lm import MoEFFN, TransformerLM
 from mtl.models.rec.embedding import FeatureEmbedding
 from mtl.models.rec.mmoe import MMoE
-from mtl.moe import CapacityDispatch, DroplessDispatch, ExpertBank, MoELayer, TopKGate
+from mtl.models.rec.ranker import Ranker
+from mtl.moe import CapacityDispatch, DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
 from mtl.moe.routing import RoutingResult
 
 from .moe.reference import loop_moe
@@ -46,7 +47,7 @@ def _layer(E: int, k: int, D: int = 64, H: int = 96) -> MoELayer:
     torch.manual_seed(E + k)
     return MoELayer(
         gate=TopKGate(d_model=D, num_experts=E, k=k, renormalize=True),
-        experts=ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=H),
+        experts=SwiGLUExperts(num_experts=E, d_model=D, d_hidden=H),
         dispatch=DroplessDispatch(),
         aux_loss_weights={"load_balance": 0.01, "z_loss": 0.001},
     )
@@ -68,8 +69,8 @@ def _fixed(routing: RoutingResult, device: torch.device) -> tuple[RoutingResult,
 @pytest.mark.parametrize(
     ("dtype", "dispatch"),
     [
-        (torch.bfloat16, DroplessDispatch()),  # grouped_mm, sorted layout
-        (torch.float32, DroplessDispatch()),  # padded layout
+        (torch.bfloat16, DroplessDispatch()),  # torch grouped_mm kernel
+        (torch.float32, DroplessDispatch()),  # fp32: one matmul per expert
         (torch.float32, CapacityDispatch(capacity_factor=1.0)),  # drops tokens
     ],
     ids=["bf16-dropless", "fp32-dropless", "fp32-capacity"],
@@ -129,14 +130,14 @@ def test_bf16_moe_layer_step_makes_no_host_sync(E: int, k: int) -> None:
 def _tiny_moe_lm(num_experts: int) -> TransformerLM:
     """A 2-layer top-2 SwiGLU MoE LM, seeded."""
     torch.manual_seed(0)
-    # factories, not ``_target_`` mappings: those go through Hydra, absent on GPU machines
-    spec = {
-        "gate": partial(TopKGate, num_experts=num_experts, k=2, renormalize=True),
-        "experts": partial(ExpertBank.swiglu, num_experts=num_experts, d_hidden=32),
-        "aux_loss_weights": {"load_balance": 0.01, "z_loss": 0.001},
-    }
+    moe = MoEFFN(
+        num_experts=num_experts,
+        gate=partial(TopKGate, k=2, renormalize=True),
+        experts=partial(SwiGLUExperts, d_hidden=32),
+        aux_loss_weights={"load_balance": 0.01, "z_loss": 0.001},
+    )
     return TransformerLM(
-        vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, moe=spec
+        vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, moe=moe
     )
 
 
@@ -160,7 +161,7 @@ def test_lm_training_step_on_the_device_matches_cpu() -> None:
 def _rec_spec() -> FeatureSpec:
     return FeatureSpec(
         categorical=[
-            CategoricalFeature("user", 3000, 8),  # gathered: more rows than the batch
+            CategoricalFeature("user", 3000, 16),  # own table, gathered: more rows than B
             CategoricalFeature("city", 40, 8),  # folded
             CategoricalFeature("device", 4, 8),  # folded
         ],
@@ -184,13 +185,13 @@ def test_rec_folded_input_and_mmoe_on_the_device_match_cpu() -> None:
         gate_norm=True,
     )
     B = 256
-    assert emb.folds(B) == [True]  # one width: the table folds city and device, gathers user
+    assert emb.folds(B) == [True, False]  # tables by width: city and device fold, user is gathered
     cat = torch.stack([torch.randint(0, f.vocab_size + 1, (B,)) for f in spec.categorical], 1)
     num = torch.randn(B, 1)
     results = []
     for d in (torch.device("cpu"), DEVICE):
         e, m = copy.deepcopy(emb).to(d), copy.deepcopy(model).to(d)
-        out = m(e.lazy(cat.to(d), num.to(d)))
+        out = Ranker(embedding=e, model=m)(cat.to(d), num.to(d))
         loss = sum(out.logits[t].float().square().mean() for t in ("click", "like"))
         loss.backward()
         grads = [p.grad.cpu() for p in [*e.parameters(), *m.parameters()] if p.grad is not None]

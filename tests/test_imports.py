@@ -1,4 +1,4 @@
-"""The model packages import with torch alone, and config nodes still turn into plain values.
+"""The model packages import with torch alone.
 
 A GPU machine may have torch but not Hydra, polars or Lightning; the CUDA checks
 (``tests/test_cuda.py``, ``benchmarks/moe_layer.py``) rely on this.
@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-
-from omegaconf import OmegaConf
-
-from mtl.config_values import to_plain
 
 HEAVY = ("polars", "omegaconf", "hydra", "pytorch_lightning", "lightning", "torchmetrics")
 """Not on the device tool's GPU machines (and not needed by the models)."""
@@ -25,12 +21,3 @@ def test_models_and_their_feature_spec_import_without_hydra_polars_or_lightning(
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
-
-
-def test_to_plain_resolves_config_nodes_and_passes_the_rest_through() -> None:
-    cfg = OmegaConf.create({"a": 2, "b": "${a}", "c": [1, "${a}"]})
-    plain = to_plain(cfg)
-    assert plain == {"a": 2, "b": 2, "c": [1, 2]} and type(plain) is dict
-    assert to_plain(OmegaConf.create([1, "x"])) == [1, "x"]
-    value = {"a": 1}
-    assert to_plain(value) is value

@@ -1,14 +1,26 @@
 """The expert/gate abstraction shared by every model in mtl.
 
 Parts:
-    experts  -- :class:`ExpertBank` (stacked ``[E, D, H]`` weights), :class:`ExpertList`
+    experts  -- :class:`SwiGLUExperts` (LLM), :class:`ExpertBank` (MLP, rec), :class:`ExpertList`
+    grouped  -- the grouped matmul every stacked bank multiplies jagged rows with (its one seam)
     gates    -- dense softmax, top-k, noisy top-k, top-p, expert choice, sigmoid+bias
     dispatch -- dense mixing, sparse dropless (grouped matmul), capacity with dropping
     losses   -- load balance, z-loss, CV², entropy (pure functions)
     routing  -- :class:`RoutingResult`, :class:`RoutingStats`, :func:`bin_counts` (sync-free counts)
     layer    -- :class:`MoELayer` (one gate), :class:`MultiGateMixture` (one gate per task)
-    dropout  -- :func:`fast_dropout`, :class:`FastDropout` (cheap CPU masks, used by experts and towers)
-    norm_act -- :func:`batch_norm_relu_dropout` (a hidden layer's norm, ReLU and dropout as one node)
+
+Shape suffixes on tensor names (``scores_TE`` is ``(T, E)``), one letter per meaning:
+
+    B  rows of a batch (samples)
+    T  tokens routed through a layer (rec layers: T = B; LM: positions flattened to B*T)
+    E  experts
+    K  slots per token (its routing choices)
+    S  slots, S = T*K, token-major: slot t*K + j is token t's j-th choice
+    N  slot rows sorted by expert (the dropless dispatch's grouped-matmul rows)
+    C  per-expert capacity (rows of a padded per-expert buffer)
+    D  input width;  H  hidden width;  O  output width
+    G  gates (one per task or unit)
+    F  features;  V  vocabulary or table rows
 """
 
 from mtl.moe.dispatch import (
@@ -19,8 +31,7 @@ from mtl.moe.dispatch import (
     combine_dense,
     combine_dense_many,
 )
-from mtl.moe.dropout import FastDropout, fast_dropout
-from mtl.moe.experts import ExpertBank, ExpertList
+from mtl.moe.experts import ExpertBank, ExpertList, SwiGLUExperts
 from mtl.moe.gates import (
     DenseSoftmaxGate,
     ExpertChoiceGate,
@@ -42,7 +53,6 @@ from mtl.moe.losses import (
     router_z_loss,
 )
 from mtl.moe.multi_gate import MultiGateMixture, MultiGateOutput
-from mtl.moe.norm_act import batch_norm_relu_dropout
 from mtl.moe.routing import RoutingResult, RoutingStats, bin_counts, routing_stats
 
 __all__ = [
@@ -55,7 +65,6 @@ __all__ = [
     "ExpertBank",
     "ExpertChoiceGate",
     "ExpertList",
-    "FastDropout",
     "MoELayer",
     "MoEOutput",
     "MultiGateMixture",
@@ -65,15 +74,14 @@ __all__ = [
     "RoutingResult",
     "RoutingStats",
     "SigmoidBiasGate",
+    "SwiGLUExperts",
     "TopKGate",
     "TopPGate",
     "aux_losses",
-    "batch_norm_relu_dropout",
     "bin_counts",
     "combine_dense",
     "combine_dense_many",
     "cv_squared",
-    "fast_dropout",
     "importance_loss",
     "load_balance_loss",
     "load_cv_loss",

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl.moe.dispatch import DispatchResult
-from mtl.moe.experts import ExpertBank
+from mtl.moe.experts import GroupedExperts
 from mtl.moe.losses import AUX_LOSSES, aux_losses
 from mtl.moe.routing import RoutingResult, RoutingStats, routing_stats
 
@@ -44,9 +44,9 @@ class MoELayer(nn.Module):
 
     Args:
         gate: a :class:`~mtl.moe.gates.Router`.
-        experts: an :class:`~mtl.moe.experts.ExpertBank` (or ``ExpertList``).
+        experts: :class:`~mtl.moe.experts.SwiGLUExperts`, ``ExpertBank`` or ``ExpertList``.
         dispatch: a dense, dropless or capacity dispatch module.
-        shared: always-active experts (``ExpertBank``: outputs summed) or any
+        shared: always-active experts (a stacked bank: outputs summed) or any
             module mapping ``(T, D) -> (T, D_out)``; None for none.
         aux_loss_weights: ``{name: weight}`` with names from
             :data:`mtl.moe.losses.AUX_LOSSES` (load_balance, z_loss, importance,
@@ -58,10 +58,10 @@ class MoELayer(nn.Module):
         ``x (..., D) -> MoEOutput.output (..., D_out)``.
 
     Example:
-        >>> from mtl.moe import DroplessDispatch, ExpertBank, TopKGate
+        >>> from mtl.moe import DroplessDispatch, SwiGLUExperts, TopKGate
         >>> layer = MoELayer(
         ...     gate=TopKGate(d_model=16, num_experts=8, k=2),
-        ...     experts=ExpertBank.swiglu(num_experts=8, d_model=16, d_hidden=32),
+        ...     experts=SwiGLUExperts(num_experts=8, d_model=16, d_hidden=32),
         ...     dispatch=DroplessDispatch(),
         ...     aux_loss_weights={"load_balance": 0.01, "z_loss": 1e-3})
         >>> out = layer(torch.randn(2, 5, 16))
@@ -138,6 +138,6 @@ class MoELayer(nn.Module):
         )
 
     def _shared(self, x_TD: Tensor) -> Tensor:
-        if isinstance(self.shared, ExpertBank):
+        if isinstance(self.shared, GroupedExperts):
             return self.shared.forward_all(x_TD).sum(0)
         return self.shared(x_TD)

@@ -26,8 +26,6 @@ from typing import Any
 
 from torch import nn
 
-from mtl.config_values import to_plain
-
 COMPILE_KEYS = frozenset({"backend", "mode", "dynamic", "fullgraph", "options"})
 """The ``torch.compile`` keyword arguments a ``compile`` mapping may set."""
 
@@ -85,7 +83,7 @@ def compile_model(model: nn.Module, value: Any) -> bool:
         >>> compile_model(layer, {"backend": "eager"}), list(layer.state_dict())
         (True, ['weight', 'bias'])
     """
-    options = compile_options(to_plain(value))
+    options = compile_options(value)
     if options is None:
         return False
     model.compile(**options)

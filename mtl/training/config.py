@@ -1,10 +1,10 @@
 """Composing the project's Hydra configs from Python (no ``@hydra.main``, no chdir).
 
-The CLI, the compare runner and the tests all build configs the same way:
+The CLI, ``mtl compare`` and the tests all build configs the same way:
 ``compose_config("train", ["experiment=census_home", "trainer.max_epochs=1"])``.
 The config directory is the repository's ``conf/`` (next to the ``mtl`` package),
 or ``$MTL_CONF_DIR``. Group choices (``model=``, ``data=``, ``trainer=``,
-``experiment=``) are checked against the files on disk first, so a typo gives a
+``experiment=``, ...) are checked against the files on disk first, so a typo gives a
 :class:`ConfigError` listing the available names instead of a Hydra stack trace.
 """
 
@@ -17,9 +17,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtl.training.cpu_memory import reuse_freed_memory
-
-GROUPS: tuple[str, ...] = ("model", "data", "trainer", "experiment")
+GROUPS: tuple[str, ...] = (
+    "model",
+    "data",
+    "trainer",
+    "optim",
+    "scheduler",
+    "callbacks",
+    "logger",
+    "experiment",
+)
 """Config groups whose choices are validated (one YAML file per choice)."""
 
 _GROUP_OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?(?P<group>[A-Za-z_]+)=(?P<value>.*)$")
@@ -50,6 +57,9 @@ def conf_dir() -> Path:
 def available(group: str, root: Path | None = None) -> list[str]:
     """Sorted choice names of config ``group`` (YAML files in ``conf/<group>/``).
 
+    Files whose name starts with ``_`` hold settings other choices include
+    (``experiment/_lm.yaml``) and are not choices themselves.
+
     Example:
         >>> "mmoe" in available("model")
         True
@@ -57,12 +67,7 @@ def available(group: str, root: Path | None = None) -> list[str]:
     folder = (root or conf_dir()) / group
     if not folder.is_dir():
         return []
-    return sorted(p.stem for p in folder.glob("*.yaml"))
-
-
-def rec_choices(group: str, root: Path | None = None) -> list[str]:
-    """Choices of ``group`` for the ranking side (LM configs are prefixed ``lm_``)."""
-    return [name for name in available(group, root) if not name.startswith("lm_")]
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def check_choice(group: str, name: str, root: Path | None = None) -> None:
@@ -98,15 +103,16 @@ def compose_config(
             is fixed once for the whole run.
 
     Returns:
-        The composed config (not read-only, not struct: runners may add keys).
+        The composed config (not read-only, not struct), with ``model_name``, the
+        ``model`` group choice (``"home"`` for ``experiment=census_home``).
 
     Raises:
         ConfigError: unknown group choice, unknown key, or a malformed override.
 
     Example:
         >>> cfg = compose_config("train", ["model=mmoe", "trainer.max_epochs=1"])
-        >>> cfg.model.name, cfg.trainer.max_epochs
-        ('mmoe', 1)
+        >>> cfg.model_name, cfg.model._target_, cfg.trainer.max_epochs
+        ('mmoe', 'mtl.models.rec.MMoE', 1)
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -117,38 +123,27 @@ def compose_config(
     check_overrides(overrides, root)
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(root), job_name="mtl"):
-            cfg = compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
         # Hydra's messages are good but arrive wrapped in a long traceback; keep the text.
         message = str(exc).strip().replace("\n\n", "\n")
         raise ConfigError(f"could not compose config {config_name!r}: {message}") from None
+    OmegaConf.set_struct(cfg, False)
+    # The model's name is its config file's: read it from Hydra's record of the choices,
+    # then drop Hydra's own settings (a run has no use for them).
+    cfg.model_name = str(cfg.hydra.runtime.choices.get("model"))
+    del cfg["hydra"]
     if resolve:
         try:
             OmegaConf.resolve(cfg)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"could not resolve config {config_name!r}: {exc}") from None
-    OmegaConf.set_struct(cfg, False)
     return cfg
 
 
 def to_yaml(cfg: DictConfig) -> str:
     """The config as YAML text (for ``--print-config`` and the run directory)."""
     return OmegaConf.to_yaml(cfg)
-
-
-def start_run(cfg: DictConfig) -> Path:
-    """What both runners do first: create ``cfg.output_dir``, save the config there,
-    and (unless ``reuse_freed_memory: false``) keep freed CPU memory for reuse.
-
-    Returns:
-        the output directory.
-    """
-    out_dir = Path(str(cfg.output_dir)).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    if cfg.get("reuse_freed_memory", True):
-        reuse_freed_memory()
-    return out_dir
 
 
 def resume_checkpoint_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
@@ -164,9 +159,3 @@ def resume_checkpoint_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     if not path.is_file():
         raise FileNotFoundError(f"resume checkpoint not found: {path}")
     return str(path)
-
-
-def trainer_kwargs_from(cfg: DictConfig) -> dict:
-    """``cfg.trainer`` as ``pl.Trainer`` keyword arguments; null entries are left to Lightning's defaults."""
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return {k: v for k, v in trainer.items() if v is not None}

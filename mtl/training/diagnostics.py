@@ -14,34 +14,40 @@ be compared across architectures:
 * underfitting: per task, the share of its gate weight on its own ``task:<t>``
   experts (NaN for models without task-specific experts).
 
-Statistics are accumulated batch by batch as a few small CPU tensors.
+Statistics are accumulated batch by batch as a few small tensors on the model's
+device (a torchmetrics ``Metric``, so a distributed run reduces them across
+processes) and reported as CPU tensors.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
-from mtl.models.rec.output import MultiTaskOutput
+if TYPE_CHECKING:
+    from mtl.models.rec.output import MultiTaskOutput
 
 ZERO_EPS = 1e-6
 """Activations with ``|y| < ZERO_EPS`` count as zero (dead ReLU units)."""
 
 
-@dataclass
 class ExpertDiagnostics:
     """Expert-health statistics over one evaluation pass.
 
-    Attributes:
+    A plain class, not a dataclass: torchmetrics squeezes the one-element tensors
+    of a dataclass that ``Metric.compute`` returns, and a one-expert model would
+    lose its expert axis.
+
+    Args:
         tasks: task names, row order of ``utilisation``.
         expert_kinds: ``(E,)`` kinds: ``"shared"``, ``"group:<g>"``, ``"task:<t>"``.
-        utilisation: (T, E) mean gate weight of task t on expert e (rows sum to 1).
-        allowed: (T, E) bool, experts task t's gate can route to (weight ever > 0).
+        utilisation: (G, E) mean gate weight of task g on expert e (rows sum to 1).
+        allowed: (G, E) bool, experts task g's gate can route to (weight ever > 0).
         zero_frac: (E,) fraction of near-zero activations per expert, or None.
         output_scale: (E,) mean ``|y|`` per expert, or None.
         tasks_using: (E,) number of tasks whose mean weight exceeds ``1 / E_allowed``.
@@ -58,15 +64,31 @@ class ExpertDiagnostics:
         ([False, True], 1)
     """
 
-    tasks: list[str]
-    expert_kinds: list[str]
-    utilisation: Tensor
-    allowed: Tensor
-    zero_frac: Tensor | None
-    output_scale: Tensor | None
-    tasks_using: Tensor
-    tasks_allowed: Tensor
-    own_share: dict[str, float]
+    def __init__(
+        self,
+        *,
+        tasks: list[str],
+        expert_kinds: list[str],
+        utilisation: Tensor,
+        allowed: Tensor,
+        zero_frac: Tensor | None,
+        output_scale: Tensor | None,
+        tasks_using: Tensor,
+        tasks_allowed: Tensor,
+        own_share: dict[str, float],
+    ) -> None:
+        self.tasks = tasks
+        self.expert_kinds = expert_kinds
+        self.utilisation = utilisation
+        self.allowed = allowed
+        self.zero_frac = zero_frac
+        self.output_scale = output_scale
+        self.tasks_using = tasks_using
+        self.tasks_allowed = tasks_allowed
+        self.own_share = own_share
+
+    def __repr__(self) -> str:
+        return f"ExpertDiagnostics({self.to_dict()})"
 
     @property
     def shared_mask(self) -> Tensor:
@@ -133,16 +155,25 @@ class ExpertDiagnostics:
         }
 
 
-class DiagnosticsAccumulator:
+class DiagnosticsAccumulator(Metric):
     """Accumulates :class:`ExpertDiagnostics` over the batches of an evaluation pass.
+
+    A torchmetrics ``Metric`` whose states are sums, counts and a running maximum
+    on the module's device, so ``update`` does not sync with the host and a
+    distributed run's ``compute`` reduces them over every process. The expert
+    count is read from the first batch; in a distributed run every process must
+    have seen at least one batch before ``compute``.
 
     Args:
         tasks: task names (the rows of the utilisation matrix).
         zero_eps: activations below this magnitude count as zero.
-        usage_factor: an expert is "used" by task t when its mean weight exceeds
-            ``usage_factor / E_allowed(t)``; 1.0 means "more than a uniform share".
+        usage_factor: an expert is "used" by task g when its mean weight exceeds
+            ``usage_factor / E_allowed(g)``; 1.0 means "more than a uniform share".
+        **kwargs: torchmetrics ``Metric`` options (``sync_on_compute``,
+            ``process_group``, ...).
 
     Example:
+        >>> from mtl.models.rec.output import MultiTaskOutput
         >>> acc = DiagnosticsAccumulator(tasks=["a"])
         >>> acc.update(MultiTaskOutput(logits={"a": torch.zeros(4)},
         ...     gate_weights={"a": torch.tensor([[1.0, 0.0]]).repeat(4, 1)},
@@ -152,91 +183,109 @@ class DiagnosticsAccumulator:
         [0.0, 1.0]
     """
 
+    full_state_update = False
+    weight_sum_GE: Tensor
+    weight_max_GE: Tensor
+    rows: Tensor
+    zero_count_E: Tensor
+    abs_sum_E: Tensor
+    elements: Tensor
+
     def __init__(
-        self, *, tasks: list[str], zero_eps: float = ZERO_EPS, usage_factor: float = 1.0
+        self,
+        *,
+        tasks: Sequence[str],
+        zero_eps: float = ZERO_EPS,
+        usage_factor: float = 1.0,
+        **kwargs: Any,
     ) -> None:
+        super().__init__(**kwargs)
         self.tasks = list(tasks)
         self.zero_eps = zero_eps
         self.usage_factor = usage_factor
-        self.reset()
+        self.expert_kinds: list[str] = []
+        """The kinds of the last batch that named them."""
+        # Empty until the first batch gives E; float64 sums stay exact over long passes.
+        self.add_state("weight_sum_GE", torch.zeros(0, dtype=torch.float64), "sum")
+        self.add_state("weight_max_GE", torch.zeros(0), "max")
+        self.add_state("rows", torch.zeros((), dtype=torch.long), "sum")
+        self.add_state("zero_count_E", torch.zeros(0, dtype=torch.long), "sum")
+        self.add_state("abs_sum_E", torch.zeros(0, dtype=torch.float64), "sum")
+        self.add_state("elements", torch.zeros((), dtype=torch.long), "sum")
 
     def reset(self) -> None:
         """Forget everything accumulated."""
-        self._kinds: list[str] = []
-        self._weight_sum: Tensor | None = None  # (T, E)
-        self._weight_max: Tensor | None = None  # (T, E)
-        self._rows = 0
-        self._zero_count: Tensor | None = None  # (E,)
-        self._abs_sum: Tensor | None = None  # (E,)
-        self._elements = 0
+        super().reset()
+        self.expert_kinds = []
 
     @property
     def has_data(self) -> bool:
-        return self._rows > 0 or self._elements > 0
+        """Whether a batch brought gate weights or expert outputs (no host sync)."""
+        return self.weight_sum_GE.numel() > 0 or self.zero_count_E.numel() > 0
 
-    @torch.no_grad()
+    def _accumulate(self, name: str, value: Tensor, combine: Any = torch.add) -> None:
+        current = getattr(self, name)
+        setattr(self, name, value if current.numel() == 0 else combine(current, value))
+
     def update(self, output: MultiTaskOutput) -> None:
         """Add one batch's gate weights ``{task: (B, E)}`` and expert outputs ``(E, B, H)``."""
         if output.expert_kinds:
-            self._kinds = list(output.expert_kinds)
-        gated = [t for t in self.tasks if t in output.gate_weights]
+            self.expert_kinds = list(output.expert_kinds)
+        gates = output.gate_weights
+        gated = [t for t in self.tasks if t in gates]
         if gated:
-            w_TBE = torch.stack([output.gate_weights[t].detach().float() for t in gated])
+            some_BE = gates[gated[0]].detach().float()
             # Tasks without a gate (none in practice) keep zero rows.
-            sums = torch.zeros(len(self.tasks), w_TBE.shape[-1])
-            maxes = torch.zeros_like(sums)
-            rows = torch.tensor([self.tasks.index(t) for t in gated])
-            sums[rows] = w_TBE.sum(1).cpu()
-            maxes[rows] = w_TBE.amax(1).cpu()
-            self._weight_sum = sums if self._weight_sum is None else self._weight_sum + sums
-            self._weight_max = (
-                maxes if self._weight_max is None else torch.maximum(self._weight_max, maxes)
+            w_GBE = torch.stack(
+                [
+                    gates[t].detach().float() if t in gates else torch.zeros_like(some_BE)
+                    for t in self.tasks
+                ]
             )
-            self._rows += w_TBE.shape[1]
-        y = output.expert_outputs
-        if y is not None:
-            y = y.detach().float().flatten(1)  # (E, B*H)
-            zeros = (y.abs() < self.zero_eps).sum(1).cpu().double()
-            abs_sum = y.abs().sum(1).cpu().double()
-            self._zero_count = zeros if self._zero_count is None else self._zero_count + zeros
-            self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum + abs_sum
-            self._elements += y.shape[1]
+            self._accumulate("weight_sum_GE", w_GBE.sum(1).double())
+            self._accumulate("weight_max_GE", w_GBE.amax(1), torch.maximum)
+            self.rows += w_GBE.shape[1]
+        if output.expert_outputs is not None:
+            abs_EN = output.expert_outputs.detach().float().flatten(1).abs()  # N = B * H
+            self._accumulate("zero_count_E", (abs_EN < self.zero_eps).sum(1))
+            self._accumulate("abs_sum_E", abs_EN.sum(1).double())
+            self.elements += abs_EN.shape[1]
 
     def compute(self) -> ExpertDiagnostics:
-        """Statistics over everything seen since the last :meth:`reset`."""
-        if self._weight_sum is not None:
-            util = self._weight_sum / max(self._rows, 1)
-            allowed = self._weight_max > 0
+        """Statistics over everything seen since the last :meth:`reset`, as CPU tensors."""
+        G = len(self.tasks)
+        if self.weight_sum_GE.numel():
+            util_GE = (self.weight_sum_GE / self.rows.clamp_min(1)).float().cpu()
+            allowed_GE = (self.weight_max_GE > 0).cpu()
         else:  # no gates (shared-bottom): empty utilisation
-            util = torch.zeros(len(self.tasks), 0)
-            allowed = torch.zeros(len(self.tasks), 0, dtype=torch.bool)
-        n_experts = (
-            util.shape[1]
-            if util.numel()
-            else (0 if self._abs_sum is None else self._abs_sum.numel())
-        )
-        kinds = self._kinds if len(self._kinds) == n_experts else ["shared"] * n_experts
+            util_GE = torch.zeros(G, 0)
+            allowed_GE = torch.zeros(G, 0, dtype=torch.bool)
+        E = util_GE.shape[1] if util_GE.numel() else self.abs_sum_E.numel()
+        kinds = self.expert_kinds if len(self.expert_kinds) == E else ["shared"] * E
 
-        n_allowed_T = allowed.sum(1, keepdim=True).clamp_min(1).float()
-        using = (util > self.usage_factor / n_allowed_T) & allowed
+        n_allowed_G1 = allowed_GE.sum(1, keepdim=True).clamp_min(1).float()
+        using_GE = (util_GE > self.usage_factor / n_allowed_G1) & allowed_GE
         own_share: dict[str, float] = {}
-        for i, task in enumerate(self.tasks):
-            own = torch.tensor([k == f"task:{task}" for k in kinds], dtype=torch.bool)
-            own_share[task] = float(util[i, own].sum()) if own.any() and util.numel() else math.nan
+        for g, task in enumerate(self.tasks):
+            own_E = torch.tensor([k == f"task:{task}" for k in kinds], dtype=torch.bool)
+            own_share[task] = (
+                float(util_GE[g, own_E].sum()) if own_E.any() and util_GE.numel() else math.nan
+            )
 
-        zero_frac = scale = None
-        if self._zero_count is not None and self._elements:
-            zero_frac = (self._zero_count / self._elements).float()
-            scale = (self._abs_sum / self._elements).float()
+        zero_frac_E = scale_E = None
+        if self.zero_count_E.numel() and int(self.elements) > 0:
+            elements = int(self.elements)
+            zero_frac_E = (self.zero_count_E.double() / elements).float().cpu()
+            scale_E = (self.abs_sum_E / elements).float().cpu()
         return ExpertDiagnostics(
             tasks=list(self.tasks),
             expert_kinds=list(kinds),
-            utilisation=util,
-            allowed=allowed,
-            zero_frac=zero_frac,
-            output_scale=scale,
-            tasks_using=using.sum(0).long(),
-            tasks_allowed=allowed.sum(0).long(),
+            utilisation=util_GE,
+            allowed=allowed_GE,
+            zero_frac=zero_frac_E,
+            output_scale=scale_E,
+            tasks_using=using_GE.sum(0).long(),
+            tasks_allowed=allowed_GE.sum(0).long(),
             own_share=own_share,
         )
 

@@ -1,6 +1,7 @@
 """LightningModule for (MoE) language models, and the aux-loss-free bias callback.
 
-Loss: next-token cross-entropy plus the model's weighted router losses. Logged:
+Loss: the model's next-token cross-entropy (``LMOutput.loss``) plus its weighted
+router losses. Logged:
 ``train/loss`` (cross-entropy), ``train/aux_loss`` and each router loss,
 ``train/ppl``, ``train/tokens_per_s``, ``val/loss``, ``val/ppl`` (exp of the
 token-weighted mean loss) and per MoE layer ``moe/layer{i}/load_max_over_mean``,
@@ -15,75 +16,42 @@ loaded.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanMetric
 
-from mtl.config_values import to_plain
 from mtl.data.tokenizers import Tokenizer
 from mtl.models.lm.generate import generate as generate_ids
 from mtl.models.lm.transformer import LMOutput, TransformerLM
 from mtl.moe import RoutingStats, SigmoidBiasGate
+from mtl.training.schedules import OptimizerFactory, SchedulerFactory, optimizers_with_schedule
 from mtl.training.step_logging import step_metrics_due
-
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-DEFAULT_OPTIM: dict[str, Any] = {
-    "name": "adamw",
-    "lr": 3e-3,
-    "weight_decay": 0.1,
-    "betas": (0.9, 0.95),
-    "warmup_steps": 50,
-    "min_lr_ratio": 0.1,
-}
 
 
 class VocabularyMismatchError(ValueError):
     """A checkpoint's tokenizer differs from the data's: token ids would mean other things."""
 
 
-def build_lm(config: Mapping[str, Any], *, vocab_size: int) -> TransformerLM:
-    """Instantiate a model config (``_target_`` + kwargs; ``name`` ignored) for ``vocab_size``.
-
-    A config without ``_target_`` builds :class:`TransformerLM`.
-    """
-    from hydra.utils import instantiate
-
-    cfg = dict(to_plain(config))
-    cfg.pop("name", None)
-    cfg.setdefault("_target_", "mtl.models.lm.TransformerLM")
-    cfg["_recursive_"] = False  # each MoE layer instantiates its own parts
-    if cfg.get("vocab_size") not in (None, vocab_size):
-        raise VocabularyMismatchError(
-            f"model config has vocab_size={cfg['vocab_size']} but the tokenizer has {vocab_size}"
-        )
-    cfg["vocab_size"] = vocab_size
-    if cfg.get("max_seq_len") is None:
-        raise ValueError("model config needs max_seq_len (the runner sets it to data.block_size)")
-    return instantiate(cfg)
-
-
 class LMModule(pl.LightningModule):
     """Train, evaluate and sample a :class:`~mtl.models.lm.TransformerLM`.
 
     Args:
-        model: a model config (``_target_`` + kwargs, ``vocab_size`` may be null:
-            it comes from the tokenizer) or a built ``nn.Module``. Only a config
-            lets :meth:`load_from_checkpoint` rebuild the model by itself.
+        net: the language model, built outside.
         tokenizer: the data's tokenizer; stored in checkpoints (state and
             fingerprint) and used by :meth:`generate`.
         tokenizer_state: the same as ``tokenizer.state_dict()`` (how the
             checkpoint's hyper-parameters store it); alternative to ``tokenizer``.
-        optim: ``name`` (adam|adamw), ``lr``, ``weight_decay`` (matrices only),
-            ``betas``, ``warmup_steps`` (linear), ``min_lr_ratio`` (cosine decay
-            to ``lr * min_lr_ratio`` at ``max_steps``); defaults :data:`DEFAULT_OPTIM`.
-        max_steps: length of the cosine schedule (None: constant after warmup).
+        optimizer: ``optimizer(param_groups)``; ``weight_decay`` applies to matrices
+            only (vectors go in a group with none). None: AdamW with lr 3e-3.
+        scheduler: ``scheduler(optimizer)``, stepped every step (e.g.
+            :func:`mtl.training.schedules.warmup_cosine`); None for a constant rate.
+        net_config: the config ``net`` was built from, kept in the checkpoint's
+            hyper-parameters so that :func:`mtl.training.build.load_module` can rebuild it.
 
     Shapes:
         ``forward(idx (B, T)) -> LMOutput`` with ``logits (B, T, V)``.
@@ -91,8 +59,9 @@ class LMModule(pl.LightningModule):
     Example:
         >>> from mtl.data.tokenizers import CharTokenizer
         >>> tok = CharTokenizer.fit("hello world")
-        >>> cfg = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "max_seq_len": 8}
-        >>> module = LMModule(model=cfg, tokenizer=tok)
+        >>> lm = TransformerLM(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,
+        ...                    d_ff=32, max_seq_len=8)
+        >>> module = LMModule(net=lm, tokenizer=tok)
         >>> len(module.generate("he", max_new_tokens=3, seed=0))
         5
     """
@@ -100,59 +69,49 @@ class LMModule(pl.LightningModule):
     def __init__(
         self,
         *,
-        model: Mapping[str, Any] | nn.Module,
+        net: TransformerLM,
         tokenizer: Tokenizer | None = None,
         tokenizer_state: Mapping[str, Any] | None = None,
-        optim: Mapping[str, Any] | None = None,
-        max_steps: int | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        net_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if tokenizer is not None and tokenizer_state is not None:
             raise ValueError("pass tokenizer or tokenizer_state, not both")
         if tokenizer_state is not None:
-            tokenizer = Tokenizer.from_state(to_plain(tokenizer_state))
-        self.tokenizer: Tokenizer | None = tokenizer
-        model_cfg: dict[str, Any] | None = None
-        if isinstance(model, nn.Module):
-            self.model = model
-        else:
-            model_cfg = dict(to_plain(model))
-            vocab = model_cfg.get("vocab_size") or (tokenizer.vocab_size if tokenizer else None)
-            if vocab is None:
-                raise ValueError("a model config needs vocab_size or a tokenizer")
-            self.model = build_lm(model_cfg, vocab_size=int(vocab))
-            model_cfg["vocab_size"] = int(vocab)
-        optim_cfg = {**DEFAULT_OPTIM, **dict(to_plain(optim) or {})}
-        if optim_cfg["name"] not in OPTIMIZERS:
-            raise ValueError(
-                f"optim.name must be one of {sorted(OPTIMIZERS)}, got {optim_cfg['name']!r}"
-            )
-        vocab_size = getattr(self.model, "vocab_size", None)
-        if tokenizer is not None and vocab_size is not None and vocab_size != tokenizer.vocab_size:
+            tokenizer = Tokenizer.from_state(dict(tokenizer_state))
+        if tokenizer is not None and net.vocab_size != tokenizer.vocab_size:
             raise VocabularyMismatchError(
-                f"model has vocab_size={vocab_size} but the tokenizer has {tokenizer.vocab_size}"
+                f"model has vocab_size={net.vocab_size} but the tokenizer has {tokenizer.vocab_size}"
             )
-        self.optim_cfg = optim_cfg
-        self.max_steps = max_steps
         self.save_hyperparameters(
             {
-                "model": model_cfg,
                 # not "tokenizer": the data module's hparams use that name for the kind
                 "tokenizer_state": None if tokenizer is None else tokenizer.state_dict(),
-                "optim": optim_cfg,
-                "max_steps": max_steps,
-            }
+                "net_config": None if net_config is None else dict(net_config),
+            },
+            logger=False,
         )
+        self.net = net
+        self.tokenizer: Tokenizer | None = tokenizer
+        self.optimizer = optimizer
+        self.scheduler = scheduler
         self.val_loss = MeanMetric()
         self._step_start: float | None = None
 
-    # ------------------------------------------------------------------ model
-    def forward(self, idx_BT: Tensor) -> LMOutput:
-        return self.model(idx_BT)
+    default_monitor = "val/loss"
+    """The key checkpoints watch unless the config names another."""
+    monitor_prefixes: tuple[str, ...] = ("val/moe/",)
+    """Routing keys a run may also monitor (per layer)."""
 
-    def _loss(self, out: LMOutput, targets_BT: Tensor) -> Tensor:
-        logits = out.logits
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets_BT.reshape(-1))
+    def monitor_keys(self) -> list[str]:
+        """Validation keys this module logs (per-layer routing keys aside)."""
+        return ["val/loss", "val/ppl"]
+
+    # ------------------------------------------------------------------ model
+    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None) -> LMOutput:
+        return self.net(idx_BT, targets_BT)
 
     def _log_routing(self, stats: Mapping[int, RoutingStats], split: str, batch_size: int) -> None:
         if not stats:
@@ -185,8 +144,9 @@ class LMModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         inputs_BT, targets_BT = batch
-        out = self.model(inputs_BT)
-        ce = self._loss(out, targets_BT)
+        out = self(inputs_BT, targets_BT)
+        assert out.loss is not None
+        ce = out.loss
         loss = ce + out.aux_loss
         B = inputs_BT.shape[0]
         # Step values only where the logger or the progress bar reads them: a step logs
@@ -218,8 +178,9 @@ class LMModule(pl.LightningModule):
     # ------------------------------------------------------------- evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         inputs_BT, targets_BT = batch
-        out = self.model(inputs_BT)
-        ce = self._loss(out, targets_BT)
+        out = self(inputs_BT, targets_BT)
+        assert out.loss is not None
+        ce = out.loss
         self.val_loss.update(ce, weight=targets_BT.numel())
         self._log_routing(out.layer_stats, "val", inputs_BT.shape[0])
         return ce
@@ -232,28 +193,15 @@ class LMModule(pl.LightningModule):
 
     # --------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optim_cfg
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        # Decay the matrices only: biases and norm gains are not weights to shrink.
         groups = [
-            {"params": decay, "weight_decay": float(cfg["weight_decay"])},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        opt = OPTIMIZERS[cfg["name"]](groups, lr=float(cfg["lr"]), betas=tuple(cfg["betas"]))
-        warmup = int(cfg.get("warmup_steps") or 0)
-        floor = float(cfg.get("min_lr_ratio", 1.0))
-        total = self.max_steps
-
-        def lr_lambda(step: int) -> float:
-            if warmup and step < warmup:
-                return (step + 1) / warmup
-            if not total or total <= warmup:
-                return 1.0
-            progress = min(1.0, (step - warmup) / (total - warmup))
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if self.optimizer is None:
+            return {"optimizer": torch.optim.AdamW(groups, lr=3e-3)}
+        return optimizers_with_schedule(self.optimizer(groups), self.scheduler)
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -295,14 +243,14 @@ class LMModule(pl.LightningModule):
         if self.tokenizer is None:
             raise ValueError("generate needs a tokenizer (pass tokenizer= or load a checkpoint)")
         ids = self.tokenizer.encode(prompt) if prompt else self._start_ids()
-        device = next(self.model.parameters()).device
+        device = next(self.net.parameters()).device
         gen = None
         if seed is not None:
             gen = torch.Generator(device=device).manual_seed(seed)
         # a compiled model (config `compile`) would recompile for every prompt length
         with torch.compiler.set_stance("force_eager"):
             out = generate_ids(
-                self.model,
+                self.net,
                 ids.view(1, -1).to(device),
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
@@ -364,7 +312,7 @@ class AuxFreeBiasUpdate(pl.Callback):
             return
         gates = {
             i: layer.gate
-            for i, layer in pl_module.model.moe_layers().items()
+            for i, layer in pl_module.net.moe_layers().items()
             if isinstance(layer.gate, SigmoidBiasGate)
         }
         for i in gates:

@@ -6,7 +6,8 @@ a negative impression. Recommendation papers (HoME included) report it because t
 global AUC rewards ranking *users* against each other, which a feed never does.
 
 Everything here is vectorised torch: one sort and a few scatter-adds, no per-user
-Python loop, so it runs on millions of impressions in well under a second.
+Python loop, so its cost grows like a sort of the evaluation set
+(timings in ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LightningModule for multi-task ranking: embedding + any registered rec model.
+"""LightningModule for multi-task ranking: trains a :class:`~mtl.models.rec.ranker.Ranker`.
 
 Losses follow what the model predicts: BCE-with-logits for binary tasks in
 ``logits``, BCE on clamped probabilities for tasks in ``probs`` (ESMM's ctcvr), MSE
@@ -22,43 +22,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl.config_values import to_plain
-from mtl.data.features import FeatureSpec
 from mtl.data.tabular import RecBatch
-from mtl.models.rec import build_model_from_config
-from mtl.models.rec.embedding import FeatureEmbedding
 from mtl.models.rec.output import MultiTaskOutput
+from mtl.models.rec.ranker import Ranker
 from mtl.training.diagnostics import DiagnosticsAccumulator, ExpertDiagnostics
 from mtl.training.metrics import LOG_LOSS_EPS, BinaryTaskMetrics, RegressionTaskMetrics
+from mtl.training.schedules import OptimizerFactory, SchedulerFactory, optimizers_with_schedule
 from mtl.training.step_logging import EpochMeans, step_metrics_due
-
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 class RecModule(pl.LightningModule):
-    """Train and evaluate a multi-task ranking model on :class:`~mtl.data.tabular.RecBatch` data.
+    """Train and evaluate a multi-task ranker on :class:`~mtl.data.tabular.RecBatch` data.
 
     Args:
-        spec: the data's :class:`~mtl.data.features.FeatureSpec` (or its ``to_dict()``).
-        model: model config: ``{"name": <registry name>, **hyper-parameters}``.
-        optim: ``{"name": "adam"|"adamw", "lr": float, "weight_decay": float,
-            "fused": bool}``; ``fused`` (default True) updates all parameters in
-            one kernel instead of a Python loop over them.
+        net: the ranker (feature embedding + multi-task model), built outside.
+        optimizer: ``optimizer(params)`` (e.g. ``partial(torch.optim.Adam, lr=1e-3)``);
+            None: Adam with lr 1e-3.
+        scheduler: ``scheduler(optimizer)``, stepped every step; None for a constant rate.
         task_weights: loss weight per task name, overriding the spec's weights.
-        embedding: extra keyword arguments of :class:`FeatureEmbedding` (``init_std``, ``fold``).
         seed: base of the per-epoch reseeding of torch's global RNG (dropout), which
             makes a run resumed at an epoch boundary replay the uninterrupted run.
         diagnostics: accumulate expert-health diagnostics during val/test.
+        net_config: the config ``net`` was built from (``_target_`` nodes), kept in the
+            checkpoint's hyper-parameters so that :func:`mtl.training.build.load_module`
+            can rebuild the network.
 
     Shapes:
         ``forward(batch)`` with ``batch.cat (B, F_c)``, ``batch.num (B, F_n)`` returns a
         :class:`MultiTaskOutput` with ``logits``/``probs`` ``{task: (B,)}``.
 
     Example:
-        >>> from mtl.data.features import CategoricalFeature, TaskSpec
+        >>> from mtl.data.spec import CategoricalFeature, FeatureSpec, TaskSpec
+        >>> from mtl.models.rec import MMoE
+        >>> from mtl.models.rec.embedding import FeatureEmbedding
         >>> spec = FeatureSpec(categorical=[CategoricalFeature("item", 10, 4)], numeric=[],
         ...     tasks=[TaskSpec("click", "binary"), TaskSpec("like", "binary")])
-        >>> module = RecModule(spec=spec, model={"name": "mmoe", "num_experts": 2, "expert_hidden": [8]})
+        >>> net = Ranker(embedding=FeatureEmbedding(spec=spec),
+        ...              model=MMoE(d_in=4, tasks=spec.task_names, num_experts=2, expert_hidden=[8]))
+        >>> module = RecModule(net=net)
         >>> batch = RecBatch(cat=torch.randint(0, 11, (5, 1)), num=torch.zeros(5, 0), labels=torch.ones(5, 2))
         >>> loss, parts = module.compute_loss(module(batch), batch.labels)
         >>> sorted(parts)
@@ -68,55 +69,34 @@ class RecModule(pl.LightningModule):
     def __init__(
         self,
         *,
-        spec: FeatureSpec | Mapping[str, Any],
-        model: Mapping[str, Any],
-        optim: Mapping[str, Any] | None = None,
+        net: Ranker,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
         task_weights: Mapping[str, float] | None = None,
-        embedding: Mapping[str, Any] | None = None,
         seed: int = 0,
         diagnostics: bool = True,
+        net_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        spec = spec if isinstance(spec, FeatureSpec) else FeatureSpec.from_dict(to_plain(spec))
-        model_cfg = dict(to_plain(model))
-        optim_cfg = {
-            "name": "adam",
-            "lr": 1e-3,
-            "weight_decay": 0.0,
-            "fused": True,
-            **dict(to_plain(optim or {})),
-        }
+        spec = net.embedding.spec
         weights = {t.name: float(t.weight) for t in spec.tasks}
-        unknown = sorted(set(to_plain(task_weights or {})) - set(weights))
+        unknown = sorted(set(task_weights or {}) - set(weights))
         if unknown:
             raise ValueError(
                 f"task_weights names unknown tasks {unknown}; tasks are {list(weights)}"
             )
-        weights.update({k: float(v) for k, v in dict(to_plain(task_weights or {})).items()})
-        if optim_cfg["name"] not in OPTIMIZERS:
-            raise ValueError(
-                f"optim.name must be one of {sorted(OPTIMIZERS)}, got {optim_cfg['name']!r}"
-            )
-        self.save_hyperparameters(
-            {
-                "spec": spec.to_dict(),
-                "model": model_cfg,
-                "optim": optim_cfg,
-                "task_weights": weights,
-                "embedding": dict(to_plain(embedding or {})),
-                "seed": int(seed),
-                "diagnostics": bool(diagnostics),
-            }
-        )
+        weights.update({k: float(v) for k, v in (task_weights or {}).items()})
+        # The checkpoint keeps plain values that rebuild the module (the optimizer lives in
+        # the run's config.yaml: objects would not load with torch.load(weights_only=True)).
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.optimizer = optimizer
+        self.scheduler = scheduler
         self.spec = spec
         self.task_names = spec.task_names
         self.task_kinds = {t.name: t.kind for t in spec.tasks}
         self.loss_weights = weights
         self.seed = int(seed)
-        self.embedding = FeatureEmbedding(spec=spec, **self.hparams["embedding"])
-        self.model = build_model_from_config(
-            model_cfg, d_in=self.embedding.output_dim, tasks=self.task_names
-        )
         self.eval_metrics = nn.ModuleDict(
             {
                 t.name: BinaryTaskMetrics() if t.kind == "binary" else RegressionTaskMetrics()
@@ -130,14 +110,34 @@ class RecModule(pl.LightningModule):
         """Per split, the diagnostics of the last evaluation."""
         self._train_means = EpochMeans()
 
+    monitor_prefixes: tuple[str, ...] = (
+        "val/collapse_",
+        "val/expert_scale_cv",
+        "val/degraded_",
+        "val/own_expert_share/",
+    )
+    """Diagnostics keys a run may also monitor (their task/expert suffix varies)."""
+
+    @property
+    def default_monitor(self) -> str:
+        """``val/auc_mean`` when any task is binary, else ``val/loss``."""
+        binary = any(kind == "binary" for kind in self.task_kinds.values())
+        return "val/auc_mean" if binary else "val/loss"
+
+    def monitor_keys(self) -> list[str]:
+        """Validation metric keys this module logs (diagnostics keys aside)."""
+        user = self.spec.user_column is not None
+        keys = ["val/loss"]
+        if "binary" in self.task_kinds.values():
+            keys += ["val/auc_mean", "val/logloss_mean"] + (["val/gauc_mean"] if user else [])
+        for task, kind in self.task_kinds.items():
+            names = ["auc", "logloss"] + (["gauc"] if user else []) if kind == "binary" else ["mse"]
+            keys += [f"val/loss/{task}", *[f"val/{n}/{task}" for n in names]]
+        return keys
+
     # ------------------------------------------------------------------ model
     def forward(self, batch: RecBatch) -> MultiTaskOutput:
-        if getattr(self.model, "accepts_linear_input", False) and any(
-            self.embedding.folds(batch.batch_size)
-        ):
-            # the model's first layer multiplies the projected tables directly
-            return self.model(self.embedding.lazy(batch.cat, batch.num))
-        return self.model(self.embedding(batch.cat, batch.num))
+        return self.net(batch.cat, batch.num)
 
     @property
     def num_params(self) -> dict[str, int]:
@@ -148,8 +148,8 @@ class RecModule(pl.LightningModule):
 
         return {
             "total": count(self),
-            "embedding": count(self.embedding),
-            "model": count(self.model),
+            "embedding": count(self.net.embedding),
+            "model": count(self.net.model),
         }
 
     def predictions(self, out: MultiTaskOutput) -> dict[str, Tensor]:
@@ -195,7 +195,7 @@ class RecModule(pl.LightningModule):
                     )
                 else:
                     raise ValueError(
-                        f"model {self.hparams['model']['name']!r} returned no output for task {task!r} "
+                        f"{type(self.net.model).__name__} returned no output for task {task!r} "
                         f"(logits: {list(out.logits)}, probs: {list(out.probs)})"
                     )
             total = sum(self.loss_weights[t] * v for t, v in parts.items()) + out.aux_loss.float()
@@ -218,7 +218,7 @@ class RecModule(pl.LightningModule):
         values = {"train/loss_epoch": loss, **{f"train/loss/{t}": v for t, v in parts.items()}}
         if out.aux_loss.requires_grad:
             values["train/aux_loss"] = out.aux_loss
-        self._train_means.add(values, bs)
+        self._train_means.update(values, bs)
         if step_metrics_due(self, batch_idx):
             self.log("train/loss_step", loss, prog_bar=True, batch_size=bs)
         return loss
@@ -227,14 +227,10 @@ class RecModule(pl.LightningModule):
         for key, value in self._train_means.compute().items():
             self.log(key, value, prog_bar=key == "train/loss_epoch")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        cfg = self.hparams["optim"]
-        return OPTIMIZERS[cfg["name"]](
-            self.parameters(),
-            lr=float(cfg["lr"]),
-            weight_decay=float(cfg["weight_decay"]),
-            fused=bool(cfg.get("fused", True)),
-        )
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {"optimizer": torch.optim.Adam(self.parameters(), lr=1e-3)}
+        return optimizers_with_schedule(self.optimizer(self.parameters()), self.scheduler)
 
     # ------------------------------------------------------------- evaluation
     def _eval_step(self, batch: RecBatch, split: str) -> None:

@@ -1,9 +1,10 @@
 """Comparison report of ``mtl compare``: tables (Markdown + terminal), results.json, plots.
 
-Input is the list of per-run results of :func:`mtl.training.rec_runner.run_train`
+Input is the list of per-run results of :func:`mtl.training.train.train`
 (one per model x seed). Metrics are aggregated per model as mean ± sample std over
-seeds; diagnostics as the mean over seeds. Plots use matplotlib's Agg backend so
-they render without a display.
+seeds; diagnostics as the mean over seeds. Plots are drawn on
+:class:`matplotlib.figure.Figure` objects, which render to PNG without a display
+and leave pyplot's global state (and backend) alone.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from mtl.training.diagnostics import mean_diagnostics
-from mtl.training.rec_runner import write_json
+from mtl.training.results import write_json
 
 METRICS_SHOWN = ("auc", "gauc", "logloss", "mse")
 KIND_COLOURS = {"shared": "tab:blue", "group": "tab:orange", "task": "tab:green"}
@@ -50,7 +49,7 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per model: metric mean/std over seeds, params, time, and mean diagnostics.
 
     Args:
-        runs: results of ``run_train``, each with ``model``, ``seed``, ``test``,
+        runs: results of ``train``, each with ``model``, ``seed``, ``test``,
             ``params``, ``train_time_s``, ``epochs``, ``diagnostics``.
 
     Returns:
@@ -205,17 +204,17 @@ def _kind_colours(kinds: Sequence[str]) -> list[str]:
     return [KIND_COLOURS.get(_kind_group(k), "tab:gray") for k in kinds]
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_gates(model: str, diag: dict[str, Any], path: Path) -> None:
     """Heatmap of mean gate weight, tasks x experts, experts labelled (and coloured) by kind."""
     util = np.asarray(diag["utilisation"])
     tasks, kinds = diag["tasks"], diag["expert_kinds"]
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(kinds) + 2.5), 0.7 * len(tasks) + 2.4))
+    fig = Figure(figsize=(max(4.5, 0.8 * len(kinds) + 2.5), 0.7 * len(tasks) + 2.4))
+    ax = fig.subplots()
     top = max(float(util.max()), 1e-9)
     im = ax.imshow(util, cmap="viridis", vmin=0.0, vmax=top, aspect="auto")
     for (i, j), v in np.ndenumerate(util):
@@ -257,9 +256,8 @@ def _expert_bars(
     if not panels:
         return False
     width = max(5.0, 0.55 * max(len(p[2]) for p in panels) + 2.5)
-    fig, axes = plt.subplots(
-        len(panels), 1, figsize=(width, 2.4 * len(panels) + 0.6), squeeze=False
-    )
+    fig = Figure(figsize=(width, 2.4 * len(panels) + 0.6))
+    axes = fig.subplots(len(panels), 1, squeeze=False)
     for ax, (model, d, idx) in zip(axes[:, 0], panels, strict=True):
         kinds, values = [d["expert_kinds"][e] for e in idx], [d[key][e] for e in idx]
         ax.bar(range(len(idx)), values, color=_kind_colours(kinds))
@@ -272,7 +270,7 @@ def _expert_bars(
         if hline is not None:
             ax.axhline(hline, color="tab:red", linestyle="--", linewidth=1)
         groups = list(dict.fromkeys(_kind_group(k) for k in kinds))
-        handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLOURS[g]) for g in groups]
+        handles = [Rectangle((0, 0), 1, 1, color=KIND_COLOURS[g]) for g in groups]
         labels = [f"{g} expert" for g in groups]
         ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel("expert index")
@@ -289,7 +287,8 @@ def plot_task_metric(summary: dict[str, dict[str, Any]], metric: str, path: Path
         return False
     models = list(summary)
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) * max(1, len(models) / 2)), 3.6))
+    fig = Figure(figsize=(max(5.0, 1.6 * len(tasks) * max(1, len(models) / 2)), 3.6))
+    ax = fig.subplots()
     ends: list[float] = []
     for m, model in enumerate(models):
         stats = [summary[model]["metrics"].get(f"{metric}/{t}", (math.nan,) * 2) for t in tasks]

@@ -1,42 +1,46 @@
-"""Cheap training-step logging: log step values only when something reads them.
+"""Training-step logging: log step values only when something reads them.
 
-Lightning's ``self.log`` costs about 0.25 ms per call on a CPU core
-(pytorch-lightning 2.6: every call moves the stored result's whole ``__dict__``
-to the value's device through ``apply_to_collection``, which deep-copies its
-metadata dataclass). A ranking step of about 10 ms that logged its loss and one
-loss per task spent ~10% of its time there; an LM step that logs routing
-statistics for every layer makes about 20 calls.
-
-Two tools remove that cost without changing what is recorded:
+Each Lightning ``self.log`` call has a fixed host cost that is a visible share of
+a small ranker's CPU step (measured in ``benchmarks/RESULTS.md``). Two tools remove
+that cost without changing what is recorded:
 
 * :func:`step_metrics_due` says whether a value logged with ``on_step=True`` in
   this training batch will be read: by the logger (which writes step metrics
   every ``trainer.log_every_n_steps`` steps), by the progress bar (which
   refreshes every ``refresh_rate`` batches), or as the run's last value.
 * :class:`EpochMeans` keeps the batch-size-weighted epoch means of scalar
-  losses on the device (two tensor ops per step, no host sync) and hands them
-  to one ``self.log`` per key at the end of the epoch: the same value as
-  ``self.log(..., on_epoch=True, batch_size=bs)`` in every step.
+  losses on the device (no host sync per step) and hands them to one
+  ``self.log`` per key at the end of the epoch: the same value as
+  ``self.log(..., on_epoch=True, batch_size=bs)`` in every step. It is a
+  torchmetrics ``Metric``, so its sums are added across processes when a
+  distributed run computes it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
+from torchmetrics import Metric
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
 def step_metrics_due(module: pl.LightningModule, batch_idx: int) -> bool:
     """Whether on-step values logged in this training batch would be read.
 
     True when the logger writes step metrics after this batch (Lightning's rule:
-    the number of batches that stepped before it, plus one, is a multiple of
+    the number of optimizer steps before this batch, plus one, is a multiple of
     ``log_every_n_steps``), when a progress bar with a ``refresh_rate`` refreshes
     after it, on the last batch of the epoch, on the last step of a
     ``max_steps`` run, once the trainer is stopping, in ``fast_dev_run``, and
     whenever the module is not attached to a trainer (plain calls log as usual).
+    The answer is the same in ``on_train_batch_start``, ``training_step`` and
+    ``on_train_batch_end``. It reads public trainer state only and assumes
+    automatic optimization (one optimizer step per stepping batch).
 
     Args:
         module: the LightningModule whose ``training_step`` or
@@ -44,21 +48,31 @@ def step_metrics_due(module: pl.LightningModule, batch_idx: int) -> bool:
         batch_idx: the batch index Lightning passed to that hook.
 
     Example:
-        >>> class M(pl.LightningModule):  # doctest: +SKIP
+        >>> import pytorch_lightning as pl
+        >>> class M(pl.LightningModule):
         ...     def training_step(self, batch, batch_idx):
-        ...         loss = ...
+        ...         loss = batch.sum()
         ...         if step_metrics_due(self, batch_idx):
         ...             self.log("train/loss", loss, prog_bar=True)
         ...         return loss
+        >>> step_metrics_due(M(), 0)  # not attached to a trainer: log as usual
+        True
     """
-    trainer: pl.Trainer | None = getattr(module, "_trainer", None)
-    if trainer is None or trainer.fast_dev_run or trainer.should_stop:
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # not attached to a trainer
         return True
-    # Lightning's logger counts batches that stepped and increments the count only
-    # after on_train_batch_end (global_step moves earlier, inside the optimizer step),
-    # so its own counter is the one that names this batch's step in every hook.
-    epoch_loop = trainer.fit_loop.epoch_loop
-    step = int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step)) + 1
+    if trainer.fast_dev_run or trainer.should_stop:
+        return True
+    # The logger names a batch by the optimizer steps taken before it. global_step
+    # moves inside the optimizer step, so once this batch has stepped (processed ==
+    # ready, as in on_train_batch_end) it already counts this batch's step.
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    last_batch = trainer.is_last_batch or progress.ready == trainer.num_training_batches
+    stepped = progress.processed == progress.ready and (
+        progress.ready % trainer.accumulate_grad_batches == 0 or last_batch
+    )
+    step = trainer.global_step + (0 if stepped else 1)
     every = trainer.log_every_n_steps
     if every > 0 and step % every == 0:
         return True
@@ -68,16 +82,22 @@ def step_metrics_due(module: pl.LightningModule, batch_idx: int) -> bool:
     rate = int(getattr(bar, "refresh_rate", 0) or 0) if bar is not None and bar.is_enabled else 0
     if rate > 0 and (batch_idx + 1) % rate == 0:
         return True
-    return bool(epoch_loop.batch_progress.is_last_batch)
+    return bool(trainer.is_last_batch)
 
 
-class EpochMeans:
+class EpochMeans(Metric):
     """Batch-size-weighted means of named scalars over one epoch, kept on the device.
 
     ``add`` stacks the step's values into one vector and adds it, times the batch
-    size, to a running sum: two tensor ops and no host sync per step. The weights
-    are host integers. ``compute`` divides once. The same names must come in
-    every step of an epoch (a model's set of losses does not change).
+    size, to a running sum: no host sync per step. ``compute`` divides once. The
+    same names must come in every step of an epoch (a model's set of losses does
+    not change). The states are sums (``dist_reduce_fx="sum"``), so in a
+    distributed run ``compute`` gives the means over every process's batches;
+    every process must then have added at least one step.
+
+    Args:
+        **kwargs: torchmetrics ``Metric`` options (``sync_on_compute``,
+            ``process_group``, ...).
 
     Example:
         >>> means = EpochMeans()
@@ -87,17 +107,31 @@ class EpochMeans:
         {'loss': 1.25, 'aux': 0.375}
     """
 
-    def __init__(self) -> None:
+    full_state_update = False
+    sums: Tensor
+    weight: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.names: tuple[str, ...] | None = None
-        self._sums_K: Tensor | None = None  # (K,) float32, K = len(names)
-        self._weight = 0
+        """The value names, in order, fixed by the epoch's first step."""
+        # float32 (len(names),) once the first step has named the values.
+        self.add_state("sums", default=torch.zeros(0), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def reset(self) -> None:
-        """Forget the epoch so far."""
-        self.names, self._sums_K, self._weight = None, None, 0
+        """Forget the epoch so far (names included)."""
+        super().reset()
+        self.names = None
 
-    @torch.no_grad()
     def add(self, values: Mapping[str, Tensor], weight: int) -> None:
+        """Add one step's scalar ``values`` with weight ``weight`` (its batch size).
+
+        The same as :meth:`update`.
+        """
+        self.update(values, weight)
+
+    def update(self, values: Mapping[str, Tensor], weight: int) -> None:
         """Add one step's scalar ``values`` with weight ``weight`` (its batch size).
 
         Raises:
@@ -116,16 +150,16 @@ class EpochMeans:
                 raise ValueError(
                     f"EpochMeans value {name!r} has shape {tuple(value.shape)}, not a scalar"
                 )
-        step_K = torch.stack([v.detach().reshape(()).float() for v in values.values()])
-        if self._sums_K is None:
-            self._sums_K = step_K * weight
+        step = torch.stack([v.detach().reshape(()).float() for v in values.values()])
+        if self.sums.numel() == 0:
+            self.sums = step * weight
         else:
-            self._sums_K.add_(step_K, alpha=weight)
-        self._weight += int(weight)
+            self.sums.add_(step, alpha=weight)
+        self.weight += int(weight)
 
     def compute(self) -> dict[str, Tensor]:
         """The means so far, by name (empty before the first ``add``)."""
-        if self._sums_K is None or self.names is None or self._weight == 0:
+        if self.names is None or self.sums.numel() == 0:
             return {}
-        means_K = self._sums_K / self._weight
-        return dict(zip(self.names, means_K.unbind(0), strict=True))
+        means = self.sums / self.weight
+        return dict(zip(self.names, means.unbind(0), strict=True))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -47,11 +46,8 @@ def test_mmoe_is_deterministic_and_shaped() -> None:
         synthetic_mmoe(n=10, correlation=1.5)
 
 
-def test_ctr_rates_cascade_and_speed() -> None:
-    start = time.perf_counter()
+def test_ctr_rates_cascade() -> None:
     data = synthetic_ctr(n=200_000, seed=0)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 4.0  # budget is 2 s on a quiet machine; slack for loaded CI runners
     df = data.train
     rates = {t: float(df[t].mean()) for t in ("click", "like", "conversion")}  # type: ignore[arg-type]
     assert rates["click"] == pytest.approx(0.25, abs=0.01)

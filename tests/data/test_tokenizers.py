@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -150,17 +149,13 @@ def test_build_tokenizer_unknown_kind_lists_kinds() -> None:
 
 
 @pytest.mark.parametrize("kind", ["byte", "char"])
-def test_shakespeare_encodes_fast_and_losslessly(shakespeare_path: Path, kind: str) -> None:
+def test_shakespeare_encodes_losslessly(shakespeare_path: Path, kind: str) -> None:
     text = shakespeare_path.read_text(encoding="utf-8")
     tok = build_tokenizer(kind, text)
-    start = time.perf_counter()
     ids = tok.encode(text)
-    elapsed = time.perf_counter() - start
     assert len(ids) == 1_115_394  # the file is ASCII: one byte = one char = one token
     assert tok.vocab_size == {"byte": 256, "char": 65}[kind]
     assert tok.decode(ids) == text
-    # ~0.1 s measured; a per-character Python loop with checks would take several times that.
-    assert elapsed < 1.0
 
 
 # ---------------------------------------------------------------- BPE (optional dependency)

@@ -25,50 +25,51 @@ from mtl.moe import (
     ExpertChoiceGate,
     MoELayer,
     SigmoidBiasGate,
+    SwiGLUExperts,
     TopKGate,
     TopPGate,
 )
-from mtl.moe.grouped import grouped_matmul
+from mtl.moe.grouped import grouped_mm
 from mtl.moe.routing import bin_counts
 
 D, E = 16, 8
 LOSSES = {"load_balance": 0.01, "z_loss": 1e-3}
 
 LAYERS: dict[str, Callable[[], MoELayer]] = {
-    # CPU fused SwiGLU path (chunk bounds read from the counts)
+    # SwiGLU experts on expert-sorted rows (the per-expert loop reads the counts)
     "dropless_swiglu": lambda: MoELayer(
         gate=TopKGate(d_model=D, num_experts=E, k=2),
-        experts=ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=32),
+        experts=SwiGLUExperts(num_experts=E, d_model=D, d_hidden=32),
         dispatch=DroplessDispatch(),
         aux_loss_weights=LOSSES,
     ),
-    # generic experts, padded (E, C, D) layout sized by the largest count
+    # MLP experts on expert-sorted rows
     "dropless_mlp": lambda: MoELayer(
         gate=TopKGate(d_model=D, num_experts=E, k=2),
         experts=ExpertBank(num_experts=E, dims=[D, 32, D]),
         dispatch=DroplessDispatch(),
         aux_loss_weights=LOSSES,
     ),
-    # invalid slots: sorted layout, valid prefix read back to the host
+    # invalid slots: the valid prefix is read back to the host
     "dropless_top_p": lambda: MoELayer(
         gate=TopPGate(d_model=D, num_experts=E, p=0.5),
-        experts=ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=32),
+        experts=SwiGLUExperts(num_experts=E, d_model=D, d_hidden=32),
         dispatch=DroplessDispatch(),
         aux_loss_weights={"load_balance": 0.01},
     ),
     "expert_choice": lambda: MoELayer(
         gate=ExpertChoiceGate(d_model=D, num_experts=E, capacity_factor=2.0),
-        experts=ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=32),
+        experts=SwiGLUExperts(num_experts=E, d_model=D, d_hidden=32),
         dispatch=DroplessDispatch(),
     ),
     "sigmoid_bias": lambda: MoELayer(
         gate=SigmoidBiasGate(d_model=D, num_experts=E, k=2),
-        experts=ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=32),
+        experts=SwiGLUExperts(num_experts=E, d_model=D, d_hidden=32),
         dispatch=DroplessDispatch(),
     ),
     "capacity": lambda: MoELayer(
         gate=TopKGate(d_model=D, num_experts=E, k=1),
-        experts=ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=32),
+        experts=SwiGLUExperts(num_experts=E, d_model=D, d_hidden=32),
         dispatch=CapacityDispatch(capacity_factor=1.0),
         aux_loss_weights=LOSSES,
     ),
@@ -134,11 +135,11 @@ def test_bin_counts_traces_without_a_dynamic_shape() -> None:
     assert counted(ids).tolist() == [2, 1, 0, 3, 0]
 
 
-def test_grouped_matmul_compiles_in_float32_on_cpu() -> None:
+def test_grouped_mm_compiles_in_float32_on_cpu() -> None:
     # grouped_mm's meta function accepts bf16 only, so the traced path must not take it
     torch.manual_seed(0)
     x, w = torch.randn(7, 16), torch.randn(3, 16, 8)
     counts = torch.tensor([2, 0, 5])
-    y = torch.compile(grouped_matmul, backend="aot_eager")(x, w, counts)
+    y = torch.compile(grouped_mm, backend="aot_eager")(x, w, counts)
     ref = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

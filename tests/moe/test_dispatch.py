@@ -1,8 +1,9 @@
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mtl.moe import (
     CapacityDispatch,
@@ -11,13 +12,14 @@ from mtl.moe import (
     DroplessDispatch,
     ExpertBank,
     MoELayer,
+    SwiGLUExperts,
     TopKGate,
     TopPGate,
 )
-from mtl.moe.grouped import chunk_row_starts, expert_chunks
+from mtl.moe.grouped import grouped_mm, looped_grouped_mm
 from mtl.moe.routing import RoutingResult
 
-from .reference import loop_moe
+from .reference import loop_moe, padded_grouped_mm
 
 CASES = [(E, k) for E in (1, 4, 8, 64) for k in (1, 2, 8) if k <= E]
 
@@ -26,7 +28,7 @@ CASES = [(E, k) for E in (1, 4, 8, 64) for k in (1, 2, 8) if k <= E]
 def test_dropless_equals_per_expert_loop_outputs_and_gradients(E: int, k: int) -> None:
     torch.manual_seed(E * 10 + k)
     T, D, H = 96, 16, 24
-    bank = ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=H)
+    bank = SwiGLUExperts(num_experts=E, d_model=D, d_hidden=H)
     gate = TopKGate(d_model=D, num_experts=E, k=k, renormalize=True)
     x = torch.randn(T, D, requires_grad=True)
     routing = gate(x)
@@ -149,7 +151,7 @@ def _layer(dispatch: nn.Module) -> MoELayer:
     torch.manual_seed(7)
     return MoELayer(
         gate=TopKGate(d_model=8, num_experts=4, k=2),
-        experts=ExpertBank.swiglu(num_experts=4, d_model=8, d_hidden=16),
+        experts=SwiGLUExperts(num_experts=4, d_model=8, d_hidden=16),
         dispatch=dispatch,
     )
 
@@ -171,7 +173,7 @@ def test_capacity_equals_the_loop_over_kept_slots_outputs_and_gradients(k: int) 
     # get no output and send no gradient back to their tokens, their weights or the experts
     torch.manual_seed(7 + k)
     T, D, H, E = 64, 12, 20, 4
-    bank = ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=H)
+    bank = SwiGLUExperts(num_experts=E, d_model=D, d_hidden=H)
     gate = TopKGate(d_model=D, num_experts=E, k=k, renormalize=True)
     disp = CapacityDispatch(capacity_factor=0.6)
     x = torch.randn(T, D, requires_grad=True)
@@ -224,30 +226,47 @@ def test_bad_capacity_factor() -> None:
         CapacityDispatch(capacity_factor=-1.0)
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 64, 10**6], ids=["1-expert-chunks", "chunks", "1-chunk"])
-@pytest.mark.parametrize("layout", ["padded", "sorted"])
-@pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu-fused", "gelu"])
+SEAMS = [grouped_mm, looped_grouped_mm, padded_grouped_mm]
+
+
+def _overriding(cls: type, seam: Callable[[Tensor, Tensor, Tensor], Tensor]) -> type:
+    """A subclass of ``cls`` whose grouped-matmul seam is ``seam``, counting its calls."""
+
+    class Overridden(cls):  # type: ignore[misc, valid-type]
+        seam_calls = 0
+
+        def _grouped_mm(self, x_ND: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+            self.seam_calls += 1
+            return seam(x_ND, w_EDH, counts_E)
+
+    return Overridden
+
+
+def _bank(cls: type, swiglu: bool, E: int, D: int, H: int) -> nn.Module:
+    if swiglu:
+        return cls(num_experts=E, d_model=D, d_hidden=H)
+    return cls(num_experts=E, dims=[D, H, D], activation="gelu", bias=True)
+
+
+@pytest.mark.parametrize("seam", SEAMS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu", "gelu"])
 @pytest.mark.parametrize(("E", "k"), [(4, 2), (64, 8)])
-def test_each_dropless_layout_equals_loop_outputs_and_gradients(
-    layout: str, swiglu: bool, E: int, k: int, chunk_rows: int
+def test_an_overridden_grouped_mm_seam_equals_the_loop_outputs_and_gradients(
+    seam: Callable[[Tensor, Tensor, Tensor], Tensor], swiglu: bool, E: int, k: int
 ) -> None:
-    """Both row layouts (and the fused CPU SwiGLU path) against the reference loop."""
+    """Any implementation of the grouped-matmul contract, put in by overriding the
+    bank's one seam, gives the reference loop's outputs and gradients."""
     torch.manual_seed(E + k + int(swiglu))
     T, D, H = 80, 16, 12
-    if swiglu:
-        bank = ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=H)
-    else:
-        bank = ExpertBank(num_experts=E, dims=[D, H, D], activation="gelu", bias=True)
+    base = SwiGLUExperts if swiglu else ExpertBank
+    bank = _bank(_overriding(base, seam), swiglu, E, D, H)
     gate = TopKGate(d_model=D, num_experts=E, k=k, renormalize=True)
-    dispatch = DroplessDispatch()
-    # max_padding picks the layout: inf always pads, a negative bound never does
-    dispatch.max_padding = float("inf") if layout == "padded" else -1.0
-    dispatch.chunk_rows = chunk_rows  # expert chunks of the fused path
     x = torch.randn(T, D, requires_grad=True)
     g = torch.randn(T, D)
     params = [x, gate.proj.weight, *bank.parameters()]
     r = gate(x)
-    out = dispatch(x, r, bank).output_TD
+    out = DroplessDispatch()(x, r, bank).output_TD
+    assert bank.seam_calls == (3 if swiglu else 2)  # every projection went through the seam
     grads = torch.autograd.grad((out * g).sum(), params)
     r2 = gate(x)
     ref = loop_moe(bank, x, r2.weights_TK, r2.experts_TK)
@@ -257,37 +276,16 @@ def test_each_dropless_layout_equals_loop_outputs_and_gradients(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("target_rows", [1, 7, 20, 1000])
-def test_expert_chunks_cover_every_expert_and_pad_each_chunk_to_its_own_max(
-    target_rows: int,
+@pytest.mark.parametrize("seam", SEAMS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu", "gelu"])
+def test_experts_that_get_no_rows(
+    swiglu: bool, seam: Callable[[Tensor, Tensor, Tensor], Tensor]
 ) -> None:
-    counts = [5, 0, 9, 3, 3, 12, 1, 0]
-    chunks = expert_chunks(counts, target_rows)
-    assert [e for e0, e1, _, _ in chunks for e in range(e0, e1)] == list(range(len(counts)))
-    base = 0
-    for e0, e1, cap, start in chunks:
-        assert start == base and cap == max(counts[e0:e1])
-        assert (e1 - e0) * cap <= target_rows or e1 - e0 == 1
-        base += (e1 - e0) * cap
-    starts, n_rows = chunk_row_starts(chunks, torch.device("cpu"))
-    assert n_rows == base and starts.tolist()[0] == 0
-    if target_rows == 1:
-        assert n_rows == sum(counts)  # one expert per chunk: no padding at all
-    if target_rows == 1000:
-        assert n_rows == len(counts) * max(counts)  # one chunk: the global padding
-
-
-@pytest.mark.parametrize("chunk_rows", [1, 20, 10**6], ids=["1-expert-chunks", "chunks", "1-chunk"])
-@pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu-fused", "gelu"])
-def test_padded_layout_with_experts_that_get_no_rows(swiglu: bool, chunk_rows: int) -> None:
-    """Dead experts (no rows) inside and between chunks: same outputs and gradients as
-    the loop, and zero gradient for the dead experts' weights."""
+    """Dead experts (no rows) between live ones: same outputs and gradients as the loop,
+    and exactly zero gradient for the dead experts' weights."""
     torch.manual_seed(7)
     T, D, H, E, K = 24, 8, 6, 6, 2
-    if swiglu:
-        bank = ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=H)
-    else:
-        bank = ExpertBank(num_experts=E, dims=[D, H, D], activation="gelu", bias=True)
+    bank = _bank(_overriding(SwiGLUExperts if swiglu else ExpertBank, seam), swiglu, E, D, H)
     # experts 1 and 4 get nothing; 0 gets 16 rows, 2 gets 17, 3 and 5 get 8 and 7
     first = torch.tensor([0] * 16 + [3] * 8)
     second = torch.tensor([2] * 17 + [5] * 7)
@@ -299,13 +297,10 @@ def test_padded_layout_with_experts_that_get_no_rows(swiglu: bool, chunk_rows: i
         logits_TE=torch.zeros(T, E),
         probs_TE=torch.full((T, E), 1.0 / E),
     )
-    dispatch = DroplessDispatch()
-    dispatch.max_padding = float("inf")  # always the padded layout
-    dispatch.chunk_rows = chunk_rows
     x = torch.randn(T, D, requires_grad=True)
     g = torch.randn(T, D)
     params = [x, weights_TK, *bank.parameters()]
-    out = dispatch(x, routing, bank).output_TD
+    out = DroplessDispatch()(x, routing, bank).output_TD
     grads = torch.autograd.grad((out * g).sum(), params)
     ref = loop_moe(bank, x, weights_TK, experts_TK)
     ref_grads = torch.autograd.grad((ref * g).sum(), params)

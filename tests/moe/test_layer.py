@@ -15,6 +15,7 @@ from mtl.moe import (
     MultiGateMixture,
     NoisyTopKGate,
     SigmoidBiasGate,
+    SwiGLUExperts,
     TopKGate,
     TopPGate,
     load_balance_loss,
@@ -28,7 +29,7 @@ def test_aux_losses_are_weighted_and_returned_not_stored() -> None:
     torch.manual_seed(0)
     layer = MoELayer(
         gate=TopKGate(d_model=8, num_experts=4, k=2),
-        experts=ExpertBank.swiglu(num_experts=4, d_model=8, d_hidden=8),
+        experts=SwiGLUExperts(num_experts=4, d_model=8, d_hidden=8),
         dispatch=DroplessDispatch(),
         aux_loss_weights={"load_balance": 0.1, "z_loss": 0.01},
     )
@@ -54,8 +55,8 @@ def test_aux_losses_are_weighted_and_returned_not_stored() -> None:
 def test_shared_experts_and_output_scale() -> None:
     torch.manual_seed(1)
     D = 8
-    routed = ExpertBank.swiglu(num_experts=4, d_model=D, d_hidden=6)
-    shared = ExpertBank.swiglu(num_experts=2, d_model=D, d_hidden=6)
+    routed = SwiGLUExperts(num_experts=4, d_model=D, d_hidden=6)
+    shared = SwiGLUExperts(num_experts=2, d_model=D, d_hidden=6)
     gate = TopKGate(d_model=D, num_experts=4, k=2, renormalize=True)
     layer = MoELayer(
         gate=gate, experts=routed, dispatch=DroplessDispatch(), shared=shared, output_scale=2.0
@@ -152,7 +153,7 @@ def test_bf16_layer_runs_and_tracks_fp32() -> None:
     torch.manual_seed(5)
     layer = MoELayer(
         gate=TopKGate(d_model=16, num_experts=4, k=2, renormalize=True),
-        experts=ExpertBank.swiglu(num_experts=4, d_model=16, d_hidden=32),
+        experts=SwiGLUExperts(num_experts=4, d_model=16, d_hidden=32),
         dispatch=DroplessDispatch(),
     )
     x = torch.randn(32, 16)

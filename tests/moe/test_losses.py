@@ -74,12 +74,12 @@ def test_entropy_loss() -> None:
 
 
 def test_load_balance_under_bf16_autocast() -> None:
-    from mtl.moe import DroplessDispatch, ExpertBank, MoELayer, TopKGate
+    from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
 
     torch.manual_seed(0)
     layer = MoELayer(
         gate=TopKGate(d_model=8, num_experts=4, k=2),
-        experts=ExpertBank.swiglu(num_experts=4, d_model=8, d_hidden=8),
+        experts=SwiGLUExperts(num_experts=4, d_model=8, d_hidden=8),
         dispatch=DroplessDispatch(),
         aux_loss_weights={"load_balance": 1.0},
     )

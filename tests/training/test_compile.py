@@ -11,11 +11,10 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
+from mtl.training.build import build_lm
 from mtl.training.compile import compile_model, compile_options
 from mtl.training.config import compose_config
-from mtl.training.lm_module import build_lm
-from mtl.training.lm_runner import run_from_overrides
-from mtl.training.rec_runner import run_train
+from mtl.training.train import train
 
 LM = [
     "experiment=lm_mixtral",
@@ -29,6 +28,18 @@ LM = [
     "generate.max_new_tokens=20",
 ]
 AOT = "compile={backend:aot_eager}"  # dynamo + AOTAutograd, what inductor receives, no C++
+TINY_LM = {
+    "_target_": "mtl.models.lm.TransformerLM",
+    "d_model": 16,
+    "n_layers": 1,
+    "n_heads": 2,
+    "d_ff": 32,
+    "max_seq_len": 8,
+}
+
+
+def run_from_overrides(overrides: list[str]) -> dict:
+    return train(compose_config("train", overrides))
 
 
 @pytest.fixture(autouse=True)
@@ -60,23 +71,20 @@ def test_bad_compile_values_name_what_is_wrong(value: object, match: str) -> Non
         compile_options(value)
 
 
-def test_compile_model_hands_torch_compile_plain_values_from_a_config() -> None:
-    from omegaconf import OmegaConf
-
+def test_compile_model_hands_torch_compile_the_mapping() -> None:
     class Recorder(torch.nn.Linear):
         def compile(self, **kwargs: object) -> None:  # type: ignore[override]
             self.kwargs = kwargs
 
     model = Recorder(2, 2)
-    value = OmegaConf.create({"backend": "inductor", "options": {"max_autotune": True}})
+    value = {"backend": "inductor", "options": {"max_autotune": True}}
     assert compile_model(model, value) is True
     assert model.kwargs == {"backend": "inductor", "options": {"max_autotune": True}}
-    assert type(model.kwargs["options"]) is dict
+    assert compile_model(model, False) is False
 
 
 def test_compiled_model_keeps_its_state_dict_keys() -> None:
-    cfg = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "max_seq_len": 8}
-    model = build_lm(cfg, vocab_size=11)
+    model = build_lm(TINY_LM, vocab_size=11)
     keys = list(model.state_dict())
     assert compile_model(model, {"backend": "aot_eager"}) is True
     model(torch.randint(0, 11, (2, 8)))
@@ -119,8 +127,8 @@ def test_compiled_rec_run_equals_eager(tmp_path: Path) -> None:
         "trainer.enable_progress_bar=false",
         "num_threads=1",
     ]
-    eager = run_train(compose_config("train", [*small, f"output_dir={tmp_path / 'e'}"]))
-    comp = run_train(compose_config("train", [*small, AOT, f"output_dir={tmp_path / 'c'}"]))
+    eager = train(compose_config("train", [*small, f"output_dir={tmp_path / 'e'}"]))
+    comp = train(compose_config("train", [*small, AOT, f"output_dir={tmp_path / 'c'}"]))
     for key, value in eager["test"].items():
         assert comp["test"][key] == pytest.approx(value, abs=1e-5), key
 
@@ -138,9 +146,9 @@ def test_compiled_census_mmoe_does_not_keep_recompiling(tmp_path: Path, census_p
         "trainer.enable_progress_bar=false",
         "num_threads=1",
     ]
-    eager = run_train(compose_config("train", [*overrides, f"output_dir={tmp_path / 'e'}"]))
+    eager = train(compose_config("train", [*overrides, f"output_dir={tmp_path / 'e'}"]))
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=4):
-        comp = run_train(compose_config("train", [*overrides, AOT, f"output_dir={tmp_path / 'c'}"]))
+        comp = train(compose_config("train", [*overrides, AOT, f"output_dir={tmp_path / 'c'}"]))
     for key, value in eager["test"].items():
         assert comp["test"][key] == pytest.approx(value, abs=1e-5), key
 
@@ -152,19 +160,14 @@ def test_inductor_compiled_moe_lm_trains_like_eager() -> None:
         pytest.fail("inductor needs a C++ compiler (g++) on PATH")
     for E, k, dispatch in ((8, 2, "DroplessDispatch"), (4, 1, "CapacityDispatch")):
         moe = {
-            "gate": {"_target_": "mtl.moe.TopKGate", "num_experts": E, "k": k},
-            "experts": {"_target_": "mtl.moe.ExpertBank.swiglu", "num_experts": E, "d_hidden": 16},
-            "dispatch": {"_target_": f"mtl.moe.{dispatch}"},
+            "_target_": "mtl.models.lm.MoEFFN",
+            "num_experts": E,
+            "gate": {"_target_": "mtl.moe.TopKGate", "_partial_": True, "k": k},
+            "experts": {"_target_": "mtl.moe.SwiGLUExperts", "_partial_": True, "d_hidden": 16},
+            "dispatch": {"_target_": f"mtl.moe.{dispatch}", "_partial_": True},
             "aux_loss_weights": {"load_balance": 0.01, "z_loss": 0.001},
         }
-        cfg = {
-            "d_model": 32,
-            "n_layers": 2,
-            "n_heads": 2,
-            "d_ff": 64,
-            "max_seq_len": 16,
-            "moe": moe,
-        }
+        cfg = {**TINY_LM, "d_model": 32, "n_layers": 2, "d_ff": 64, "max_seq_len": 16, "moe": moe}
         torch.manual_seed(0)
         eager = build_lm(cfg, vocab_size=17)
         compiled = build_lm(cfg, vocab_size=17)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import random
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,32 @@ from pytorch_lightning.loggers import CSVLogger
 from mtl.data.text import TextDataModule
 from mtl.data.tokenizers import CharTokenizer
 from mtl.moe import SigmoidBiasGate
+from mtl.training.build import build_lm, load_module
 from mtl.training.lm_module import AuxFreeBiasUpdate, LMModule, VocabularyMismatchError
-from mtl.training.lm_runner import load_checkpoint
 
 MOE = {
+    "_target_": "mtl.models.lm.MoEFFN",
     "num_experts": 4,
-    "gate": {"_target_": "mtl.moe.TopKGate", "num_experts": 4, "k": 2, "renormalize": True},
-    "experts": {"_target_": "mtl.moe.ExpertBank.swiglu", "num_experts": 4, "d_hidden": 32},
+    "gate": {"_target_": "mtl.moe.TopKGate", "_partial_": True, "k": 2, "renormalize": True},
+    "experts": {"_target_": "mtl.moe.SwiGLUExperts", "_partial_": True, "d_hidden": 32},
     "aux_loss_weights": {"load_balance": 0.01, "z_loss": 0.001},
 }
-MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 16, "moe": MOE}
+MODEL = {
+    "_target_": "mtl.models.lm.TransformerLM",
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 2,
+    "d_ff": 64,
+    "max_seq_len": 16,
+    "moe": MOE,
+}
+
+
+def _module(tokenizer: CharTokenizer, model: dict[str, Any] = MODEL, **kw: Any) -> LMModule:
+    """An LMModule as train() builds it: the net and the config that rebuilds it."""
+    config = {**model, "vocab_size": tokenizer.vocab_size}
+    net = build_lm(config, vocab_size=tokenizer.vocab_size)
+    return LMModule(net=net, tokenizer=tokenizer, net_config=config, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +91,7 @@ def _trainer(
 
 def test_fit_logs_losses_throughput_and_routing(tmp_path: Path) -> None:
     dm = _dm(_text_file(tmp_path / "a.txt", "abcdefgh"))
-    module = LMModule(model=MODEL, tokenizer=dm.tokenizer, max_steps=6)
+    module = _module(dm.tokenizer)
     trainer = _trainer(tmp_path, 6)
     trainer.fit(module, datamodule=dm)
     metrics = trainer.callback_metrics
@@ -102,17 +119,17 @@ def test_fit_logs_step_values_only_where_logger_or_last_step_reads_them(
     tmp_path: Path, count_log_calls: Any
 ) -> None:
     dm = _dm(_text_file(tmp_path / "a.txt", "abcdefgh"))
-    module = LMModule(model=MODEL, tokenizer=dm.tokenizer, max_steps=10)
+    module = _module(dm.tokenizer)
     train_ce: list[float] = []
-    loss = module._loss
+    forward = module.net.forward
 
-    def recording(out: Any, targets_BT: torch.Tensor) -> torch.Tensor:
-        ce = loss(out, targets_BT)
+    def recording(idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> Any:
+        out = forward(idx_BT, targets_BT)
         if module.training:
-            train_ce.append(float(ce))
-        return ce
+            train_ce.append(float(out.loss))
+        return out
 
-    module._loss = recording  # type: ignore[method-assign]
+    module.net.forward = recording  # type: ignore[method-assign]
     calls = count_log_calls(module)
     trainer = _trainer(
         tmp_path, 10, log_every_n_steps=4, logger=CSVLogger(tmp_path), limit_val_batches=0
@@ -124,7 +141,7 @@ def test_fit_logs_step_values_only_where_logger_or_last_step_reads_them(
     assert sorted(written) == [3, 7]  # Lightning writes step metrics every 4 steps
     for step, value in written.items():
         assert abs(value - train_ce[step]) < 1e-5
-    # the run's last step is logged too: the runner reports it as the final train loss
+    # the run's last step is logged too: train() reports it as the final train loss
     assert abs(float(trainer.callback_metrics["train/loss"]) - train_ce[-1]) < 1e-5
     assert calls.count("train/loss") == 3 and calls.count("train/tokens_per_s") == 3
 
@@ -132,23 +149,23 @@ def test_fit_logs_step_values_only_where_logger_or_last_step_reads_them(
 def test_model_and_tokenizer_vocab_must_agree() -> None:
     tok = CharTokenizer.fit("abc")
     with pytest.raises(VocabularyMismatchError, match="vocab_size"):
-        LMModule(model={**MODEL, "vocab_size": 7}, tokenizer=tok)
+        LMModule(net=build_lm(MODEL, vocab_size=7), tokenizer=tok)
 
 
 def test_checkpoint_stores_tokenizer_and_reloads(tmp_path: Path) -> None:
     dm = _dm(_text_file(tmp_path / "a.txt", "abcdefgh"))
-    module = LMModule(model=MODEL, tokenizer=dm.tokenizer)
+    module = _module(dm.tokenizer)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     _trainer(tmp_path, 3, [ckpt]).fit(module, datamodule=dm)
     raw = torch.load(ckpt.last_model_path, map_location="cpu", weights_only=False)
     assert raw["lm_tokenizer"]["fingerprint"] == dm.tokenizer.fingerprint()
     assert raw["lm_tokenizer"]["state"] == dm.tokenizer.state_dict()
-    again = load_checkpoint(ckpt.last_model_path)
-    assert (
+    again = load_module(ckpt.last_model_path)
+    assert isinstance(again, LMModule) and (
         again.tokenizer is not None and again.tokenizer.fingerprint() == dm.tokenizer.fingerprint()
     )
     for (name, p), q in zip(
-        module.model.state_dict().items(), again.model.state_dict().values(), strict=True
+        module.net.state_dict().items(), again.net.state_dict().values(), strict=True
     ):
         assert torch.equal(p, q), name
     text = again.generate("abc", max_new_tokens=8, temperature=0.0)
@@ -162,11 +179,11 @@ def test_checkpoint_stores_tokenizer_and_reloads(tmp_path: Path) -> None:
 def test_resume_with_another_vocabulary_raises(tmp_path: Path, other_alphabet: str) -> None:
     dm = _dm(_text_file(tmp_path / "a.txt", "abcdefgh"))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _trainer(tmp_path, 2, [ckpt]).fit(LMModule(model=MODEL, tokenizer=dm.tokenizer), datamodule=dm)
+    _trainer(tmp_path, 2, [ckpt]).fit(_module(dm.tokenizer), datamodule=dm)
 
     other = _dm(_text_file(tmp_path / "b.txt", other_alphabet))
     assert other.tokenizer.fingerprint() != dm.tokenizer.fingerprint()
-    module = LMModule(model=MODEL, tokenizer=other.tokenizer)
+    module = _module(other.tokenizer)
     with pytest.raises(VocabularyMismatchError, match="vocabulary mismatch") as info:
         _trainer(tmp_path, 4).fit(module, datamodule=other, ckpt_path=ckpt.last_model_path)
     assert f"vocab_size={dm.tokenizer.vocab_size}" in str(info.value)
@@ -175,7 +192,7 @@ def test_resume_with_another_vocabulary_raises(tmp_path: Path, other_alphabet: s
     same = _dm(tmp_path / "a.txt")
     trainer = _trainer(tmp_path, 4)
     trainer.fit(
-        LMModule(model=MODEL, tokenizer=same.tokenizer),
+        _module(same.tokenizer),
         datamodule=same,
         ckpt_path=ckpt.last_model_path,
     )
@@ -184,18 +201,21 @@ def test_resume_with_another_vocabulary_raises(tmp_path: Path, other_alphabet: s
 
 def _v3_module(tokenizer: CharTokenizer, rate: float) -> LMModule:
     moe = {
+        "_target_": "mtl.models.lm.MoEFFN",
+        "num_experts": 8,
         "gate": {
             "_target_": "mtl.moe.SigmoidBiasGate",
-            "num_experts": 8,
+            "_partial_": True,
             "k": 2,
             "bias_update_rate": rate,
         },
-        "experts": {"_target_": "mtl.moe.ExpertBank.swiglu", "num_experts": 8, "d_hidden": 16},
+        "experts": {"_target_": "mtl.moe.SwiGLUExperts", "_partial_": True, "d_hidden": 16},
     }
-    cfg = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_seq_len": 16, "moe": moe}
+    cfg = {**MODEL, "n_layers": 1, "moe": moe}
     torch.manual_seed(0)
-    module = LMModule(model=cfg, tokenizer=tokenizer, optim={"lr": 1e-3, "warmup_steps": 0})
-    gate = module.model.moe_layers()[0].gate
+    adamw = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    module = _module(tokenizer, cfg, optimizer=adamw)
+    gate = module.net.moe_layers()[0].gate
     assert isinstance(gate, SigmoidBiasGate)
     with torch.no_grad():  # start badly unbalanced: experts 0 and 1 take (almost) everything
         gate.expert_bias_E.copy_(torch.tensor([0.1, 0.1, 0, 0, 0, 0, 0, 0]))
@@ -221,7 +241,7 @@ def test_aux_free_bias_callback_balances_load(tmp_path: Path, shakespeare_path: 
         callbacks: list[pl.Callback] = [AuxFreeBiasUpdate()] if use_callback else []
         _trainer(tmp_path, 80, callbacks, limit_val_batches=0).fit(module, datamodule=dm)
         ratios[use_callback] = (start, _load_ratio(module, x))
-        bias = module.model.moe_layers()[0].gate.expert_bias_E
+        bias = module.net.moe_layers()[0].gate.expert_bias_E
         assert bias.sum().item() == pytest.approx(0.2, abs=1e-4)  # updates are centred
         assert torch.equal(bias[:2], torch.full((2,), 0.1)) != use_callback
     assert ratios[False][0] > 3.5 and ratios[True][0] > 3.5  # E/k = 4: two experts take all
@@ -234,7 +254,7 @@ def test_aux_free_bias_updates_every_step_and_logs_on_due_steps(
 ) -> None:
     dm = _dm(_text_file(tmp_path / "a.txt", "abcdefgh"))
     module = _v3_module(dm.tokenizer, rate=0.002)
-    gate = module.model.moe_layers()[0].gate
+    gate = module.net.moe_layers()[0].gate
     updates: list[int] = []
     update_bias = gate.update_bias
 

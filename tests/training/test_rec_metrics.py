@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from mtl.training.metrics import BinaryTaskMetrics, GroupAUC, binary_log_loss, group_auc
+from mtl.training.metrics import (
+    LOG_LOSS_EPS,
+    BinaryTaskMetrics,
+    GroupAUC,
+    binary_log_loss,
+    group_auc,
+)
 
 
 def naive_auc(scores: list[float], labels: list[int]) -> float:
@@ -105,5 +111,19 @@ def test_binary_task_metrics_single_class_is_nan_not_zero() -> None:
 
 
 def test_log_loss_clamps_certain_mistakes() -> None:
-    losses = binary_log_loss(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]))
-    assert torch.isfinite(losses).all() and losses.max() < 17.0
+    losses = binary_log_loss(torch.tensor([0.0, 1.0, 0.5]), torch.tensor([1.0, 0.0, 1.0]))
+    # A certain mistake costs -log(eps), not infinity; 1 - eps is rounded to float32.
+    upper = float(torch.tensor(1.0 - LOG_LOSS_EPS))
+    want = [-math.log(LOG_LOSS_EPS), -math.log1p(-upper), math.log(2.0)]
+    assert losses.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_log_loss_matches_the_formula_per_example() -> None:
+    gen = torch.Generator().manual_seed(6)
+    probs = torch.rand(50, generator=gen) * 0.98 + 0.01
+    labels = (torch.rand(50, generator=gen) < 0.5).float()
+    want = [
+        -math.log(p) if y == 1.0 else -math.log(1.0 - p)
+        for p, y in zip(probs.tolist(), labels.tolist(), strict=True)
+    ]
+    assert binary_log_loss(probs, labels).tolist() == pytest.approx(want, rel=1e-5)

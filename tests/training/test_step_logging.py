@@ -12,9 +12,13 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor, nn
+from torchmetrics import Metric
 
-from mtl.data.features import CategoricalFeature, FeatureSpec, NumericFeature, TaskSpec
+from mtl.data.spec import CategoricalFeature, FeatureSpec, NumericFeature, TaskSpec
 from mtl.data.tabular import RecBatch
+from mtl.models.rec import MMoE
+from mtl.models.rec.embedding import FeatureEmbedding
+from mtl.models.rec.ranker import Ranker
 from mtl.training.rec_module import RecModule
 from mtl.training.step_logging import EpochMeans, step_metrics_due
 
@@ -52,7 +56,8 @@ def test_epoch_means_are_batch_size_weighted_means() -> None:
 
 def test_epoch_means_reset_detach_and_errors() -> None:
     means = EpochMeans()
-    assert means.compute() == {}
+    with pytest.warns(UserWarning, match="before the ``update``"):  # torchmetrics' warning
+        assert means.compute() == {}
     x = torch.tensor(2.0, requires_grad=True)
     means.add({"loss": x * 3}, 4)
     (mean,) = means.compute().values()
@@ -66,18 +71,45 @@ def test_epoch_means_reset_detach_and_errors() -> None:
     assert list(means.compute()) == ["other"]
 
 
+def test_epoch_means_is_a_metric_of_sums_that_follows_the_module() -> None:
+    means = EpochMeans()
+    assert isinstance(means, Metric)
+    assert set(means.metric_state) == {"sums", "weight"}  # reduced across processes by sum
+    holder = nn.Module()
+    holder.means = means
+    assert list(holder.state_dict()) == []  # nothing in checkpoints: the states are per epoch
+    means.add({"loss": torch.tensor(4.0)}, 2)
+    means.add({"loss": torch.tensor(1.0)}, 1)
+    assert means.sums.tolist() == [9.0] and int(means.weight) == 3
+    assert float(means.compute()["loss"]) == 3.0
+    means.add({"loss": torch.tensor(0.0)}, 1)  # an update drops the cached result
+    assert float(means.compute()["loss"]) == 2.25
+
+
 # ---------------------------------------------------------- step_metrics_due
 class _Probe(pl.LightningModule):
-    """Records step_metrics_due for every training batch."""
+    """Records step_metrics_due in the three hooks of every training batch and logs
+    the running batch count on every batch, so the logger's writes can be compared."""
 
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.zeros(1))
-        self.due: list[tuple[int, int, bool]] = []
+        self.due: list[tuple[int, int, bool]] = []  # training_step
+        self.due_start: list[bool] = []
+        self.due_end: list[bool] = []
+        self.batches = 0
+
+    def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
+        self.due_start.append(step_metrics_due(self, batch_idx))
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         self.due.append((self.current_epoch, batch_idx, step_metrics_due(self, batch_idx)))
+        self.batches += 1
+        self.log("seen", float(self.batches), on_step=True, on_epoch=False)
         return (self.w - batch).pow(2).mean()
+
+    def on_train_batch_end(self, outputs: Any, batch: Tensor, batch_idx: int) -> None:
+        self.due_end.append(step_metrics_due(self, batch_idx))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -85,6 +117,55 @@ class _Probe(pl.LightningModule):
 
 def _loader(n: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.randn(n, 1), batch_size=1)
+
+
+@pytest.mark.parametrize(("n", "accumulate"), [(10, 1), (7, 2)])
+def test_due_batches_are_the_ones_the_logger_writes_in_every_hook(
+    tmp_path: Path, n: int, accumulate: int
+) -> None:
+    """Against a real CSV logger: the step of every written row is the step of a due
+    batch, every due batch but the epoch's last is written, in all three hooks."""
+    epochs, every = 3, 3
+    probe = _Probe()
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=epochs,
+        log_every_n_steps=every,
+        accumulate_grad_batches=accumulate,
+        logger=CSVLogger(tmp_path),
+    )
+    trainer.fit(probe, train_dataloaders=_loader(n))
+
+    # Naive bookkeeping of Lightning's rule: a batch belongs to the optimizer step
+    # counted before it; the epoch's last batch always steps.
+    step_of: list[int] = []
+    last: list[bool] = []
+    stepping: list[bool] = []
+    steps = 0
+    for _ in range(epochs):
+        for b in range(n):
+            steps_here = (b + 1) % accumulate == 0 or b == n - 1
+            step_of.append(steps)
+            last.append(b == n - 1)
+            stepping.append(steps_here)
+            steps += int(steps_here)
+    want = [(s + 1) % every == 0 or is_last for s, is_last in zip(step_of, last, strict=True)]
+    assert [due for _, _, due in probe.due] == want
+    assert probe.due_start == want and probe.due_end == want
+
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
+    written = {int(r["step"]): float(r["seen"]) for r in rows if r.get("seen")}
+    due_not_last = {
+        s: i + 1  # the value logged by the step's stepping batch
+        for i, (s, due, is_last, steps_here) in enumerate(
+            zip(step_of, want, last, stepping, strict=True)
+        )
+        if due and not is_last and steps_here
+    }
+    assert written.keys() >= due_not_last.keys()
+    assert set(written) <= {s for s, due in zip(step_of, want, strict=True) if due}
+    for s, value in due_not_last.items():
+        assert written[s] == value, s
 
 
 def test_due_on_logger_steps_bar_refreshes_and_last_batch(tmp_path: Path) -> None:
@@ -161,16 +242,16 @@ def test_rec_training_logs_match_per_step_lightning_logging(
     """Epoch means equal batch-size-weighted means of every step's losses; the step
     loss is written at exactly the steps Lightning's logger writes; few log calls."""
     torch.manual_seed(0)
-    module = RecModule(
-        spec=_spec(),
-        model={
-            "name": "mmoe",
-            "num_experts": 3,
-            "expert_hidden": [8],
-            "aux_loss_weights": {"importance": 0.1},
-        },
-        diagnostics=False,
+    spec = _spec()
+    embedding = FeatureEmbedding(spec=spec)
+    mmoe = MMoE(
+        d_in=embedding.output_dim,
+        tasks=spec.task_names,
+        num_experts=3,
+        expert_hidden=[8],
+        aux_loss_weights={"importance": 0.1},
     )
+    module = RecModule(net=Ranker(embedding=embedding, model=mmoe), diagnostics=False)
     seen: list[tuple[int, float, dict[str, float], float, int]] = []
     compute_loss = module.compute_loss
 

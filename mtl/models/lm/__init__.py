@@ -2,7 +2,7 @@
 
 Parts:
     blocks      -- RMSNorm, rotary embeddings, causal attention, dense SwiGLU
-    moe_ffn     -- build an :class:`~mtl.moe.MoELayer` from a (Hydra) spec
+    moe_ffn     -- :class:`MoEFFN`, the factory of the MoE feed-forward layers
     transformer -- :class:`TransformerLM` (dense, MoE, interleaved), :class:`LMOutput`
     upcycling   -- LLaMA-MoE neuron splitting, sparse upcycling
     finetune    -- freeze everything but the experts / freeze the experts
@@ -35,13 +35,14 @@ from mtl.models.lm.finetune import (
 )
 from mtl.models.lm.generate import generate, sample_next
 from mtl.models.lm.hf import hf_mixtral_forward, moe_layer_from_hf_mixtral
-from mtl.models.lm.moe_ffn import active_experts_per_token, build_moe_ffn
+from mtl.models.lm.moe_ffn import MoEFFN, active_experts_per_token
 from mtl.models.lm.transformer import LMOutput, TransformerBlock, TransformerLM
 from mtl.models.lm.upcycling import copy_ffn, split_ffn, split_indices, upcycle_transformer
 
 __all__ = [
     "CausalSelfAttention",
     "LMOutput",
+    "MoEFFN",
     "ParamCounts",
     "RMSNorm",
     "RotaryEmbedding",
@@ -49,7 +50,6 @@ __all__ = [
     "TransformerBlock",
     "TransformerLM",
     "active_experts_per_token",
-    "build_moe_ffn",
     "copy_ffn",
     "count_parameters",
     "freeze_all_but_experts",

@@ -12,7 +12,7 @@ chosen experts; experts ``W2 (silu(W1 x) * (W3 x))``. Two weight layouts exist:
   ``(router_logits, weights, indices)``.
 
 The equivalent mtl layer is ``TopKGate(renormalize=True)`` +
-``ExpertBank.swiglu`` + ``DroplessDispatch``; nothing here imports transformers.
+``SwiGLUExperts`` + ``DroplessDispatch``; nothing here imports transformers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtl.moe import DroplessDispatch, ExpertBank, MoELayer, TopKGate
+from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
 
 
 def _mixtral_weights(block: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -54,7 +54,7 @@ def moe_layer_from_hf_mixtral(
             in mtl's convention, where uniform routing gives 1 rather than k).
 
     Returns:
-        ``MoELayer(TopKGate(renormalize=True), ExpertBank.swiglu, DroplessDispatch)``
+        ``MoELayer(TopKGate(renormalize=True), SwiGLUExperts, DroplessDispatch)``
         whose ``output`` and ``routing.logits_TE`` match the block's.
 
     Example:
@@ -70,14 +70,14 @@ def moe_layer_from_hf_mixtral(
     if getattr(block, "jitter_noise", 0.0):
         raise ValueError("router_jitter_noise > 0 has no exact mtl equivalent; set it to 0")
     gate = TopKGate(d_model=D, num_experts=E, k=k, renormalize=True)
-    bank = ExpertBank.swiglu(num_experts=E, d_model=D, d_hidden=H)
+    experts = SwiGLUExperts(num_experts=E, d_model=D, d_hidden=H)
     with torch.no_grad():
         gate.proj.weight.copy_(w_router_ED)
-        bank.weights[0].copy_(w_gate)
-        bank.gate_weights[0].copy_(w_up)
-        bank.weights[1].copy_(w_down)
+        experts.w_gate.copy_(w_gate)
+        experts.w_up.copy_(w_up)
+        experts.w_down.copy_(w_down)
     layer = MoELayer(
-        gate=gate, experts=bank, dispatch=DroplessDispatch(), aux_loss_weights=aux_loss_weights
+        gate=gate, experts=experts, dispatch=DroplessDispatch(), aux_loss_weights=aux_loss_weights
     )
     return layer.to(w_router_ED)
 

@@ -1,128 +1,93 @@
-"""Build an MoE feed-forward layer (:class:`mtl.moe.MoELayer`) from a config mapping.
+"""The MoE feed-forward layers of a :class:`~mtl.models.lm.TransformerLM`, one fresh per layer.
 
-A *spec* names the layer's parts; each part is a Hydra-style mapping with a
-``_target_`` (instantiated with ``d_model`` injected when the target accepts
-it), a callable factory, or a module instance used as a template (deep-copied
-for every layer, so layers never share weights)::
+A transformer needs a new :class:`~mtl.moe.MoELayer` (own weights) for every
+MoE layer, all alike. :class:`MoEFFN` holds the recipe: factories of the parts
+(usually ``functools.partial`` objects, which is what a Hydra config node with
+``_partial_: true`` becomes) and the number of routed experts, which it hands
+to both the gate and the expert bank so that they always agree::
 
     moe:
-      num_experts: 8          # variables for ${..num_experts} interpolation
-      k: 2
-      gate: {_target_: mtl.moe.TopKGate, num_experts: ${..num_experts}, k: ${..k}, renormalize: true}
-      experts: {_target_: mtl.moe.ExpertBank.swiglu, num_experts: ${..num_experts}, d_hidden: 64}
-      dispatch: {_target_: mtl.moe.DroplessDispatch}
-      shared: null            # or an ExpertBank spec: always-on experts (DeepSeekMoE)
-      aux_loss_weights: {load_balance: 0.01, z_loss: 0.001}
-      output_scale: 1.0
+      _target_: mtl.models.lm.MoEFFN
+      num_experts: 8
+      gate: {_target_: mtl.moe.TopKGate, _partial_: true, k: 2, renormalize: true}
+      experts: {_target_: mtl.moe.SwiGLUExperts, _partial_: true, d_hidden: 128}
+      dispatch: {_target_: mtl.moe.DroplessDispatch, _partial_: true}
+      aux_loss_weights: {load_balance: 0.01}
 
-Variable keys (:data:`SPEC_VARIABLES`) are there only to be interpolated and are
-ignored by the builder; any other unknown key is an error (a typo would
-otherwise silently fall back to a default).
+The config layer instantiates that node (:mod:`mtl.training.build`); nothing
+here reads configs.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from torch import nn
 
-from mtl.config_values import to_plain
-from mtl.moe import DroplessDispatch, MoELayer
+from mtl.moe import DroplessDispatch, ExpertChoiceGate, MoELayer, TopPGate
 
-SPEC_PARTS = ("gate", "experts", "dispatch", "shared", "aux_loss_weights", "output_scale")
-"""Keys of an MoE spec that the builder uses."""
-
-SPEC_VARIABLES = ("num_experts", "k", "d_expert", "num_shared", "capacity_factor", "top_p")
-"""Keys of an MoE spec kept for interpolation only."""
-
-MoESpec = Mapping[str, Any]
+PartFactory = Callable[..., nn.Module]
+"""Builds one part; called with keyword arguments (``d_model=``, ``num_experts=``)."""
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    # only an explicit parameter: nn.Module subclasses without __init__ show (*args, **kwargs)
-    return name in params
+class MoEFFN:
+    """Factory of identical, independently initialised MoE feed-forward layers.
 
-
-def build_part(part: Any, *, d_model: int) -> Any:
-    """Instantiate one part of a spec for one layer.
+    Called as ``moe_ffn(layer_index, d_model)`` by :class:`~mtl.models.lm.TransformerLM`,
+    it builds ``MoELayer(gate=gate(d_model=, num_experts=), experts=experts(d_model=,
+    num_experts=), dispatch=dispatch(), shared=shared(d_model=))``.
 
     Args:
-        part: ``{"_target_": ...}`` mapping, a callable factory, an ``nn.Module``
-            template (deep-copied) or None.
-        d_model: injected as ``d_model=`` where the target accepts it.
-
-    Returns:
-        The new object (None for None).
-    """
-    if part is None:
-        return None
-    if isinstance(part, nn.Module):
-        return copy.deepcopy(part)
-    if isinstance(part, Mapping):
-        if "_target_" not in part:
-            raise ValueError(f"an MoE part mapping needs a '_target_', got keys {sorted(part)}")
-        from hydra.utils import get_object, instantiate
-
-        target = get_object(part["_target_"])
-        extra = (
-            {"d_model": d_model} if _accepts(target, "d_model") and "d_model" not in part else {}
-        )
-        return instantiate(dict(part), **extra)
-    if callable(part):
-        return part(d_model=d_model) if _accepts(part, "d_model") else part()
-    raise TypeError(f"cannot build an MoE part from {type(part).__name__}: {part!r}")
-
-
-def build_moe_ffn(spec: MoESpec, *, d_model: int) -> MoELayer:
-    """Build a fresh :class:`~mtl.moe.MoELayer` from a spec (see the module docstring).
-
-    Args:
-        spec: mapping (dict or OmegaConf) with ``gate`` and ``experts`` required;
-            ``dispatch`` defaults to :class:`~mtl.moe.DroplessDispatch`.
-        d_model: model width, injected into the parts.
-
-    Returns:
-        A new MoELayer (fresh parameters on every call).
+        num_experts: routed experts ``E``, given to the gate and the expert bank.
+        gate: factory of the router (e.g. ``partial(TopKGate, k=2)``).
+        experts: factory of the routed expert bank (e.g. ``partial(SwiGLUExperts, d_hidden=64)``).
+        dispatch: factory of the dispatch module; None: :class:`~mtl.moe.DroplessDispatch`.
+        shared: factory of always-on experts (DeepSeekMoE), called with ``d_model=``
+            only (it sets its own expert count); None for none.
+        aux_loss_weights: ``{name: weight}`` of the router losses (see :class:`~mtl.moe.MoELayer`).
+        output_scale: multiplies the routed output.
 
     Example:
-        >>> spec = {
-        ...     "gate": {"_target_": "mtl.moe.TopKGate", "num_experts": 4, "k": 2},
-        ...     "experts": {"_target_": "mtl.moe.ExpertBank.swiglu", "num_experts": 4, "d_hidden": 16},
-        ... }
-        >>> build_moe_ffn(spec, d_model=8).num_experts
-        4
+        >>> from functools import partial
+        >>> from mtl.moe import SwiGLUExperts, TopKGate
+        >>> make = MoEFFN(num_experts=4, gate=partial(TopKGate, k=2),
+        ...               experts=partial(SwiGLUExperts, d_hidden=16))
+        >>> a, b = make(0, 8), make(1, 8)
+        >>> a.num_experts, a.gate is b.gate
+        (4, False)
     """
-    spec = to_plain(spec)
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"an MoE spec must be a mapping, got {type(spec).__name__}")
-    unknown = set(spec) - set(SPEC_PARTS) - set(SPEC_VARIABLES)
-    if unknown:
-        raise ValueError(
-            f"unknown MoE spec keys {sorted(unknown)}; parts: {list(SPEC_PARTS)}, "
-            f"interpolation variables: {list(SPEC_VARIABLES)}"
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        gate: PartFactory,
+        experts: PartFactory,
+        dispatch: Callable[[], nn.Module] | None = None,
+        shared: PartFactory | None = None,
+        aux_loss_weights: Mapping[str, float] | None = None,
+        output_scale: float = 1.0,
+    ) -> None:
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.num_experts = num_experts
+        self.gate = gate
+        self.experts = experts
+        self.dispatch = dispatch or DroplessDispatch
+        self.shared = shared
+        self.aux_loss_weights = dict(aux_loss_weights or {})
+        self.output_scale = float(output_scale)
+
+    def __call__(self, layer_index: int, d_model: int) -> MoELayer:
+        """A new MoE layer of width ``d_model`` (``layer_index`` is not used: all layers alike)."""
+        return MoELayer(
+            gate=self.gate(d_model=d_model, num_experts=self.num_experts),
+            experts=self.experts(d_model=d_model, num_experts=self.num_experts),
+            dispatch=self.dispatch(),
+            shared=None if self.shared is None else self.shared(d_model=d_model),
+            aux_loss_weights=self.aux_loss_weights,
+            output_scale=self.output_scale,
         )
-    for required in ("gate", "experts"):
-        if spec.get(required) is None:
-            raise ValueError(f"an MoE spec needs '{required}'")
-    gate = build_part(spec["gate"], d_model=d_model)
-    experts = build_part(spec["experts"], d_model=d_model)
-    dispatch = build_part(spec.get("dispatch"), d_model=d_model) or DroplessDispatch()
-    shared = build_part(spec.get("shared"), d_model=d_model)
-    return MoELayer(
-        gate=gate,
-        experts=experts,
-        dispatch=dispatch,
-        shared=shared,
-        aux_loss_weights=dict(spec.get("aux_loss_weights") or {}),
-        output_scale=float(spec.get("output_scale", 1.0)),
-    )
 
 
 def active_experts_per_token(gate: nn.Module) -> float | None:
@@ -131,9 +96,12 @@ def active_experts_per_token(gate: nn.Module) -> float | None:
     ``k`` for token-choice gates, the capacity factor for expert choice (tokens
     per expert ``= c T / E``, so ``c`` experts per token on average); None for
     top-p, whose count depends on the router's confidence.
-    """
-    from mtl.moe import ExpertChoiceGate, TopPGate
 
+    Example:
+        >>> from mtl.moe import TopKGate
+        >>> active_experts_per_token(TopKGate(d_model=4, num_experts=8, k=2))
+        2.0
+    """
     if isinstance(gate, TopPGate):
         return None
     if isinstance(gate, ExpertChoiceGate):

@@ -11,8 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl.models.lm.blocks import CausalSelfAttention, RMSNorm, SwiGLU
-from mtl.models.lm.moe_ffn import MoESpec, active_experts_per_token, build_moe_ffn
-from mtl.moe import ExpertBank, FastDropout, MoELayer, MoEOutput, RoutingResult, RoutingStats
+from mtl.models.lm.moe_ffn import active_experts_per_token
+from mtl.moe import (
+    ExpertBank,
+    MoELayer,
+    MoEOutput,
+    RoutingResult,
+    RoutingStats,
+    SwiGLUExperts,
+)
 
 MoEFactory = Callable[[int, int], MoELayer]
 """``(layer_index, d_model) -> MoELayer``: a programmatic alternative to a spec."""
@@ -92,7 +99,7 @@ class TransformerBlock(nn.Module):
         )
         self.ffn_norm = RMSNorm(dim=d_model, eps=norm_eps)
         self.ffn = ffn
-        self.drop = FastDropout(dropout)
+        self.drop = nn.Dropout(dropout)
 
     @property
     def is_moe(self) -> bool:
@@ -123,8 +130,8 @@ class TransformerLM(nn.Module):
         n_heads: attention heads.
         d_ff: hidden width of the dense SwiGLU layers.
         max_seq_len: longest accepted context.
-        moe: spec of the MoE FFN (see :mod:`mtl.models.lm.moe_ffn`) or a factory
-            ``(layer_index, d_model) -> MoELayer``; None for a dense model.
+        moe: a factory ``(layer_index, d_model) -> MoELayer`` of the MoE FFNs
+            (:class:`~mtl.models.lm.MoEFFN`); None for a dense model.
         moe_every: MoE every n-th layer.
         moe_offset: first MoE layer.
         moe_layers: explicit MoE layer indices (overrides every/offset).
@@ -140,11 +147,12 @@ class TransformerLM(nn.Module):
         ``idx (B, T) int64 -> LMOutput.logits (B, T, V)``.
 
     Example:
-        >>> spec = {
-        ...     "gate": {"_target_": "mtl.moe.TopKGate", "num_experts": 4, "k": 2},
-        ...     "experts": {"_target_": "mtl.moe.ExpertBank.swiglu", "num_experts": 4, "d_hidden": 32},
-        ... }
-        >>> lm = TransformerLM(vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=64, moe=spec)
+        >>> from functools import partial
+        >>> from mtl.models.lm.moe_ffn import MoEFFN
+        >>> from mtl.moe import TopKGate
+        >>> moe = MoEFFN(num_experts=4, gate=partial(TopKGate, k=2),
+        ...              experts=partial(SwiGLUExperts, d_hidden=32))
+        >>> lm = TransformerLM(vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=64, moe=moe)
         >>> out = lm(torch.randint(0, 50, (2, 7)))
         >>> out.logits.shape, sorted(out.layer_stats)
         (torch.Size([2, 7, 50]), [0, 1])
@@ -159,7 +167,7 @@ class TransformerLM(nn.Module):
         n_heads: int = 4,
         d_ff: int = 512,
         max_seq_len: int = 256,
-        moe: MoESpec | MoEFactory | None = None,
+        moe: MoEFactory | None = None,
         moe_every: int = 1,
         moe_offset: int = 0,
         moe_layers: Sequence[int] | None = None,
@@ -192,13 +200,13 @@ class TransformerLM(nn.Module):
         else:
             moe_idx = {i for i in range(moe_offset, n_layers) if (i - moe_offset) % moe_every == 0}
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.drop = FastDropout(dropout)
+        self.drop = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             TransformerBlock(
                 d_model=d_model,
                 n_heads=n_heads,
-                ffn=self._make_ffn(i, moe, d_ff)
-                if i in moe_idx
+                ffn=moe(i, d_model)
+                if moe is not None and i in moe_idx
                 else SwiGLU(d_model=d_model, d_hidden=d_ff),
                 n_kv_heads=n_kv_heads,
                 rope_base=rope_base,
@@ -213,11 +221,6 @@ class TransformerLM(nn.Module):
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def _make_ffn(self, i: int, moe: MoESpec | MoEFactory, d_ff: int) -> MoELayer:
-        if callable(moe) and not hasattr(moe, "keys"):
-            return moe(i, self.d_model)
-        return build_moe_ffn(moe, d_model=self.d_model)
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual output projections scaled by ``1/sqrt(2L)``."""
@@ -228,11 +231,13 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(module.weight, 0.0, out_std if last else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, SwiGLUExperts):
+                nn.init.normal_(module.w_gate, 0.0, std)
+                nn.init.normal_(module.w_down, 0.0, out_std)
+                nn.init.normal_(module.w_up, 0.0, std)
             elif isinstance(module, ExpertBank):
                 for i, w in enumerate(module.weights):
                     nn.init.normal_(w, 0.0, out_std if i == len(module.weights) - 1 else std)
-                for w in module.gate_weights:
-                    nn.init.normal_(w, 0.0, std)
                 for b in module.biases:
                     nn.init.zeros_(b)
 

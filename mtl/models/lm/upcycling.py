@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from mtl.models.lm.blocks import SwiGLU
 from mtl.models.lm.transformer import TransformerLM
-from mtl.moe import DroplessDispatch, ExpertBank, MoELayer, TopKGate
+from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
 
 SplitMethod = Literal["random", "contiguous"]
 
@@ -96,7 +96,7 @@ def split_ffn(
         (unequal groups are padded and masked with ``hidden_sizes``).
 
     Example:
-        >>> from mtl.moe.constant_gate import ConstantGate
+        >>> from mtl.moe.gates import ConstantGate
         >>> ffn = SwiGLU(d_model=8, d_hidden=32)
         >>> moe = split_ffn(ffn, num_experts=4, gate=ConstantGate(num_experts=4))
         >>> x = torch.randn(5, 8)
@@ -116,7 +116,7 @@ def split_ffn(
         raise ValueError(f"neuron groups must partition range({H}) (each neuron exactly once)")
     sizes = [len(g) for g in groups]
     width = max(sizes)
-    bank = ExpertBank.swiglu(
+    bank = SwiGLUExperts(
         num_experts=num_experts,
         d_model=D,
         d_hidden=width,
@@ -124,14 +124,14 @@ def split_ffn(
     )
     w_gate_DH, w_up_DH, w_down_HD = _swiglu_weights(ffn)
     with torch.no_grad():
-        for p in (*bank.weights, *bank.gate_weights):
+        for p in (bank.w_gate, bank.w_up, bank.w_down):
             p.zero_()
         for e, g in enumerate(groups):
             idx = torch.as_tensor(g).long()
             n = len(idx)
-            bank.weights[0][e, :, :n].copy_(w_gate_DH[:, idx])
-            bank.gate_weights[0][e, :, :n].copy_(w_up_DH[:, idx])
-            bank.weights[1][e, :n, :].copy_(w_down_HD[idx, :])
+            bank.w_gate[e, :, :n].copy_(w_gate_DH[:, idx])
+            bank.w_up[e, :, :n].copy_(w_up_DH[:, idx])
+            bank.w_down[e, :n, :].copy_(w_down_HD[idx, :])
     if gate is None:
         if k is None:
             raise ValueError("split_ffn needs a gate or k (for the default TopKGate)")
@@ -179,11 +179,11 @@ def copy_ffn(
         True
     """
     D, H = ffn.d_model, ffn.d_hidden
-    bank = ExpertBank.swiglu(num_experts=num_experts, d_model=D, d_hidden=H)
+    bank = SwiGLUExperts(num_experts=num_experts, d_model=D, d_hidden=H)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for dst, src in zip(
-            (bank.weights[0], bank.gate_weights[0], bank.weights[1]),
+            (bank.w_gate, bank.w_up, bank.w_down),
             _swiglu_weights(ffn),
             strict=True,
         ):
@@ -236,7 +236,7 @@ def upcycle_transformer(
 
 
 def _swiglu_weights(ffn: SwiGLU) -> tuple[Tensor, Tensor, Tensor]:
-    """``(D, H)`` gate, ``(D, H)`` up and ``(H, D)`` down matrices, ExpertBank's layout."""
+    """``(D, H)`` gate, ``(D, H)`` up and ``(H, D)`` down matrices, SwiGLUExperts' layout."""
     if not isinstance(ffn, SwiGLU):
         raise TypeError(f"expected a SwiGLU FFN, got {type(ffn).__name__}")
     return ffn.gate_proj.weight.T, ffn.up_proj.weight.T, ffn.down_proj.weight.T

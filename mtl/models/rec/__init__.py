@@ -1,7 +1,8 @@
 """Multi-task ranking models: shared-bottom, OMoE, MMoE, PLE, ESMM and HoME.
 
 Every model takes the already-embedded input ``x (B, d_in)`` and returns a
-:class:`MultiTaskOutput`; build one by name with :func:`build_model`.
+:class:`MultiTaskOutput`; a :class:`Ranker` puts the feature embedding in front.
+Configs name them by class (``_target_: mtl.models.rec.MMoE`` in ``conf/model/``).
 """
 
 from mtl.models.rec.esmm import ESMM
@@ -10,24 +11,21 @@ from mtl.models.rec.mmoe import MMoE
 from mtl.models.rec.omoe import OMoE
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.ple import PLE
-from mtl.models.rec.registry import MODELS, build_model, build_model_from_config, model_class
+from mtl.models.rec.ranker import Ranker
 from mtl.models.rec.shared_bottom import SharedBottom
 from mtl.models.rec.towers import TaskTowers, Tower, make_mlp
 
 __all__ = [
     "ESMM",
-    "MODELS",
     "PLE",
     "HoME",
     "MMoE",
     "MultiTaskOutput",
     "OMoE",
+    "Ranker",
     "SharedBottom",
     "TaskTowers",
     "Tower",
-    "build_model",
-    "build_model_from_config",
     "check_task_groups",
     "make_mlp",
-    "model_class",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -20,8 +21,82 @@ from mtl.models.rec.common import (
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
 from mtl.moe import DenseSoftmaxGate, MultiGateMixture, combine_dense
-from mtl.moe.feature_gate import FeatureGate
-from mtl.moe.self_gate import SelfGate
+from mtl.moe.gates import SelfGate
+
+
+class FeatureGate(nn.Module):
+    """HoME feature gate: ``x_e' = x_e * 2 * sigmoid(x_e B_e A_e)`` for every expert ``e``.
+
+    ``B_e`` (``D x r``) and ``A_e`` (``r x D``) are a LoRA-style low-rank
+    factorisation, so each expert's gate costs ``2 D r`` parameters instead of
+    ``D^2``. The factor 2 makes the gate 1 where the logit is 0, so on average
+    the input keeps its scale. All experts are computed in two batched einsums
+    and the result ``(E, T, D)`` is fed to
+    :meth:`~mtl.moe.experts.ExpertBank.forward_all` as per-expert input.
+
+    Initialisation: ``B`` has fan-in scale (``x B`` has about the variance of
+    ``x``) and ``A`` is scaled by ``init_scale / sqrt(r)``, so the gate logits
+    start with standard deviation about ``init_scale`` and the gates near 1
+    (about ``1 +- init_scale / 2``): the expert first sees almost its plain
+    input. Unlike LoRA's zero-initialised ``A``, both factors get gradient from
+    the first step and the gate is not an exact no-op at init.
+
+    Args:
+        num_experts: ``E``.
+        d_model: ``D``, width of the (per-expert) input.
+        rank: ``r``, rank of the factorisation.
+        init_scale: approximate standard deviation of the initial gate logits.
+
+    Shapes:
+        ``(T, D)`` shared or ``(E, T, D)`` per-expert input -> ``(E, T, D)``.
+
+    Example:
+        >>> fg = FeatureGate(num_experts=3, d_model=16, rank=4)
+        >>> fg(torch.randn(10, 16)).shape
+        torch.Size([3, 10, 16])
+    """
+
+    def __init__(
+        self, *, num_experts: int, d_model: int, rank: int, init_scale: float = 0.1
+    ) -> None:
+        super().__init__()
+        for name, v in (("num_experts", num_experts), ("d_model", d_model), ("rank", rank)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not init_scale >= 0:
+            raise ValueError(f"init_scale must be >= 0, got {init_scale}")
+        self.num_experts = num_experts
+        self.d_model = d_model
+        self.rank = rank
+        self.init_scale = float(init_scale)
+        self.down_EDR = nn.Parameter(torch.empty(num_experts, d_model, rank))
+        self.up_ERD = nn.Parameter(torch.empty(num_experts, rank, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.down_EDR, std=1.0 / math.sqrt(self.d_model))
+        nn.init.normal_(self.up_ERD, std=self.init_scale / math.sqrt(self.rank))
+
+    def gates(self, x: Tensor) -> Tensor:
+        """Gate values ``2 * sigmoid(x B_e A_e)``, ``(E, T, D)``, each in ``(0, 2)``."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"feature gate input has width {x.shape[-1]}, expected {self.d_model}")
+        if x.dim() == 2:
+            z_ETR = torch.einsum("td,edr->etr", x, self.down_EDR)
+        elif x.dim() == 3 and x.shape[0] == self.num_experts:
+            z_ETR = torch.einsum("etd,edr->etr", x, self.down_EDR)
+        else:
+            raise ValueError(
+                f"feature gate expects (T, D) or ({self.num_experts}, T, D), got {tuple(x.shape)}"
+            )
+        return 2.0 * torch.sigmoid(torch.einsum("etr,erd->etd", z_ETR, self.up_ERD))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Gated per-expert input ``(E, T, D)``."""
+        return x * self.gates(x)  # (T, D) broadcasts against (E, T, D)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, rank={self.rank}"
 
 
 class HoME(nn.Module):
@@ -49,11 +124,11 @@ class HoME(nn.Module):
       :class:`~mtl.moe.DenseSoftmaxGate`, masked experts get weight and
       gradient exactly 0); off: every gate sees every expert of its level.
     * ``feature_gate``: each expert ``e`` reads ``v_e * 2 sigmoid(v_e B_e A_e)``
-      with rank-``lora_rank`` factors (:class:`~mtl.moe.feature_gate.FeatureGate`),
+      with rank-``lora_rank`` factors (:class:`FeatureGate`),
       at both levels, computed for all experts in one batched einsum.
     * ``self_gate``: ``h_t += sum_e s_te * Meta_e(x)`` over the level-1 experts of
       ``t``'s category, ``s_t`` a softmax over them (sigmoid when there is one;
-      :class:`~mtl.moe.self_gate.SelfGate`) computed from ``x``: a gated
+      :class:`~mtl.moe.gates.SelfGate`) computed from ``x``: a gated
       residual from the lower level to the upper one, so task gradients reach
       the meta experts directly.
 
@@ -136,55 +211,51 @@ class HoME(nn.Module):
         widths = as_widths("expert_hidden", expert_hidden, allow_empty=False)
         H = widths[-1]
         self.aux_loss_weights = as_loss_weights(aux_loss_weights)
-        self.switches = {
-            "expert_norm": bool(expert_norm),
-            "hierarchy_mask": bool(hierarchy_mask),
-            "feature_gate": bool(feature_gate),
-            "self_gate": bool(self_gate),
-        }
 
         kinds1 = ["shared"] * S + [f"group:{g}" for g in self.groups for _ in range(G)]
         kinds2 = kinds1 + [f"task:{t}" for t in self.tasks for _ in range(K)]
         self.meta_expert_kinds = kinds1
         self.expert_kinds = kinds2
-        # Level-2 experts read unit 0 (m_shared) or unit 1 + i (category i's m_c).
-        unit = {g: i + 1 for i, g in enumerate(self.groups)}
-        owner = [0] * S + [unit[g] for g in self.groups for _ in range(G)]
-        owner += [unit[self.group_of[t]] for t in self.tasks for _ in range(K)]
-        self.register_buffer("owner_E", torch.tensor(owner, dtype=torch.long), persistent=False)
+        E1, E2 = len(kinds1), len(kinds2)
+        rank = check_dim("lora_rank", lora_rank)
+        activation = "swish" if expert_norm else "relu"
 
         def allowed(kinds: list[str], keep: set[str]) -> list[int] | None:
             return [e for e, k in enumerate(kinds) if k in keep] if hierarchy_mask else None
 
-        E1, E2 = len(kinds1), len(kinds2)
-        activation = "swish" if expert_norm else "relu"
+        # Level 1 (meta): feature gates on x, the meta experts, one gate per category + a shared one.
+        self.meta_feature_gate = (
+            FeatureGate(num_experts=E1, d_model=d_in, rank=rank) if feature_gate else None
+        )
         gates1: dict[str, nn.Module] = {SHARED_UNIT: DenseSoftmaxGate(d_model=d_in, num_experts=E1)}
         for g in self.groups:
             mask = allowed(kinds1, {"shared", f"group:{g}"})
             gates1[g] = DenseSoftmaxGate(d_model=d_in, num_experts=E1, expert_mask=mask)
-        gates2: dict[str, nn.Module] = {}
-        for t in self.tasks:
-            mask = allowed(kinds2, {"shared", f"group:{self.group_of[t]}", f"task:{t}"})
-            gates2[t] = DenseSoftmaxGate(d_model=H, num_experts=E2, expert_mask=mask)
         self.meta = MultiGateMixture(
             experts=representation_bank(
                 num_experts=E1, dims=[d_in, *widths], activation=activation, expert_norm=expert_norm
             ),
             gates=gates1,
         )
+        # Level 2 (tasks): experts read unit 0 (m_shared) or unit 1 + i (category i's m_c).
+        unit = {g: i + 1 for i, g in enumerate(self.groups)}
+        owner = [0] * S + [unit[g] for g in self.groups for _ in range(G)]
+        owner += [unit[self.group_of[t]] for t in self.tasks for _ in range(K)]
+        self.register_buffer("owner_E", torch.tensor(owner, dtype=torch.long), persistent=False)
+        self.task_feature_gate = (
+            FeatureGate(num_experts=E2, d_model=H, rank=rank) if feature_gate else None
+        )
+        gates2: dict[str, nn.Module] = {}
+        for t in self.tasks:
+            mask = allowed(kinds2, {"shared", f"group:{self.group_of[t]}", f"task:{t}"})
+            gates2[t] = DenseSoftmaxGate(d_model=H, num_experts=E2, expert_mask=mask)
         self.task_level = MultiGateMixture(
             experts=representation_bank(
                 num_experts=E2, dims=[H, *widths], activation=activation, expert_norm=expert_norm
             ),
             gates=gates2,
         )
-        rank = check_dim("lora_rank", lora_rank)
-        self.meta_feature_gate = (
-            FeatureGate(num_experts=E1, d_model=d_in, rank=rank) if feature_gate else None
-        )
-        self.task_feature_gate = (
-            FeatureGate(num_experts=E2, d_model=H, rank=rank) if feature_gate else None
-        )
+        # Self gates: each task's gated residual from its category's meta experts.
         self.self_gates = (
             nn.ModuleDict(
                 {

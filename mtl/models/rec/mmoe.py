@@ -16,16 +16,19 @@ from mtl.models.rec.common import (
 )
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
-from mtl.moe import DenseSoftmaxGate, MultiGateMixture
-from mtl.moe.linear_input import LinearInput
+from mtl.moe import DenseSoftmaxGate, MultiGateMixture, MultiGateOutput
 
 
 class MMoE(nn.Module):
     """MMoE: ``E`` shared experts, one softmax gate per task, one tower per task.
 
-    ``h_t = sum_e softmax(x W_t + b_t)_e * Expert_e(x)``, ``logit_t = Tower_t(h_t)``.
-    The experts run once (one batched matmul per layer) and every gate mixes
-    their outputs (:class:`~mtl.moe.MultiGateMixture`).
+    The paper's Figure 1(c), bottom to top: ``E`` experts on the input, one
+    gate per task, ``h_t = sum_e softmax(x W_t + b_t)_e * Expert_e(x)``, then
+    ``logit_t = Tower_t(h_t)``. The experts run once (one batched matmul per
+    layer) and every gate mixes their outputs (:class:`~mtl.moe.MultiGateMixture`).
+    :meth:`input_weight` and :meth:`forward_projected` expose the first linear
+    map on ``x`` (experts' first layer and gate logits) as a seam for
+    :class:`~mtl.models.rec.ranker.Ranker`'s embedding fold.
 
     Args:
         d_in: width of the embedded input.
@@ -87,6 +90,7 @@ class MMoE(nn.Module):
             expert_norm=expert_norm,
             dropout=expert_dropout,
         )
+        self.expert_kinds = ["shared"] * num_experts
         gates = {
             name: DenseSoftmaxGate(
                 d_model=d_in,
@@ -100,7 +104,29 @@ class MMoE(nn.Module):
         self.towers = TaskTowers(
             tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout, norm=tower_norm
         )
-        self.expert_kinds = ["shared"] * num_experts
+
+    def forward(self, x_BD: Tensor) -> MultiTaskOutput:
+        return self._towers(self.mixture(x_BD))
+
+    def input_weight(self) -> Tensor:
+        """``(d_in, N)``: the experts' first layer and the gates' logit columns."""
+        return self.mixture.input_weight()
+
+    def forward_projected(self, z_BN: Tensor) -> MultiTaskOutput:
+        """:meth:`forward` given ``z_BN = x_BD @ input_weight()`` (float32)."""
+        return self._towers(self.mixture.forward_projected(z_BN))
+
+    def _towers(self, mix: MultiGateOutput) -> MultiTaskOutput:
+        """Each task's tower on its gate's mixture, with the gates' diagnostics."""
+        w_BE = {name: r.dense_weights() for name, r in mix.routing.items()}
+        device = mix.expert_outputs_ETD.device
+        return MultiTaskOutput(
+            logits=self.towers({t: mix.outputs[self._gate_of(t)] for t in self.tasks}),
+            aux_loss=gate_aux_loss(list(mix.routing.values()), self.aux_loss_weights, device),
+            gate_weights={t: w_BE[self._gate_of(t)] for t in self.tasks},
+            expert_outputs=mix.expert_outputs_ETD,
+            expert_kinds=list(self.expert_kinds),
+        )
 
     def _gate_names(self) -> list[str]:
         """One gate per task; :class:`~mtl.models.rec.omoe.OMoE` overrides this."""
@@ -108,18 +134,3 @@ class MMoE(nn.Module):
 
     def _gate_of(self, task: str) -> str:
         return task
-
-    accepts_linear_input = True
-    """:meth:`forward` takes a :class:`~mtl.moe.linear_input.LinearInput` (the
-    embedded batch, projected without being formed) as well as a tensor."""
-
-    def forward(self, x_BD: Tensor | LinearInput) -> MultiTaskOutput:
-        mix = self.mixture(x_BD)
-        w_BE = {name: r.dense_weights() for name, r in mix.routing.items()}
-        return MultiTaskOutput(
-            logits=self.towers({t: mix.outputs[self._gate_of(t)] for t in self.tasks}),
-            aux_loss=gate_aux_loss(list(mix.routing.values()), self.aux_loss_weights, x_BD.device),
-            gate_weights={t: w_BE[self._gate_of(t)] for t in self.tasks},
-            expert_outputs=mix.expert_outputs_ETD,
-            expert_kinds=list(self.expert_kinds),
-        )

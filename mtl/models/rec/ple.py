@@ -18,13 +18,14 @@ from mtl.models.rec.common import (
 )
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
-from mtl.moe import DenseSoftmaxGate, MultiGateMixture
-from mtl.moe.linear_input import LinearInput
+from mtl.moe import DenseSoftmaxGate, MultiGateMixture, MultiGateOutput
 
 
 class PLE(nn.Module):
     """PLE: ``num_levels`` customized-gate-control (CGC) levels, then one tower per task.
 
+    The paper's PLE figure, bottom to top: the input, CGC levels (experts, then
+    gates mixing them), one tower per task on the last level's task outputs.
     Each level holds ``S`` shared experts and ``K`` experts per task, stored as
     one :class:`~mtl.moe.ExpertBank` (order: shared, then task blocks in task
     order). Task ``t``'s gate is a :class:`~mtl.moe.DenseSoftmaxGate` whose
@@ -102,12 +103,6 @@ class PLE(nn.Module):
         levels = []
         d_level = d_in
         for level in range(self.num_levels):
-            gates: dict[str, nn.Module] = {}
-            for i, t in enumerate(self.tasks):
-                allowed = [e for e in range(E) if owner[e] in (0, i + 1)]
-                gates[t] = DenseSoftmaxGate(d_model=d_level, num_experts=E, expert_mask=allowed)
-            if level < self.num_levels - 1 and S > 0:  # without shared experts nothing reads it
-                gates[SHARED_UNIT] = DenseSoftmaxGate(d_model=d_level, num_experts=E)
             bank = representation_bank(
                 num_experts=E,
                 dims=[d_level, *widths],
@@ -115,6 +110,12 @@ class PLE(nn.Module):
                 expert_norm=expert_norm,
                 dropout=expert_dropout,
             )
+            gates: dict[str, nn.Module] = {}
+            for i, t in enumerate(self.tasks):
+                allowed = [e for e in range(E) if owner[e] in (0, i + 1)]
+                gates[t] = DenseSoftmaxGate(d_model=d_level, num_experts=E, expert_mask=allowed)
+            if level < self.num_levels - 1 and S > 0:  # without shared experts nothing reads it
+                gates[SHARED_UNIT] = DenseSoftmaxGate(d_model=d_level, num_experts=E)
             levels.append(MultiGateMixture(experts=bank, gates=gates))
             d_level = widths[-1]
         self.levels = nn.ModuleList(levels)
@@ -122,28 +123,32 @@ class PLE(nn.Module):
             tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout, norm=tower_norm
         )
 
-    accepts_linear_input = True
-    """:meth:`forward` takes a :class:`~mtl.moe.linear_input.LinearInput` as well
-    as a tensor: only the first level reads the input, through its one fused matmul."""
+    def forward(self, x_BD: Tensor) -> MultiTaskOutput:
+        return self._upper_levels(self.levels[0](x_BD))
 
-    def forward(self, x_BD: Tensor | LinearInput) -> MultiTaskOutput:
-        routings = []
-        mix = self.levels[0](x_BD)
-        routings += mix.routing.values()
+    def input_weight(self) -> Tensor:
+        """``(d_in, N)``: the first level's experts' first layer and gate logit columns."""
+        return self.levels[0].input_weight()
+
+    def forward_projected(self, z_BN: Tensor) -> MultiTaskOutput:
+        """:meth:`forward` given ``z_BN = x_BD @ input_weight()`` (float32)."""
+        return self._upper_levels(self.levels[0].forward_projected(z_BN))
+
+    def _upper_levels(self, mix: MultiGateOutput) -> MultiTaskOutput:
+        """Levels ``1..`` on the first level's output, then the towers."""
+        routings = list(mix.routing.values())
         for level in self.levels[1:]:
             reps = mix.outputs
             # unit 0 is a placeholder when there are no shared experts (never indexed)
             shared = reps.get(SHARED_UNIT, reps[self.tasks[0]])
             units_UBH = torch.stack([shared, *(reps[t] for t in self.tasks)])
             x_EBH = units_UBH.index_select(0, self.owner_E)  # each expert reads its owner's rep
-            gate_inputs = {t: reps[t] for t in self.tasks}
-            if SHARED_UNIT in level.gates:
-                gate_inputs[SHARED_UNIT] = reps[SHARED_UNIT]
+            gate_inputs = {name: reps[name] for name in level.gates}
             mix = level(x_EBH, gate_inputs=gate_inputs)
             routings += mix.routing.values()
         return MultiTaskOutput(
             logits=self.towers({t: mix.outputs[t] for t in self.tasks}),
-            aux_loss=gate_aux_loss(routings, self.aux_loss_weights, x_BD.device),
+            aux_loss=gate_aux_loss(routings, self.aux_loss_weights, mix.expert_outputs_ETD.device),
             gate_weights={t: mix.routing[t].dense_weights() for t in self.tasks},
             expert_outputs=mix.expert_outputs_ETD,
             expert_kinds=list(self.expert_kinds),

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl.models.rec.common import as_widths, check_dim, check_tasks
-from mtl.moe.dropout import FastDropout
-from mtl.moe.norm_act import batch_norm_relu_dropout
 
 
 def make_mlp(d_in: int, hidden: Sequence[int], dropout: float = 0.0, norm: bool = False) -> MLP:
@@ -17,7 +14,7 @@ def make_mlp(d_in: int, hidden: Sequence[int], dropout: float = 0.0, norm: bool 
 
     With empty ``hidden`` it is the identity. Output width ``hidden[-1]`` (or ``d_in``).
     ``norm`` adds batch norm before each activation (the MLP of torch-rechub and
-    DeepCTR). Dropout is :class:`~mtl.moe.dropout.FastDropout`.
+    DeepCTR).
 
     Example:
         >>> import torch
@@ -31,10 +28,7 @@ class MLP(nn.Sequential):
     """``Linear -> [BatchNorm] -> ReLU -> [Dropout]`` blocks, one per hidden width.
 
     An ``nn.Sequential`` of exactly those modules (state-dict keys
-    ``0.weight``, ``1.running_mean``, ...). With batch norm, a training forward
-    on CPU runs each block's norm, ReLU and dropout as one autograd node
-    (:func:`~mtl.moe.norm_act.batch_norm_relu_dropout`): same result, fewer
-    passes over the activations.
+    ``0.weight``, ``1.running_mean``, ...).
 
     Args:
         d_in: input width.
@@ -49,7 +43,7 @@ class MLP(nn.Sequential):
         >>> import torch
         >>> mlp = MLP(d_in=8, hidden=[16], dropout=0.1, norm=True)
         >>> [type(m).__name__ for m in mlp]
-        ['Linear', 'BatchNorm1d', 'ReLU', 'FastDropout']
+        ['Linear', 'BatchNorm1d', 'ReLU', 'Dropout']
     """
 
     def __init__(
@@ -65,26 +59,9 @@ class MLP(nn.Sequential):
                 layers.append(nn.BatchNorm1d(h))
             layers.append(nn.ReLU())
             if dropout > 0:
-                layers.append(FastDropout(dropout))
+                layers.append(nn.Dropout(dropout))
             width = h
         super().__init__(*layers)
-        self.dropout = float(dropout)
-        self.norm = norm
-        self._block = 2 + int(norm) + int(dropout > 0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.norm and self.training and len(self) and x.device.type == "cpu"):
-            return super().forward(x)
-        for start in range(0, len(self), self._block):
-            linear: nn.Linear = self[start]  # type: ignore[assignment]
-            # the Linear's bias goes in as the norm's shift: it cancels in training
-            x = batch_norm_relu_dropout(
-                F.linear(x, linear.weight),
-                self[start + 1],  # type: ignore[arg-type]
-                shift_N=linear.bias,
-                dropout=self.dropout,
-            )
-        return x
 
 
 class Tower(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtl.models.lm import TransformerLM
-from mtl.training.lm_module import build_lm
+from mtl.training.build import build_lm
 
 CONF_MODEL = Path(__file__).resolve().parents[3] / "conf" / "model"
 LM_PRESETS = sorted(p.stem for p in CONF_MODEL.glob("lm_*.yaml"))

@@ -18,8 +18,8 @@ V, T = 50, 24
 
 CAUSAL_PRESETS: dict[str, dict[str, object]] = {
     "lm_mixtral": {},
-    # capacity_factor = num_experts: every expert can take every token, nothing dropped
-    "lm_switch": {"moe.capacity_factor": 8.0},
+    # dispatch.capacity_factor = num_experts: every expert can take every token, nothing dropped
+    "lm_switch": {"moe.dispatch.capacity_factor": 8.0},
     "lm_deepseekmoe": {},
     "lm_olmoe": {},
     "lm_top_p": {},
@@ -64,7 +64,7 @@ def test_switch_with_stats_reports_no_drops_when_capacity_is_large(
     build_preset: Callable[..., TransformerLM],
 ) -> None:
     model = build_preset(
-        "lm_switch", vocab_size=V, max_seq_len=T, **{"moe.capacity_factor": 8.0}
+        "lm_switch", vocab_size=V, max_seq_len=T, **{"moe.dispatch.capacity_factor": 8.0}
     ).eval()
     out = model(torch.randint(0, V, (3, T)))
     assert all(float(s.dropped_slots) == 0 for s in out.layer_stats.values())
@@ -95,6 +95,6 @@ def test_capacity_dropping_breaks_causality(build_preset: Callable[..., Transfor
         "lm_switch",
         vocab_size=V,
         max_seq_len=T,
-        **{"moe.capacity_factor": 0.5, "moe.dispatch.min_capacity": 1},
+        **{"moe.dispatch.capacity_factor": 0.5, "moe.dispatch.min_capacity": 1},
     ).eval()
     assert _find_leak(model) > 1e-3

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mtl.models.lm.hf import hf_mixtral_forward, moe_layer_from_hf_mixtral  # noqa: E402
-from mtl.moe import DroplessDispatch, ExpertBank, TopKGate  # noqa: E402
+from mtl.moe import DroplessDispatch, SwiGLUExperts, TopKGate  # noqa: E402
 
 
 def _block(hidden: int, inter: int, experts: int, k: int) -> torch.nn.Module:
@@ -35,7 +35,7 @@ def test_mixtral_block_matches(experts: int, k: int) -> None:
     block = _block(32, 64, experts, k)
     layer = moe_layer_from_hf_mixtral(block).eval()
     assert isinstance(layer.gate, TopKGate) and layer.gate.renormalize and layer.gate.k == k
-    assert isinstance(layer.experts, ExpertBank) and isinstance(layer.dispatch, DroplessDispatch)
+    assert isinstance(layer.experts, SwiGLUExperts) and isinstance(layer.dispatch, DroplessDispatch)
     x = torch.randn(3, 11, 32)
     with torch.no_grad():
         ref_out, ref_logits = hf_mixtral_forward(block, x)
@@ -51,9 +51,9 @@ def test_mismatched_weights_are_detected() -> None:
     block = _block(16, 32, 4, 2)
     layer = moe_layer_from_hf_mixtral(block).eval()
     with torch.no_grad():
-        w = layer.experts.weights[0].clone()
-        layer.experts.weights[0].copy_(layer.experts.gate_weights[0])
-        layer.experts.gate_weights[0].copy_(w)
+        w = layer.experts.w_gate.clone()
+        layer.experts.w_gate.copy_(layer.experts.w_up)
+        layer.experts.w_up.copy_(w)
         x = torch.randn(2, 5, 16)
         ref_out, _ = hf_mixtral_forward(block, x)
         assert not torch.allclose(layer(x).output, ref_out, atol=1e-3)

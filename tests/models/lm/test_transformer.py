@@ -16,18 +16,18 @@ from mtl.models.lm import (
     RotaryEmbedding,
     SwiGLU,
     TransformerLM,
-    build_moe_ffn,
 )
-from mtl.moe import DroplessDispatch, ExpertBank, MoELayer, TopKGate
+from mtl.models.lm.moe_ffn import MoEFFN
+from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
 
 from .conftest import LM_PRESETS
 
-SPEC = {
-    "num_experts": 4,
-    "gate": {"_target_": "mtl.moe.TopKGate", "num_experts": 4, "k": 2, "renormalize": True},
-    "experts": {"_target_": "mtl.moe.ExpertBank.swiglu", "num_experts": 4, "d_hidden": 16},
-    "aux_loss_weights": {"load_balance": 0.01, "z_loss": 0.001},
-}
+SPEC = MoEFFN(
+    num_experts=4,
+    gate=partial(TopKGate, k=2, renormalize=True),
+    experts=partial(SwiGLUExperts, d_hidden=16),
+    aux_loss_weights={"load_balance": 0.01, "z_loss": 0.001},
+)
 
 
 def _lm(**kw: object) -> TransformerLM:
@@ -95,28 +95,25 @@ def test_factory_and_template_parts() -> None:
     def factory(i: int, d_model: int) -> MoELayer:
         return MoELayer(
             gate=TopKGate(d_model=d_model, num_experts=2, k=1),
-            experts=ExpertBank.swiglu(num_experts=2, d_model=d_model, d_hidden=8),
+            experts=SwiGLUExperts(num_experts=2, d_model=d_model, d_hidden=8),
             dispatch=DroplessDispatch(),
         )
 
     assert _lm(moe=factory).moe_layers()[0].num_experts == 2
-    spec = {
-        "gate": partial(TopKGate, num_experts=3, k=1),
-        "experts": partial(ExpertBank.swiglu, num_experts=3, d_hidden=8),
-        "dispatch": DroplessDispatch(),
-    }
+    spec = MoEFFN(
+        num_experts=3,
+        gate=partial(TopKGate, k=1),
+        experts=partial(SwiGLUExperts, d_hidden=8),
+        dispatch=DroplessDispatch,
+    )
     model = _lm(moe=spec)
     layers = model.moe_layers()
     assert layers[0].gate is not layers[1].gate and layers[0].dispatch is not layers[1].dispatch
 
 
 def test_spec_errors() -> None:
-    with pytest.raises(ValueError, match="unknown MoE spec keys"):
-        build_moe_ffn({**SPEC, "aux_loss_weight": {}}, d_model=16)
-    with pytest.raises(ValueError, match="needs 'experts'"):
-        build_moe_ffn({"gate": SPEC["gate"]}, d_model=16)
     with pytest.raises(ValueError, match="num_experts"):
-        build_moe_ffn({**SPEC, "experts": {**SPEC["experts"], "num_experts": 5}}, d_model=16)
+        MoEFFN(num_experts=0, gate=SPEC.gate, experts=SPEC.experts)
     with pytest.raises(ValueError, match="max_seq_len"):
         _lm()(torch.zeros(1, 13, dtype=torch.long))
     with pytest.raises(ValueError, match="outside"):

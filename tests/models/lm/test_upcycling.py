@@ -14,7 +14,7 @@ from mtl.models.lm import (
     upcycle_transformer,
 )
 from mtl.moe import CapacityDispatch, SigmoidBiasGate, TopKGate
-from mtl.moe.constant_gate import ConstantGate
+from mtl.moe.gates import ConstantGate
 
 D, H = 16, 48
 
@@ -103,7 +103,7 @@ def test_copy_upcycling_without_renormalisation_is_not_dense(ffn: SwiGLU) -> Non
 
 def test_copy_noise_breaks_symmetry(ffn: SwiGLU) -> None:
     moe = copy_ffn(ffn, num_experts=4, k=2, noise_std=0.01, seed=1)
-    w = moe.experts.weights[0]
+    w = moe.experts.w_gate
     assert not torch.equal(w[0], w[1])
     assert (w[0] - ffn.gate_proj.weight.T).abs().max() < 0.05
 

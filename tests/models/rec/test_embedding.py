@@ -1,4 +1,4 @@
-"""FeatureEmbedding: layout, shared tables, OOV row, numeric pass-through, gradients, errors."""
+"""FeatureEmbedding: layout, shared tables, OOV row, numeric pass-through, the fold, errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtl.data.features import CategoricalFeature, FeatureSpec, NumericFeature, TaskSpec
-from mtl.models.rec.embedding import FeatureEmbedding, _BagSum
+from mtl.models.rec.embedding import FeatureEmbedding
 
 
 @pytest.fixture
@@ -99,8 +99,6 @@ def test_matches_one_table_per_feature(widths: list[int]) -> None:
         [emb.feature_weight(j)[cat[:, j]] for j in range(len(widths))] + [num], dim=1
     )
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    parts = emb.embed_categorical(cat)
-    torch.testing.assert_close(torch.cat(parts, dim=1), expected[:, :-1], rtol=0, atol=0)
     # gradients reach each feature's own rows only
     w = torch.randn_like(out)
     (out * w).sum().backward()
@@ -144,13 +142,10 @@ def test_project_equals_embedding_times_weight(widths: list[int], fold: bool) ->
     cat = torch.stack([torch.randint(0, 6 + j, (B,)) for j in range(len(widths))], dim=1)
     num = torch.randn(B, 1)
     _assert_project_matches_plain_product(emb, cat, num, n_out=7)
-    lazy = emb.lazy(cat, num)
-    assert (lazy.num_rows, lazy.width) == (B, emb.output_dim)
-    torch.testing.assert_close(lazy.materialize(), emb(cat, num))
 
 
-def test_project_with_several_features_per_padding_bucket() -> None:
-    """Features that share a bucket get distinct row offsets in the projected table."""
+def test_project_pads_features_of_different_vocabularies_in_one_table() -> None:
+    """Each feature's rows are padded to the table's largest; the padding is never looked up."""
     torch.manual_seed(2)
     vocab = [2, 2, 3, 8, 8, 7, 40, 38]
     spec = FeatureSpec(
@@ -160,8 +155,8 @@ def test_project_with_several_features_per_padding_bucket() -> None:
     )
     emb = FeatureEmbedding(spec=spec)
     assert emb.folds(256) == [True]
-    assert any(len(positions) > 1 for positions, _, _ in emb._buckets[0])
     cat = torch.stack([torch.randint(0, v + 1, (256,)) for v in vocab], dim=1)
+    cat[:4] = torch.tensor(vocab)  # every feature's last row
     num = torch.randn(256, 1)
     _assert_project_matches_plain_product(emb, cat, num, n_out=5)
 
@@ -201,48 +196,25 @@ def test_project_is_float32_under_autocast(spec: FeatureSpec) -> None:
     torch.testing.assert_close(z, emb(cat, num) @ w)
 
 
-def test_row_buckets_minimise_padded_rows_and_cover_every_feature() -> None:
-    """Against brute force over all split points of the sorted counts."""
-    import itertools
-    import random
-
-    from mtl.models.rec.embedding import _row_buckets
-
-    rng = random.Random(0)
-    for _ in range(50):
-        counts = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
-        groups = _row_buckets(counts, max_buckets=3)
-        assert sorted(i for g in groups for i in g) == list(range(len(counts)))
-        padded = sum(len(g) * max(counts[i] for i in g) for g in groups)
-        c = sorted(counts)
-        n = len(c)
-        best = n * c[-1]
-        for k in (1, 2):
-            for cuts in itertools.combinations(range(1, n), k):
-                bounds = [0, *cuts, n]
-                best = min(best, sum((b - a) * c[b - 1] for a, b in itertools.pairwise(bounds)))
-        assert padded == best and len(groups) <= 3
-
-
-def test_large_vocabularies_stay_gathered_while_small_ones_of_the_same_table_fold() -> None:
-    """One width, ids with thousands of rows next to small fields: a mixed plan."""
+def test_a_table_with_an_id_stays_gathered_and_its_own_width_lets_the_rest_fold() -> None:
     torch.manual_seed(3)
-    vocab = [3000, 5, 9, 17, 1200, 60, 4]
-    spec = FeatureSpec(
-        categorical=[CategoricalFeature(f"f{j}", v, 4) for j, v in enumerate(vocab)],
-        numeric=[NumericFeature("x", 0.0, 1.0)],
-        tasks=[TaskSpec("y", "binary")],
-    )
-    emb = FeatureEmbedding(spec=spec)
+    vocab = [3000, 5, 9, 17, 60, 4]
     B = 512
-    flags = emb.bucket_folds(0, B)
-    folded = {
-        i
-        for (positions, _, _), f in zip(emb._buckets[0], flags, strict=True)
-        if f
-        for i in positions
-    }
-    assert folded == {1, 2, 3, 5, 6}  # every field except the two ids
+
+    def spec(id_width: int) -> FeatureSpec:
+        widths = [id_width] + [4] * (len(vocab) - 1)
+        return FeatureSpec(
+            categorical=[
+                CategoricalFeature(f"f{j}", v, w)
+                for j, (v, w) in enumerate(zip(vocab, widths, strict=True))
+            ],
+            numeric=[NumericFeature("x", 0.0, 1.0)],
+            tasks=[TaskSpec("y", "binary")],
+        )
+
+    assert FeatureEmbedding(spec=spec(4)).folds(B) == [False]  # one table, padded to 3001 rows
+    emb = FeatureEmbedding(spec=spec(8))
+    assert emb.folds(B) == [True, False]  # tables ordered by width: 4, 8
     cat = torch.stack([torch.randint(0, v + 1, (B,)) for v in vocab], dim=1)
     num = torch.randn(B, 1)
     _assert_project_matches_plain_product(emb, cat, num, n_out=6)
@@ -250,23 +222,3 @@ def test_large_vocabularies_stay_gathered_while_small_ones_of_the_same_table_fol
         bad = cat.clone()
         bad[0, 2] = 10
         emb.project(bad, num, torch.randn(emb.output_dim, 6))
-
-
-@pytest.mark.parametrize("num_rows", [300, 40_000])  # int16 and int32 sort keys
-def test_bag_sum_and_its_sorted_backward_match_a_per_lookup_loop(num_rows: int) -> None:
-    torch.manual_seed(3)
-    B, F_, N = 50, 4, 6
-    p_VN = torch.randn(num_rows, N, requires_grad=True)
-    rows_BF = torch.randint(0, num_rows, (B, F_))
-    rows_BF[:, 1] = rows_BF[:, 0]  # repeated rows inside a sample and across samples
-    rows_BF[:5, 2] = num_rows - 1
-    out = _BagSum.apply(p_VN, rows_BF)
-    want = torch.stack([p_VN.detach()[rows_BF[b]].sum(0) for b in range(B)])
-    torch.testing.assert_close(out, want)
-    g_BN = torch.randn(B, N)
-    out.backward(g_BN)
-    grad_ref = torch.zeros(num_rows, N)
-    for b in range(B):
-        for f in range(F_):
-            grad_ref[rows_BF[b, f]] += g_BN[b]
-    torch.testing.assert_close(p_VN.grad, grad_ref)

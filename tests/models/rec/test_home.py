@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mtl.models.rec import HoME, check_task_groups
-from mtl.moe.feature_gate import FeatureGate
+from mtl.models.rec.home import FeatureGate
 
 from .helpers import TASKS, copied_experts, copied_gate, mix
 

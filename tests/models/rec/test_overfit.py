@@ -1,14 +1,21 @@
 """Every model must be able to fit one small batch of learnable labels."""
 
-import time
-
 import pytest
 import torch
+from torch import nn
 
-from mtl.models.rec import build_model
+from mtl.models.rec import ESMM, PLE, HoME, MMoE, OMoE, SharedBottom
 
 from .helpers import TASKS, esmm_batch, fit, synthetic_batch, task_loss
 
+MODELS: dict[str, type[nn.Module]] = {
+    "shared_bottom": SharedBottom,
+    "omoe": OMoE,
+    "mmoe": MMoE,
+    "ple": PLE,
+    "home": HoME,
+    "esmm": ESMM,
+}
 SMALL = {
     "shared_bottom": {"bottom_hidden": [32, 32], "tower_hidden": [16]},
     "omoe": {"num_experts": 4, "expert_hidden": [32], "tower_hidden": [16]},
@@ -38,15 +45,12 @@ def test_model_overfits_one_batch(name: str) -> None:
     torch.manual_seed(0)
     x, labels = esmm_batch() if name == "esmm" else synthetic_batch()
     tasks = ["ctr", "ctcvr"] if name == "esmm" else TASKS
-    model = build_model(name, d_in=x.shape[1], tasks=tasks, dropout=0.0, **SMALL[name])
+    model = MODELS[name](d_in=x.shape[1], tasks=tasks, dropout=0.0, **SMALL[name])
     with torch.no_grad():
         initial = float(task_loss(model(x), labels))
-    start = time.perf_counter()
     final = fit(model, x, labels, steps=100, lr=1e-2)
-    elapsed = time.perf_counter() - start
     assert initial > 0.5  # chance level is ln 2 = 0.69 (ESMM's ctcvr is rarer)
     assert final < 0.02, f"{name} did not fit the batch: loss {initial:.3f} -> {final:.3f}"
-    assert elapsed < 10, f"{name} took {elapsed:.1f}s for 100 steps"
     model.eval()  # predictions in eval mode (running batch-norm statistics) are right too
     with torch.no_grad():
         probs = model(x).probabilities()

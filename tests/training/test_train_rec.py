@@ -1,4 +1,4 @@
-"""End-to-end training, resume, Census-Income quality floor and `mtl compare` artefacts.
+"""train() on rankers end to end: resume, Census-Income quality floor, `mtl compare` artefacts.
 
 Sizes are tiny and runs single-threaded (``num_threads=1``: fastest for these
 models, and robust on a shared 2-core machine).
@@ -14,7 +14,7 @@ import pytest
 
 from mtl.cli import main
 from mtl.training.config import compose_config
-from mtl.training.rec_runner import run_train
+from mtl.training.train import train
 
 FAST = ["trainer.enable_progress_bar=false", "num_threads=1"]
 SMALL_DATA = [
@@ -104,13 +104,13 @@ def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(tmp_path: Path) 
         "optim.lr=3e-3",
         "model.num_experts=3",
         "model.dropout=0.2",
-        "early_stopping.enabled=false",
+        "callbacks.early_stopping=null",
         "seed=3",
     ]
 
     def run(epochs: int, out: Path, *extra: str) -> dict:
         overrides = [*common, *extra, f"trainer.max_epochs={epochs}", f"output_dir={out}"]
-        return run_train(compose_config("train", overrides))
+        return train(compose_config("train", overrides))
 
     full = run(3, tmp_path / "a")
     first = run(1, tmp_path / "b")
@@ -144,7 +144,7 @@ def test_regression_data_trains_with_val_loss_monitor(tmp_path: Path) -> None:
             *FAST,
         ],
     )
-    result = run_train(cfg)
+    result = train(cfg)
     assert result["monitor"] == "val/loss"
     assert set(result["test"]) >= {"mse/y1", "mse/y2"} and math.isfinite(result["test"]["mse/y1"])
 
@@ -161,7 +161,7 @@ def test_esmm_probability_task_trains_end_to_end(tmp_path: Path) -> None:
             f"output_dir={tmp_path}",
         ],
     )
-    result = run_train(cfg)
+    result = train(cfg)
     assert 0.0 < result["test"]["logloss/ctcvr"] < 1.0 and "auc/ctcvr" in result["test"]
     assert result["diagnostics"] is None  # no gates, no experts: nothing to diagnose
 
@@ -170,7 +170,7 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path) -> None:
     # The GPU trainer config uses bf16-mixed; the same autocast path runs on CPU.
     overrides = [*SMALL_CTR, "model.num_experts=2", "trainer.max_epochs=1"]
     overrides += ["trainer.precision=bf16-mixed", f"output_dir={tmp_path}"]
-    result = run_train(compose_config("train", overrides))
+    result = train(compose_config("train", overrides))
     assert all(
         math.isfinite(result["test"][f"logloss/{t}"]) for t in ("click", "like", "conversion")
     )
@@ -204,7 +204,7 @@ def test_mtl_compare_writes_report_results_and_plots(
             "seeds=2",
             *SMALL_CTR,
             "trainer.max_epochs=1",
-            # model.* overrides go to the models that accept them; model_overrides to one model.
+            # model.* overrides go to the models whose config has the key; model_overrides to one.
             "model.num_experts=3",
             "model.lora_rank=4",
             "+model_overrides.home.num_shared_experts=2",
@@ -269,7 +269,7 @@ def test_compare_unknown_model_is_a_clear_error(
 def test_run_shorter_than_an_epoch_validates_and_keeps_a_best_checkpoint(tmp_path: Path) -> None:
     """max_steps inside the first epoch: early stopping and the checkpoint need val metrics."""
     cfg = compose_config("train", [*SMALL_CTR, "trainer.max_steps=3", f"output_dir={tmp_path}"])
-    m = run_train(cfg)
+    m = train(cfg)
     assert m["global_step"] == 3
     assert Path(m["best_ckpt"]).name == "best-epoch000.ckpt" and Path(m["best_ckpt"]).is_file()
     assert 0.0 < m["test"]["auc/click"] < 1.0  # tested from that checkpoint

@@ -1,4 +1,4 @@
-"""End to end: the LM runner trains below the unigram entropy; CLI; bad input.
+"""train() on LMs end to end: below the unigram entropy; CLI; bad input; resume checks.
 
 Fast tests run in the default suite; ``-m slow`` trains every preset family member.
 """
@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from mtl.training.config import compose_config
 from mtl.training.lm_module import VocabularyMismatchError
-from mtl.training.lm_runner import run_from_overrides
+from mtl.training.train import train
 
 TINY = [
     "model.n_layers=2",
@@ -26,6 +27,10 @@ TINY = [
 ]
 
 
+def run(overrides: list[str]) -> dict[str, Any]:
+    return train(compose_config("train", overrides))
+
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
@@ -35,15 +40,15 @@ def _one_thread() -> Iterator[None]:
 
 
 def _shakespeare(path: Path, tmp_path: Path, steps: int, *extra: str) -> dict[str, Any]:
-    return run_from_overrides(
+    return run(
         [
             "data=lm_shakespeare",
             f"data.path={path}",
-            "data.steps_per_epoch=100000",  # one epoch; validation by the runner at the end
+            "data.steps_per_epoch=100000",  # one epoch; validation by train() at the end
             f"trainer.max_steps={steps}",
             "trainer.limit_val_batches=20",
             "optim.lr=1e-2",
-            "optim.warmup_steps=20",
+            "scheduler.warmup_steps=20",
             f"output_dir={tmp_path}",
             *TINY,
             *extra,
@@ -59,7 +64,7 @@ def test_tiny_moe_learns_shakespeare_fast(shakespeare_path: Path, tmp_path: Path
         300,
         "experiment=lm_mixtral",
         "model.moe.num_experts=4",
-        "model.moe.d_expert=64",
+        "model.moe.experts.d_hidden=64",
     )
     assert res["global_step"] == 300
     assert 3.0 < res["unigram_entropy"] < 3.6  # ~3.35 nats for Shakespeare's 65 characters
@@ -126,34 +131,32 @@ def test_cli_trains_lm_experiment_on_embedded_corpus(
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["data"] == "<embedded corpus>" and metrics["global_step"] == 4
     assert metrics["model"] == "lm_deepseek_v3"
-    # the runner adds AuxFreeBiasUpdate for SigmoidBiasGate models
+    # the LM callbacks include AuxFreeBiasUpdate, which balances SigmoidBiasGate layers
     assert "moe/layer1/bias_absmax" in (tmp_path / "csv" / "metrics.csv").read_text()
 
 
-def test_runner_rejects_bad_text_input(tmp_path: Path) -> None:
+def test_bad_text_input_is_rejected(tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     base = ["experiment=lm_dense", "trainer.max_steps=1", f"output_dir={tmp_path / 'run'}", *TINY]
     with pytest.raises(ValueError, match="empty"):
-        run_from_overrides([*base, f"data.path={empty}"])
+        run([*base, f"data.path={empty}"])
     short = tmp_path / "short.txt"
     short.write_text("to be or not to be\n" * 5)
     with pytest.raises(ValueError, match="block_size=64 is too large"):
-        run_from_overrides([*base, f"data.path={short}"])
+        run([*base, f"data.path={short}"])
     with pytest.raises(FileNotFoundError, match="not found"):
-        run_from_overrides([*base, f"data.path={tmp_path / 'missing.txt'}"])
+        run([*base, f"data.path={tmp_path / 'missing.txt'}"])
 
 
-def test_runner_resume_checks_vocabulary(tmp_path: Path) -> None:
+def test_resume_checks_vocabulary(tmp_path: Path) -> None:
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("the cat sat on the mat. " * 400)
     b.write_text("the dog sat on the log. " * 400)
     common = ["experiment=lm_dense", "data.steps_per_epoch=2", "trainer.limit_val_batches=1", *TINY]
-    first = run_from_overrides(
-        [*common, f"data.path={a}", "trainer.max_steps=2", f"output_dir={tmp_path / 'r'}"]
-    )
+    first = run([*common, f"data.path={a}", "trainer.max_steps=2", f"output_dir={tmp_path / 'r'}"])
     with pytest.raises(VocabularyMismatchError, match="vocabulary mismatch"):
-        run_from_overrides(
+        run(
             [
                 *common,
                 f"data.path={b}",
@@ -162,7 +165,7 @@ def test_runner_resume_checks_vocabulary(tmp_path: Path) -> None:
                 f"output_dir={tmp_path / 'r2'}",
             ]
         )
-    again = run_from_overrides(
+    again = run(
         [
             *common,
             f"data.path={a}",
@@ -175,7 +178,7 @@ def test_runner_resume_checks_vocabulary(tmp_path: Path) -> None:
 
 
 def test_run_shorter_than_an_epoch_keeps_a_validated_best_checkpoint(tmp_path: Path) -> None:
-    res = run_from_overrides(
+    res = run(
         [
             "experiment=lm_mixtral",
             "trainer.max_steps=3",

@@ -1,0 +1,74 @@
+"""A ranker: the feature embedding followed by a multi-task model."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from mtl.models.rec.embedding import FeatureEmbedding
+from mtl.models.rec.output import MultiTaskOutput
+
+
+@runtime_checkable
+class ProjectsInput(Protocol):
+    """A model whose first operation on its input is one linear map, exposed as a seam.
+
+    ``model(x) == model.forward_projected(x @ model.input_weight())`` for every
+    ``(B, D_in)`` input ``x`` (values and gradients).
+    """
+
+    def input_weight(self) -> Tensor:
+        """``(D_in, N)``: every column the model's first layer takes from ``x``."""
+        ...
+
+    def forward_projected(self, z_BN: Tensor) -> MultiTaskOutput:
+        """The model's output given ``z_BN = x @ input_weight()`` (float32)."""
+        ...
+
+
+class Ranker(nn.Module):
+    """Embed a batch of raw features and run a multi-task model on it.
+
+    The model sees a plain ``(B, D_in)`` tensor; it knows nothing of the
+    embedding. When the model exposes its first linear map (:class:`ProjectsInput`:
+    MMoE, OMoE, PLE) and some embedding table is small enough to fold at this
+    batch size (:meth:`FeatureEmbedding.folds`), the ranker computes that
+    product with :meth:`FeatureEmbedding.project` instead and continues the
+    model from it: the same result, without the ``(B, D_in) @ (D_in, N)`` GEMM.
+
+    Args:
+        embedding: the :class:`~mtl.models.rec.embedding.FeatureEmbedding` of the data's spec.
+        model: any multi-task model mapping ``(B, embedding.output_dim)`` to a
+            :class:`~mtl.models.rec.output.MultiTaskOutput` (MMoE, PLE, HoME, ...).
+
+    Shapes:
+        ``cat_BF (B, F_c)`` int64, ``num_BN (B, F_n)`` float -> logits ``{task: (B,)}``.
+
+    Example:
+        >>> import torch
+        >>> from mtl.data.spec import CategoricalFeature, FeatureSpec, TaskSpec
+        >>> from mtl.models.rec.mmoe import MMoE
+        >>> spec = FeatureSpec(categorical=[CategoricalFeature("item", 10, 4)], numeric=[],
+        ...     tasks=[TaskSpec("click", "binary")])
+        >>> emb = FeatureEmbedding(spec=spec)
+        >>> ranker = Ranker(embedding=emb, model=MMoE(d_in=4, tasks=["click"], expert_hidden=[8]))
+        >>> ranker(torch.tensor([[3], [0]]), torch.zeros(2, 0)).logits["click"].shape
+        torch.Size([2])
+    """
+
+    def __init__(self, *, embedding: FeatureEmbedding, model: nn.Module) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.model = model
+
+    def folds(self, batch_size: int) -> bool:
+        """Whether :meth:`forward` folds embedding tables into the model's first layer."""
+        return isinstance(self.model, ProjectsInput) and any(self.embedding.folds(batch_size))
+
+    def forward(self, cat_BF: Tensor, num_BN: Tensor) -> MultiTaskOutput:
+        if self.folds(cat_BF.shape[0]):
+            w_DN = self.model.input_weight()  # type: ignore[operator]
+            z_BN = self.embedding.project(cat_BF, num_BN, w_DN)
+            return self.model.forward_projected(z_BN)  # type: ignore[operator]
+        return self.model(self.embedding(cat_BF, num_BN))

@@ -1,0 +1,91 @@
+"""A run's results: ``metrics.json`` and the summary printed at the end of ``mtl train``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _finite(value: Any) -> Any:
+    # JSON has no NaN; null keeps the file readable by every JSON parser.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, NaN/inf as null.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "m.json"
+        >>> write_json(path, {"auc": float("nan"), "loss": [0.5]})
+        >>> json.loads(path.read_text())
+        {'auc': None, 'loss': [0.5]}
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(data), indent=2) + "\n")
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def rec_summary(result: dict[str, Any]) -> str:
+    """Test metrics per task, parameters and time of a ranking run."""
+    test = result.get("test", {})
+    tasks = list(result.get("tasks", {}))
+    metrics = [
+        m for m in ("auc", "gauc", "logloss", "mse") if any(f"{m}/{t}" in test for t in tasks)
+    ]
+    width = max([len(t) for t in tasks] + [4])
+    lines = [
+        f"test metrics ({result['model']}, seed {result['seed']}, "
+        f"best checkpoint by {result['monitor']}):",
+        "task".ljust(width) + "".join(m.rjust(10) for m in metrics),
+    ]
+    for t in tasks:
+        lines.append(
+            t.ljust(width) + "".join(_cell(test.get(f"{m}/{t}")).rjust(10) for m in metrics)
+        )
+    params = result.get("params", {})
+    lines.append(
+        f"params: {params.get('model', 0):,} model / {params.get('total', 0):,} total; "
+        f"train time {result['train_time_s']:.1f} s over {result['epochs']} epochs"
+    )
+    return "\n".join(lines)
+
+
+def lm_summary(result: dict[str, Any]) -> str:
+    """Validation loss against the data's entropies, size, time and the generated sample."""
+    params = result["params"]
+    return (
+        f"{result['model']}: val loss {_cell(result['val_loss'])} nats/token "
+        f"(ppl {_cell(result['val_ppl'])}); unigram entropy {result['unigram_entropy']:.4f}, "
+        f"bigram {result['bigram_entropy']:.4f}; {result['global_step']} steps in "
+        f"{result['train_time_s']:.1f} s; params {params['total']:,} total / "
+        f"{params['active']:,} active\nsample:\n{result['sample'][:400]}\n"
+    )
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The end-of-run text for ``mtl train``: the kind's summary and the output directory.
+
+    Example:
+        >>> print(summary({"kind": "rec", "model": "mmoe", "seed": 0, "monitor": "val/loss",
+        ...     "tasks": {"y": "regression"}, "test": {"mse/y": 0.25}, "train_time_s": 1.0,
+        ...     "epochs": 1, "params": {"model": 10, "total": 12}, "output_dir": "runs/x"}))
+        test metrics (mmoe, seed 0, best checkpoint by val/loss):
+        task       mse
+        y       0.2500
+        params: 10 model / 12 total; train time 1.0 s over 1 epochs
+        output: runs/x
+    """
+    text = lm_summary(result) if result.get("kind") == "lm" else rec_summary(result)
+    return f"{text}\noutput: {result['output_dir']}"

@@ -1,0 +1,220 @@
+"""``train(cfg)``: one run of ``mtl train``, for rankers (``kind: rec``) and LMs (``kind: lm``).
+
+Everything is built from the composed config (:mod:`mtl.training.build`): data,
+network, LightningModule, callbacks, loggers, trainer. The run fits, evaluates
+(rec: the test split from the best checkpoint; lm: a last validation pass and a
+generated sample), and writes ``<output_dir>/config.yaml``, ``checkpoints/``,
+``csv/metrics.csv``, TensorBoard events and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from mtl.training.build import (
+    DataModule,
+    Module,
+    build,
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_module,
+    plain,
+)
+from mtl.training.compile import compile_model
+from mtl.training.config import ConfigError, resume_checkpoint_path, to_yaml
+from mtl.training.lm_module import LMModule
+from mtl.training.rec_module import RecModule
+from mtl.training.results import write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GENERATE: dict[str, Any] = {
+    "prompt": "",
+    "max_new_tokens": 200,
+    "temperature": 0.8,
+    "top_k": None,
+    "seed": 0,
+}
+"""The LM sample's settings where ``cfg.generate`` leaves them out."""
+
+
+def resolve_monitor(cfg: DictConfig, module: Module) -> tuple[str, str]:
+    """The metric key checkpoints and early stopping watch, and ``"min"``/``"max"``.
+
+    ``monitor: auto`` is the module's ``default_monitor`` (``val/auc_mean`` when a
+    rec task is binary, else ``val/loss``); ``monitor_mode: auto`` maximises
+    AUC/GAUC keys and minimises everything else.
+
+    Raises:
+        ConfigError: the key is not one the module logs.
+    """
+    monitor = str(cfg.get("monitor", "auto"))
+    if monitor == "auto":
+        monitor = module.default_monitor
+    known = module.monitor_keys()
+    if monitor not in known and not monitor.startswith(module.monitor_prefixes):
+        raise ConfigError(f"monitor {monitor!r} is not a logged metric; choose one of {known}")
+    mode = str(cfg.get("monitor_mode", "auto"))
+    if mode == "auto":
+        mode = "max" if "auc" in monitor else "min"  # auc_mean, auc/<task>, gauc/<task>
+    if mode not in ("min", "max"):
+        raise ConfigError(f"monitor_mode must be min, max or auto, got {mode!r}")
+    return monitor, mode
+
+
+@contextmanager
+def run_settings(num_threads: int | None) -> Iterator[None]:
+    """Within a run: ``num_threads`` torch CPU threads (None: unchanged) and no Lightning
+    advice that does not apply to in-memory loaders; both restored afterwards."""
+    before = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    try:
+        with warnings.catch_warnings():
+            for pattern in (
+                ".*does not have many workers.*",
+                ".*log_every_n_steps.*",
+                ".*LeafSpec.*",
+            ):
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, Any]:
+    """Train one model as ``cfg`` says, evaluate it, write ``<output_dir>/metrics.json``.
+
+    Args:
+        cfg: a composed ``train`` config (:func:`mtl.training.config.compose_config`).
+        datamodule: an already prepared data module to reuse (``mtl compare`` shares
+            one across runs); None builds it from ``cfg.data``.
+
+    Returns:
+        The ``metrics.json`` content. Both kinds: ``kind``, ``model``, ``seed``,
+        ``data``, ``monitor``, ``best_score``, ``params``, ``train_time_s``, ``epochs``,
+        ``global_step``, ``best_ckpt``, ``last_ckpt``, ``output_dir``. Rec: ``tasks``,
+        ``test`` and ``last_val`` (``{metric/task: value}``), ``diagnostics``. LM:
+        ``val_loss``, ``val_ppl``, ``unigram_entropy``, ``bigram_entropy``,
+        ``train_loss``, ``tokens_per_s``, ``routing``, ``sample`` (losses in nats per token).
+
+    Example:
+        >>> from mtl.training.config import compose_config
+        >>> cfg = compose_config("train", ["trainer.max_epochs=1", "output_dir=/tmp/mtl_doc"])  # doctest: +SKIP
+        >>> train(cfg)["test"]["auc/click"] > 0.5  # doctest: +SKIP
+        True
+    """
+    out_dir = Path(str(cfg.output_dir)).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    with run_settings(cfg.get("num_threads")):
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        dm = datamodule if datamodule is not None else build_datamodule(cfg)
+        module = build_module(cfg, dm)
+        # A ranker compiles its model only: the embedding's per-table index work
+        # would recompile the graph for every table.
+        compile_model(
+            module.net.model if isinstance(module, RecModule) else module.net, plain(cfg.compile)
+        )
+        monitor, mode = resolve_monitor(cfg, module)
+        callbacks = build_callbacks(cfg, monitor=monitor, mode=mode)
+        checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+        if checkpoint is None or checkpoint.dirpath is None:
+            raise ConfigError(
+                "callbacks need a model_checkpoint with a dirpath (tests and resume use it)"
+            )
+        trainer: pl.Trainer = build(
+            cfg.trainer,
+            what="trainer",
+            callbacks=callbacks,
+            logger=build_loggers(cfg),
+            default_root_dir=str(out_dir),
+        )
+        ckpt_path = resume_checkpoint_path(cfg, Path(checkpoint.dirpath))
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        train_time = time.perf_counter() - start
+        result: dict[str, Any] = {
+            "kind": str(cfg.kind),
+            "model": str(cfg.model_name),
+            "seed": int(cfg.seed),
+            "data": str(dm.source),
+            "monitor": monitor,
+            "train_time_s": train_time,
+            "epochs": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+        }
+        if isinstance(module, LMModule):
+            result |= _evaluate_lm(cfg, trainer, module, dm)
+        else:
+            result |= _test_rec(trainer, module, dm, checkpoint)
+        result |= {
+            "best_score": _number(checkpoint.best_model_score),
+            "best_ckpt": checkpoint.best_model_path or None,
+            "last_ckpt": checkpoint.last_model_path or None,
+            "output_dir": str(out_dir),
+        }
+    write_json(out_dir / "metrics.json", result)
+    log.info("metrics written to %s", out_dir / "metrics.json")
+    return result
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def _test_rec(
+    trainer: pl.Trainer, module: RecModule, dm: DataModule, checkpoint: ModelCheckpoint
+) -> dict[str, Any]:
+    last_val = dict(module.eval_results.get("val", {}))
+    trainer.test(module, datamodule=dm, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+    diag = module.eval_diagnostics.get("test")
+    return {
+        "tasks": dict(module.task_kinds),
+        "test": dict(module.eval_results.get("test", {})),
+        "last_val": last_val,
+        "params": module.num_params,
+        "diagnostics": None if diag is None else diag.to_dict(),
+    }
+
+
+def _evaluate_lm(
+    cfg: DictConfig, trainer: pl.Trainer, module: LMModule, dm: DataModule
+) -> dict[str, Any]:
+    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    gen = {**DEFAULT_GENERATE, **(plain(cfg.get("generate")) or {})}
+    sample = module.generate(
+        str(gen["prompt"]),
+        max_new_tokens=int(gen["max_new_tokens"]),
+        temperature=float(gen["temperature"]),
+        top_k=gen["top_k"],
+        seed=gen["seed"],
+    )
+    return {
+        "val_loss": _number(val["val/loss"]),
+        "val_ppl": _number(val["val/ppl"]),
+        "unigram_entropy": dm.unigram_entropy(),
+        "bigram_entropy": dm.bigram_entropy(),
+        "train_loss": _number(train_metrics.get("train/loss")),
+        "tokens_per_s": _number(train_metrics.get("train/tokens_per_s")),
+        "params": module.net.parameter_counts(),
+        "routing": {k: float(v) for k, v in val.items() if k.startswith("val/moe/")},
+        "sample": sample,
+    }
