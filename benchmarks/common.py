@@ -12,6 +12,11 @@ Peak memory on CPU is the growth of the process's peak resident set size
 heap to the OS (``malloc_trim``) and resetting the peak (``/proc/self/clear_refs``).
 On CUDA it is ``torch.cuda.max_memory_allocated`` above the memory allocated
 before the call.
+
+The allocator is the process's: the published CPU runs preload jemalloc for
+every variant (``LD_PRELOAD``, benchmarks/README.md), and each JSON records
+which allocator ``LD_PRELOAD`` named and whether it is mapped in the process
+(:func:`preloaded_allocator`).
 """
 
 from __future__ import annotations
@@ -40,8 +45,6 @@ if str(REPO_ROOT) not in sys.path:
     # a separate benchmark environment (torch-rechub's) need not have mtl installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from mtl.training.cpu_memory import reuse_freed_memory  # noqa: E402
-
 OUT_DIR = BENCH_DIR / "out"
 
 
@@ -59,12 +62,6 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     parser.add_argument(
         "--no-plot", action="store_true", help="skip the PNG of every round's ratios (plots.py)"
-    )
-    parser.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="keep glibc's allocator defaults (default: mtl.training.cpu_memory."
-        "reuse_freed_memory, as `mtl train` applies, for every variant in the process)",
     )
     return parser
 
@@ -117,6 +114,40 @@ def git_dirty(root: Path = REPO_ROOT) -> bool | None:
     return None if out is None else bool(out.strip())
 
 
+PRELOADABLE_ALLOCATORS = ("jemalloc", "tcmalloc")
+"""Allocators a run may preload in place of glibc's malloc (benchmarks/README.md)."""
+
+
+def preloaded_allocator(ld_preload: str | None = None, maps: str | None = None) -> dict[str, Any]:
+    """Which allocator ``LD_PRELOAD`` names, and whether the process has it mapped.
+
+    Args:
+        ld_preload: the ``LD_PRELOAD`` value (default: this process's environment).
+        maps: the text of ``/proc/self/maps`` (default: this process's, where readable).
+
+    Returns:
+        ``{"ld_preload": str | None, "allocator": "jemalloc" | "tcmalloc" | "glibc",
+        "allocator_loaded": bool | None}``; ``allocator_loaded`` is None where the
+        mappings cannot be read. A preload the dynamic linker could not find
+        leaves ``allocator_loaded`` False.
+
+    Example:
+        >>> preloaded_allocator("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", maps="")
+        {'ld_preload': '/usr/lib/x86_64-linux-gnu/libjemalloc.so.2', 'allocator': 'jemalloc', 'allocator_loaded': False}
+    """
+    if ld_preload is None:
+        ld_preload = os.environ.get("LD_PRELOAD") or None
+    named = [a for a in PRELOADABLE_ALLOCATORS if a in (ld_preload or "")]
+    allocator = named[0] if named else "glibc"
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            maps = None
+    loaded = None if maps is None or allocator == "glibc" else f"lib{allocator}" in maps
+    return {"ld_preload": ld_preload, "allocator": allocator, "allocator_loaded": loaded}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
     env: dict[str, Any] = {
@@ -131,6 +162,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "git_dirty": git_dirty(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        **preloaded_allocator(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -302,10 +335,19 @@ def report_written(path: Path, args: argparse.Namespace) -> None:
 
 
 def setup_process(args: argparse.Namespace) -> dict[str, Any]:
-    """Threads and allocator for the whole run; returns what was set, for the JSON.
+    """Threads for the whole run; returns what was set, for the JSON.
 
-    Every variant runs in this one process, so each gets the same settings.
+    Every variant runs in this one process, so each gets the same threads and
+    the same allocator (the one the process was started with: says which when
+    it is not jemalloc, which the published runs preload).
     """
     torch.set_num_threads(max(1, args.threads))
-    reuse = False if args.default_malloc else reuse_freed_memory()
-    return {"torch_threads": torch.get_num_threads(), "reuse_freed_memory": reuse}
+    alloc = preloaded_allocator()
+    if alloc["allocator"] != "jemalloc" or not alloc["allocator_loaded"]:
+        print(
+            f"allocator: {alloc['allocator']}"
+            f"{'' if alloc['allocator_loaded'] is not False else ' (named in LD_PRELOAD, not loaded)'}"
+            "; the published runs preload jemalloc (benchmarks/README.md)",
+            flush=True,
+        )
+    return {"torch_threads": torch.get_num_threads()}

@@ -4,9 +4,11 @@
 #   1. tests/test_cuda.py: the CUDA paths against CPU references, the bf16
 #      MoE layer step with no host sync, and a torch.compile'd MoE LM against
 #      its eager twin (aot_eager, and inductor where triton imports);
-#   2. benchmarks/moe_layer.py in bf16: tokens/s and peak memory against the
-#      dense SwiGLU FFN, the per-expert loop and (where transformers imports)
-#      HF's MixtralSparseMoeBlock;
+#   2. benchmarks/moe_layer.py in bf16: tokens/s and peak memory of the
+#      SwiGLUExperts layer against the dense SwiGLU FFN, the per-expert loop and
+#      (where transformers imports) HF's MixtralSparseMoeBlock, with jemalloc
+#      preloaded where the machine has it (as the published CPU runs; its JSON
+#      records the allocator);
 #   3. whether megablocks imports (it is not installed there and cannot be fetched).
 # Usage, from the repository root:  bash benchmarks/device_check.sh [OUT_DIR]
 # Writes its logs and JSON to OUT_DIR (default: $OUT, else benchmarks/out).
@@ -29,7 +31,9 @@ PY
 "$py" -m pytest -m gpu tests/test_cuda.py -p no:cacheprovider -q -rs 2>&1 | tee "$out/cuda_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-"$py" benchmarks/moe_layer.py --out "$out/moe_layer_cuda.json" 2>&1 | tee "$out/moe_layer_cuda.log"
+jemalloc="$(ls /usr/lib/*/libjemalloc.so.2 2>/dev/null | head -n 1)"
+LD_PRELOAD="$jemalloc${LD_PRELOAD:+ $LD_PRELOAD}" \
+    "$py" benchmarks/moe_layer.py --out "$out/moe_layer_cuda.json" 2>&1 | tee "$out/moe_layer_cuda.log"
 bench_rc=${PIPESTATUS[0]}
 
 if "$py" -c "import megablocks" 2>/dev/null; then

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -51,8 +50,8 @@ from common import (
 )
 
 from mtl.data.text import TextDataModule
+from mtl.training.build import build_lm
 from mtl.training.compile import compile_model
-from mtl.training.lm_module import build_lm
 
 CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 CONF_DIR = REPO_ROOT / "conf" / "model"
@@ -127,10 +126,9 @@ def main() -> None:
     def step(name: str, i: int) -> None:
         model, opt = models[name], opts[name]
         inputs, targets = batches[i % len(batches)]
-        out = model(inputs)
-        ce = F.cross_entropy(
-            out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1)
-        )
+        out = model(inputs, targets)  # the cross-entropy of LMModule's step, in the model
+        ce = out.loss
+        assert ce is not None
         loss = ce + out.aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

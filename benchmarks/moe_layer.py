@@ -3,7 +3,8 @@
 Variants, all SwiGLU experts ``D -> H -> D`` with Mixtral routing (softmax,
 top-k, renormalised), measured side by side on the same input:
 
-* ``mtl``          -- :class:`mtl.moe.MoELayer` with :class:`DroplessDispatch`.
+* ``mtl``          -- :class:`mtl.moe.MoELayer` with :class:`~mtl.moe.SwiGLUExperts`
+  and :class:`~mtl.moe.DroplessDispatch`.
 * ``dense``        -- one dense SwiGLU FFN of hidden size ``k * H``: the same
   active parameters and FLOPs per token, no routing (the ideal a sparse layer
   can reach).
@@ -13,8 +14,6 @@ top-k, renormalised), measured side by side on the same input:
 * ``hf_eager``     -- transformers' own ``MixtralSparseMoeBlock`` (default
   "eager" experts: the same loop over stacked weights), when installed.
 * ``hf_grouped_mm``-- the same block with ``experts_implementation="grouped_mm"``.
-* ``mtl_sorted``   -- ours, forced onto the sorted layout (one grouped matmul
-  per projection) instead of the padded batched-matmul layout; full runs only.
 
 Every MoE variant gets the same weights and is checked against ``mtl`` before
 timing. fp32 on CPU; bf16 on CUDA when a GPU is present.
@@ -22,7 +21,7 @@ timing. fp32 on CPU; bf16 on CUDA when a GPU is present.
 Usage::
 
     python benchmarks/moe_layer.py            # full: T = 4096 and 16384
-    python benchmarks/moe_layer.py --quick    # T = 4096, fewer repeats
+    python benchmarks/moe_layer.py --quick    # T = 2048, fewer repeats, no memory
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ from common import (
     write_json,
 )
 
-from mtl.moe import DroplessDispatch, ExpertBank, MoELayer, TopKGate
+from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
 
 SHAPES = [(8, 2, 512, 1024), (64, 8, 512, 256)]  # (E, k, D, H)
 
@@ -123,9 +122,9 @@ class LoopMoE(nn.Module):
         self.gate.weight.copy_(layer.gate.proj.weight)
         bank = layer.experts
         for e, expert in enumerate(self.experts):
-            expert.w1.weight.copy_(bank.weights[0][e].T)
-            expert.w3.weight.copy_(bank.gate_weights[0][e].T)
-            expert.w2.weight.copy_(bank.weights[1][e].T)
+            expert.w1.weight.copy_(bank.w_gate[e].T)
+            expert.w3.weight.copy_(bank.w_up[e].T)
+            expert.w2.weight.copy_(bank.w_down[e].T)
 
 
 def build_hf_block(layer: MoELayer, shape: Shape, implementation: str) -> nn.Module | None:
@@ -147,10 +146,10 @@ def build_hf_block(layer: MoELayer, shape: Shape, implementation: str) -> nn.Mod
     bank = layer.experts
     with torch.no_grad():
         block.gate.weight.copy_(layer.gate.proj.weight)
-        # gate_up_proj: (E, 2H, D) = [W1^T; W3^T]; down_proj: (E, D, H) = W2^T
-        w13 = torch.cat([bank.weights[0], bank.gate_weights[0]], dim=-1).transpose(1, 2)
+        # gate_up_proj: (E, 2H, D) = [W_gate^T; W_up^T]; down_proj: (E, D, H) = W_down^T
+        w13 = torch.cat([bank.w_gate, bank.w_up], dim=-1).transpose(1, 2)
         block.experts.gate_up_proj.copy_(w13)
-        block.experts.down_proj.copy_(bank.weights[1].transpose(1, 2))
+        block.experts.down_proj.copy_(bank.w_down.transpose(1, 2))
     return block
 
 
@@ -169,14 +168,13 @@ def build_variants(
     shape: Shape,
     device: torch.device,
     dtype: torch.dtype,
-    full: bool,
     only: list[str] | None = None,
 ) -> dict[str, tuple[nn.Module, Forward]]:
     """``{name: (module, forward(x_TD) -> (T, D))}`` for every variant of one shape."""
     torch.manual_seed(0)
     layer = MoELayer(
         gate=TopKGate(d_model=shape.D, num_experts=shape.E, k=shape.k, renormalize=True),
-        experts=ExpertBank.swiglu(num_experts=shape.E, d_model=shape.D, d_hidden=shape.H),
+        experts=SwiGLUExperts(num_experts=shape.E, d_model=shape.D, d_hidden=shape.H),
         dispatch=DroplessDispatch(),
     )
     loop = LoopMoE(shape.E, shape.k, shape.D, shape.H)
@@ -191,10 +189,6 @@ def build_variants(
         block = build_hf_block(layer, shape, impl)
         if block is not None:
             variants[f"hf_{impl}"] = (block, lambda m, x: m(x.unsqueeze(0)).squeeze(0))
-    if full:
-        sorted_layer = MoELayer(gate=layer.gate, experts=layer.experts, dispatch=DroplessDispatch())
-        sorted_layer.dispatch.max_padding = -1.0  # never pad: sorted grouped-matmul layout
-        variants["mtl_sorted"] = (sorted_layer, lambda m, x: m(x).output)
     out: dict[str, tuple[nn.Module, Forward]] = {}
     for name, (module, call) in variants.items():
         if only and name not in only and name != "mtl":
@@ -220,12 +214,11 @@ def bench_shape(
     device: torch.device,
     dtype: torch.dtype,
     repeats: int,
-    full: bool,
     only: list[str] | None = None,
     memory: bool = True,
 ) -> dict[str, Any]:
     """Time and measure every variant at one shape."""
-    fwd = build_variants(shape, device, dtype, full, only)
+    fwd = build_variants(shape, device, dtype, only)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape.T, shape.D, generator=g).to(device=device, dtype=dtype)
     grad_out = torch.randn(shape.T, shape.D, generator=g).to(device=device, dtype=dtype)
@@ -342,9 +335,7 @@ def main() -> None:
         for T in tokens:
             shape = Shape(E, k, D, H, T)
             print(f"  {shape.label} ...", flush=True)
-            points.append(
-                bench_shape(shape, device, dtype, repeats, not args.quick, args.variants, memory)
-            )
+            points.append(bench_shape(shape, device, dtype, repeats, args.variants, memory))
     text = report(points)
     print(text)
     path = write_json(

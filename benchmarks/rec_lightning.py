@@ -9,9 +9,9 @@ One ``pl.Trainer`` serves every epoch of a variant: each epoch is one more
 ``fit`` call with ``fit_loop.max_epochs`` raised by one, which continues from
 the last epoch (global step, data order). ``configure_optimizers`` hands out
 the same optimizer every time, so Adam's state carries over as in one long fit.
-The Trainer takes ``conf/trainer/cpu.yaml`` (deterministic, its logging
-interval) without validation, checkpoints, logger or progress bar: per-epoch
-work that no other variant does. The epoch time runs from
+The Trainer is built from ``conf/trainer/cpu.yaml`` as ``mtl train`` builds it
+(deterministic, its logging interval), without validation, checkpoints, logger
+or progress bar: per-epoch work that no other variant does. The epoch time runs from
 ``on_train_epoch_start`` to ``on_train_epoch_end``, so a fit's set-up is not in it.
 """
 
@@ -28,8 +28,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-import mtl.training.rec_runner  # noqa: F401  (its warning filters for in-memory loaders)
 from mtl.data.tabular import TensorBatchLoader
+from mtl.training.build import build
 from mtl.training.rec_module import RecModule
 
 TRAINER_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "trainer" / "cpu.yaml"
@@ -39,17 +39,17 @@ class OneOptimizerRecModule(RecModule):
     """A RecModule whose ``configure_optimizers`` builds its optimizer once.
 
     Example:
-        >>> module = OneOptimizerRecModule(spec=spec, model={"name": "mmoe"})  # doctest: +SKIP
+        >>> module = OneOptimizerRecModule(net=ranker)  # doctest: +SKIP
         >>> module.configure_optimizers() is module.configure_optimizers()  # doctest: +SKIP
         True
     """
 
-    _optimizer: torch.optim.Optimizer | None = None
+    _optimizers: dict[str, Any] | None = None
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self._optimizer is None:
-            self._optimizer = super().configure_optimizers()
-        return self._optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self._optimizers is None:
+            self._optimizers = super().configure_optimizers()
+        return self._optimizers
 
 
 class EpochTimer(pl.Callback):
@@ -96,7 +96,7 @@ def trainer_epoch_runner(
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # "GPU available", "fit stopped"
     outside = _deterministic_state()
-    trainer = pl.Trainer(callbacks=[timer], **settings)
+    trainer: pl.Trainer = build(settings, what="trainer", callbacks=[timer])
     inside = _deterministic_state()  # what the Trainer set, as in `mtl train`
     torch.use_deterministic_algorithms(outside[0], warn_only=outside[1])
 

@@ -2,12 +2,17 @@
 
 Every variant trains on the same encoded tensors (mtl's data layer: Census-Income
 from ``../shared/data`` relative to the repo root, and the synthetic CTR log),
-with the same batch size (1024), epochs and Adam(lr=1e-3). mtl's MMoE is built as
-the same network as rechub's ``MMOE`` (:data:`RECHUB_LAYOUT`: batch norm in
-experts, gates and towers, dropout in experts and towers, rechub's embedding
-initialisation); the script stops if the parameter counts differ.
+with the same batch size (1024), epochs and Adam(lr=1e-3). mtl's models are built
+as ``mtl train`` builds them, from their ``_target_`` configs
+(``conf/model/mmoe.yaml``, ``conf/model/home.yaml``, the ``embedding`` node of
+``conf/train.yaml``, ``conf/optim/adam.yaml``) into a
+:class:`~mtl.models.rec.ranker.Ranker`. mtl's MMoE is the same network as
+rechub's ``MMOE`` (:data:`RECHUB_LAYOUT`: batch norm in experts, gates and
+towers, dropout in experts and towers, rechub's embedding initialisation); the
+script stops if the parameter counts differ, or if mtl's MMoE given rechub's
+weights predicts differently.
 
-* ``mtl``             -- :class:`mtl.training.RecModule` (embedding + model +
+* ``mtl``             -- :class:`mtl.training.rec_module.RecModule` (ranker +
   loss) in a plain loop over mtl's :class:`TensorBatchLoader` (tensor slicing).
 * ``mtl_trainer``     -- the same model trained by pytorch-lightning's Trainer, as
   ``mtl train`` runs it (``rec_lightning.py``): what a user's run gets.
@@ -51,6 +56,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc
 
@@ -72,10 +78,13 @@ from rec_lightning import OneOptimizerRecModule, trainer_epoch_runner
 from mtl.data.datamodule import RecDataModule
 from mtl.data.features import FeatureSpec
 from mtl.data.tabular import RecBatch, TabularTensors, TensorBatchLoader
+from mtl.models.rec.ranker import Ranker
+from mtl.training.build import build, build_net
 from mtl.training.compile import compile_model
 from mtl.training.rec_module import RecModule
 
 CENSUS_PATH = REPO_ROOT.parent / "shared" / "data" / "census-income-kdd" / "census-income.test.gz"
+CONF_DIR = REPO_ROOT / "conf"
 BATCH_SIZE = 1024
 LR = 1e-3
 EMBED_DIM = 16
@@ -98,8 +107,59 @@ RECHUB_LAYOUT = {"expert_norm": True, "tower_norm": True, "gate_norm": True}
 parameter; :func:`bench_dataset` checks that the counts agree."""
 MMOE_CFG: dict[str, Any] = dict(SIZES["small"])
 ModuleT = TypeVar("ModuleT", bound=RecModule)
-HOME = {"name": "home"}
-"""mtl's HoME with its ``conf/model/home.yaml`` defaults (no rechub counterpart)."""
+
+
+def config_node(*parts: str) -> dict[str, Any]:
+    """A ``conf/`` YAML file (or one node of it) as a plain dict, interpolations unresolved.
+
+    Example:
+        >>> config_node("model", "mmoe.yaml")["_target_"]
+        'mtl.models.rec.MMoE'
+    """
+    *path, last = parts
+    if last.endswith(".yaml"):
+        node = OmegaConf.load(CONF_DIR.joinpath(*path, last))
+    else:  # a key of the file named before it
+        node = OmegaConf.load(CONF_DIR.joinpath(*path))[last]
+    return dict(OmegaConf.to_container(node, resolve=False))  # type: ignore[arg-type]
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """``conf/model/<name>.yaml`` with ``overrides``: what ``mtl train model=<name>`` builds."""
+    return {**config_node("model", f"{name}.yaml"), **overrides}
+
+
+def model_name(config: dict[str, Any]) -> str:
+    """A model config's class name, lower case (``mmoe``, ``home``)."""
+    return str(config["_target_"]).rsplit(".", 1)[-1].lower()
+
+
+def mmoe_config() -> dict[str, Any]:
+    """mtl's MMoE in rechub's layout at the chosen :data:`SIZES` (``MMOE_CFG``)."""
+    return model_config("mmoe", **RECHUB_LAYOUT, expert_dropout=MMOE_CFG["dropout"], **MMOE_CFG)
+
+
+def home_config() -> dict[str, Any]:
+    """mtl's HoME with its ``conf/model/home.yaml`` defaults (no rechub counterpart)."""
+    return model_config("home")
+
+
+def embedding_config() -> dict[str, Any]:
+    """``conf/train.yaml``'s feature embedding with rechub's initialisation."""
+    return {**config_node("train.yaml", "embedding"), "init_std": EMBED_INIT_STD}
+
+
+def optimizer_config() -> dict[str, Any]:
+    """``conf/optim/adam.yaml`` at :data:`LR`."""
+    return {**config_node("optim", "adam.yaml"), "lr": LR}
+
+
+def build_ranker(dm: RecDataModule, model: dict[str, Any]) -> Ranker:
+    """The ranker ``mtl train`` builds for ``model`` on ``dm``'s features (global RNG)."""
+    cfg = OmegaConf.create({"kind": "rec", "embedding": embedding_config(), "model": model})
+    net, _ = build_net(cfg, dm)
+    assert isinstance(net, Ranker)
+    return net
 
 
 def rechub_available() -> str | None:
@@ -179,8 +239,9 @@ def mtl_variant(
     the model in place as ``mtl train compile=true`` does.
     """
     module = _seeded_module(RecModule, dm, model_cfg, seed)
-    compile_model(module.model, compiled)
-    opt = module.configure_optimizers()
+    # as `mtl train compile=true`: the model only, not the embedding
+    compile_model(module.net.model, compiled)
+    opt = module.configure_optimizers()["optimizer"]
     loader: TensorBatchLoader = dm.train_dataloader()
     loader.seed += seed * 1_000_003  # seed 0: the datamodule's own order
 
@@ -196,7 +257,7 @@ def mtl_variant(
             opt.step()
 
     n = sum(p.numel() for p in module.parameters())
-    return Variant(label, model_cfg["name"], run_epoch, _predictor(module), n)
+    return Variant(label, model_name(model_cfg), run_epoch, _predictor(module), n)
 
 
 def trainer_variant(dm: RecDataModule, model_cfg: dict[str, Any], seed: int = 0) -> Variant:
@@ -211,19 +272,21 @@ def trainer_variant(dm: RecDataModule, model_cfg: dict[str, Any], seed: int = 0)
 
     n = sum(p.numel() for p in module.parameters())
     run_epoch = trainer_epoch_runner(module, loader)
-    return Variant("mtl_trainer", model_cfg["name"], run_epoch, _predictor(module), n)
+    return Variant("mtl_trainer", model_name(model_cfg), run_epoch, _predictor(module), n)
 
 
 def _seeded_module(
     cls: type[ModuleT], dm: RecDataModule, model_cfg: dict[str, Any], seed: int
 ) -> ModuleT:
-    """A ``cls`` over ``dm``'s features, initialised from ``seed`` (Adam at :data:`LR`)."""
+    """A ``cls`` around ``model_cfg``'s ranker on ``dm``, initialised from ``seed``.
+
+    The optimizer is ``conf/optim/adam.yaml``'s at :data:`LR`.
+    """
     torch.manual_seed(seed)
+    net = build_ranker(dm, model_cfg)
     return cls(
-        spec=dm.spec,
-        model=model_cfg,
-        optim={"name": "adam", "lr": LR},
-        embedding={"init_std": EMBED_INIT_STD},
+        net=net,
+        optimizer=build(optimizer_config(), what="optim"),
         seed=seed,
         diagnostics=False,
     )
@@ -283,12 +346,12 @@ def copy_rechub_into_mtl(rechub: nn.Module, module: RecModule, sparse: list[str]
     the last one.
     """
     sd = rechub.state_dict()
-    model = module.model
+    model = module.net.model
     bank = model.mixture.experts
     stats = ("weight", "bias", "running_mean", "running_var")
     with torch.no_grad():
         for j, name in enumerate(sparse):
-            module.embedding.feature_weight(j).copy_(sd[f"embedding.embed_dict.{name}.weight"])
+            module.net.embedding.feature_weight(j).copy_(sd[f"embedding.embed_dict.{name}.weight"])
         for layer in range(len(bank.dims) - 1):
             H = bank.dims[layer + 1]
             for e in range(bank.num_experts):
@@ -322,16 +385,18 @@ def copy_rechub_into_mtl(rechub: nn.Module, module: RecModule, sparse: list[str]
 def same_network_check(dm: RecDataModule, mmoe: dict[str, Any]) -> dict[str, float]:
     """Max difference of mtl's and rechub's predictions from the same weights.
 
-    rechub's weights are copied into mtl's MMoE; both then predict one training
-    batch in eval mode (running statistics) and, with dropout off, in training
-    mode (batch statistics). Raises if they differ by more than float rounding.
+    rechub's weights are copied into mtl's MMoE (its ranker folds the embedding
+    into the first layer at this batch size, as in training); both then predict
+    one training batch in eval mode (running statistics) and, with dropout off,
+    in training mode (batch statistics). Raises if they differ by more than
+    float rounding.
     """
     batch = next(tensor_batches(dm.tensors("train"), 0))
     out: dict[str, float] = {}
     for mode, dropout in (("eval", MMOE_CFG["dropout"]), ("train", 0.0)):
         rechub, sparse, dense = rechub_model(dm.spec, dropout=dropout)
         cfg = {**mmoe, "dropout": dropout, "expert_dropout": dropout}
-        module = RecModule(spec=dm.spec, model=cfg, diagnostics=False)
+        module = RecModule(net=build_ranker(dm, cfg), diagnostics=False)
         copy_rechub_into_mtl(rechub, module, sparse)
         rechub.train(mode == "train")
         module.train(mode == "train")
@@ -459,19 +524,15 @@ def bench_dataset(
         f"loaded in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
-    mmoe = {
-        "name": "mmoe",
-        **RECHUB_LAYOUT,
-        "expert_dropout": MMOE_CFG["dropout"],
-        **MMOE_CFG,
-    }
+    mmoe = mmoe_config()
+    home = home_config()
     builders: dict[str, Callable[[int], list[Variant]]] = {
         "mtl": lambda s: [mtl_variant(dm, mmoe, "mtl", seed=s)],
         "mtl_trainer": lambda s: [trainer_variant(dm, mmoe, seed=s)],
         "mtl_bf16": lambda s: [mtl_variant(dm, mmoe, "mtl_bf16", bf16=True, seed=s)],
         "mtl_compile": lambda s: [mtl_variant(dm, mmoe, "mtl_compile", seed=s, compiled=True)],
-        "home": lambda s: [mtl_variant(dm, dict(HOME), "mtl", seed=s)],
-        "home_bf16": lambda s: [mtl_variant(dm, dict(HOME), "mtl_bf16", bf16=True, seed=s)],
+        "home": lambda s: [mtl_variant(dm, home, "mtl", seed=s)],
+        "home_bf16": lambda s: [mtl_variant(dm, home, "mtl_bf16", bf16=True, seed=s)],
         "rechub": lambda s: rechub_variants(dm, seed=s) if with_rechub else [],
     }
     every = [v for v in builders if v != "mtl_compile"]  # compiling: only when asked for
@@ -645,8 +706,10 @@ def main() -> None:
                 "epochs": epochs,
                 "lr": LR,
                 "size": args.size,
-                "mmoe": MMOE_CFG,
-                "home": HOME,
+                "mmoe": mmoe_config(),
+                "home": home_config(),
+                "embedding": embedding_config(),
+                "optim": optimizer_config(),
                 "quick": args.quick,
                 "variants": args.variants,
                 "seeds": args.seeds,

@@ -10,6 +10,9 @@ import pytorch_lightning as pl
 import torch
 
 from mtl.data.datamodule import RecDataModule
+from mtl.models.rec import MMoE
+from mtl.models.rec.embedding import FeatureEmbedding
+from mtl.models.rec.ranker import Ranker
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -19,7 +22,7 @@ try:
 finally:
     sys.path.remove(str(ROOT / "benchmarks"))
 
-MODEL = {"name": "mmoe", "num_experts": 2, "expert_hidden": [8], "tower_hidden": [4]}
+MODEL = {"num_experts": 2, "expert_hidden": [8], "tower_hidden": [4]}
 
 
 def _dm() -> RecDataModule:
@@ -32,9 +35,10 @@ def _dm() -> RecDataModule:
 
 def _module(dm: RecDataModule) -> rec_lightning.OneOptimizerRecModule:
     torch.manual_seed(3)
-    return rec_lightning.OneOptimizerRecModule(
-        spec=dm.spec, model={**MODEL, "dropout": 0.1}, seed=3, diagnostics=False
-    )
+    embedding = FeatureEmbedding(spec=dm.spec)
+    model = MMoE(d_in=embedding.output_dim, tasks=dm.spec.task_names, dropout=0.1, **MODEL)
+    net = Ranker(embedding=embedding, model=model)
+    return rec_lightning.OneOptimizerRecModule(net=net, seed=3, diagnostics=False)
 
 
 def test_epochs_one_fit_at_a_time_equal_one_long_fit(tmp_path: Path) -> None:
@@ -67,7 +71,7 @@ def test_epochs_one_fit_at_a_time_equal_one_long_fit(tmp_path: Path) -> None:
     for (name, a), b in zip(stepped.state_dict().items(), whole.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert not torch.equal(
-        stepped.embedding.tables[0].weight, _module(dm).embedding.tables[0].weight
+        stepped.net.embedding.tables[0].weight, _module(dm).net.embedding.tables[0].weight
     )
 
 
@@ -83,7 +87,7 @@ def test_rec_train_trainer_variant_trains_what_the_plain_loop_trains() -> None:
     """Without dropout (no random numbers) Lightning's path and the plain loop see the
     same init, batches and Adam steps: the same predictions, bit for bit."""
     dm = _dm()
-    model = {**MODEL, "dropout": 0.0}
+    model = {"_target_": "mtl.models.rec.MMoE", **MODEL, "dropout": 0.0}
     trainer = rec_train.trainer_variant(dm, model, seed=1)
     loop = rec_train.mtl_variant(dm, model, "mtl", seed=1)
     untrained = loop.predict(dm.tensors("test"))
