@@ -111,7 +111,9 @@ def gate_aux_loss(
 
 
 def _restricted(r: RoutingResult) -> RoutingResult:
-    if r.valid_TK is None or r.slots != r.num_experts:
+    # Only a dense gate's invalid slots are an expert mask (the same for every
+    # token); top-p and expert-choice slots vary per token and mask nothing.
+    if r.valid_TK is None or r.dense_TE is None:
         return r
     keep_E = r.valid_TK[0]
     if bool(keep_E.all()):
