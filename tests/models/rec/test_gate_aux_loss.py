@@ -33,7 +33,9 @@ def test_sparse_gates_balance_over_all_experts_whatever_the_row_order(
     loss = gate_aux_loss([r], w, x_TD.device)
     # the loss of the routing itself, over all E experts (slots that vary per token
     # are not an expert mask)
-    assert loss.item() == pytest.approx(load_balance_loss(r.probs_TE, r.experts_TK, r.valid_TK).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(
+        load_balance_loss(r.probs_TE, r.experts_TK, r.valid_TK).item(), rel=1e-6
+    )
     assert gate_aux_loss([r_flipped], w, x_TD.device).item() == pytest.approx(loss.item(), rel=1e-5)
 
 
