@@ -3,6 +3,8 @@
 Parts:
     blocks      -- RMSNorm, rotary embeddings, causal attention, dense SwiGLU
     moe_ffn     -- :class:`MoEFFN`, the factory of the MoE feed-forward layers
+    init        -- the initialisation convention (what the LM and MoEFFN build)
+    aux_pooling -- router losses summed over layers or pooled (transformers' convention)
     transformer -- :class:`TransformerLM` (dense, MoE, interleaved), :class:`LMOutput`
     upcycling   -- LLaMA-MoE neuron splitting, sparse upcycling
     finetune    -- freeze everything but the experts / freeze the experts

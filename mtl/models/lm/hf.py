@@ -49,9 +49,14 @@ def moe_layer_from_hf_mixtral(
 
     Args:
         block: the HF block (either weight layout, see the module docstring).
-        aux_loss_weights: auxiliary losses of the new layer (HF's
-            ``router_aux_loss_coef`` corresponds to ``load_balance: coef * k``
-            in mtl's convention, where uniform routing gives 1 rather than k).
+        aux_loss_weights: auxiliary losses of the new layer. HF's
+            ``router_aux_loss_coef`` is ``load_balance: coef * k`` (mtl's loss is
+            1 for uniform routing, HF's is k) in a
+            :class:`~mtl.models.lm.TransformerLM` with
+            ``aux_loss_pooling="pooled"``, which pools all layers' routings into
+            one loss as transformers does; exactly so (tested against
+            ``load_balancing_loss_func``). The default ``"sum_over_layers"`` sums
+            per-layer losses, about ``L`` times as much for ``L`` MoE layers.
 
     Returns:
         ``MoELayer(TopKGate(renormalize=True), SwiGLUExperts, DroplessDispatch)``

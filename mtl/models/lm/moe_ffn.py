@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import torch
 from torch import nn
 
+from mtl.models.lm.init import init_module_
 from mtl.moe import DroplessDispatch, ExpertChoiceGate, MoELayer, TopPGate
 
 PartFactory = Callable[..., nn.Module]
@@ -36,6 +38,12 @@ class MoEFFN:
     Called as ``moe_ffn(layer_index, d_model)`` by :class:`~mtl.models.lm.TransformerLM`,
     it builds ``MoELayer(gate=gate(d_model=, num_experts=), experts=experts(d_model=,
     num_experts=), dispatch=dispatch(), shared=shared(d_model=))``.
+
+    Initialisation: the parts it builds follow the LM's convention, not their
+    own: the transformer calls :meth:`reset_layer` on every layer this factory
+    made (``N(0, init_std)``, residual outputs scaled, see
+    :mod:`mtl.models.lm.init`). A factory without ``reset_layer`` (any other
+    callable) hands over layers whose weights the transformer keeps as they are.
 
     Args:
         num_experts: routed experts ``E``, given to the gate and the expert bank.
@@ -88,6 +96,37 @@ class MoEFFN:
             aux_loss_weights=self.aux_loss_weights,
             output_scale=self.output_scale,
         )
+
+    @torch.no_grad()
+    def reset_layer(self, layer: MoELayer, *, std: float, out_std: float) -> None:
+        """Give a layer this factory built the LM's initialisation.
+
+        Expert banks (routed and shared): ``N(0, std)``, their residual output
+        (``w_down``, a bank's last layer, a ``down_proj``) ``N(0, out_std)``,
+        biases zero. Gate: only the router projection ``gate.proj`` is drawn
+        again; the rest of the gate keeps its own initialisation (the zero noise
+        projection of :class:`~mtl.moe.NoisyTopKGate`, the zero selection bias
+        of :class:`~mtl.moe.SigmoidBiasGate`).
+
+        Args:
+            layer: a layer returned by this factory.
+            std: std of ordinary weights (the LM's ``init_std``).
+            out_std: std of residual output weights (``init_std / sqrt(2 L)``).
+
+        Example:
+            >>> from functools import partial
+            >>> from mtl.moe import NoisyTopKGate, SwiGLUExperts
+            >>> make = MoEFFN(num_experts=4, gate=partial(NoisyTopKGate, k=2),
+            ...               experts=partial(SwiGLUExperts, d_hidden=16))
+            >>> layer = make(0, 8)
+            >>> make.reset_layer(layer, std=0.02, out_std=0.01)
+            >>> layer.gate.noise_proj.weight.abs().max().item()
+            0.0
+        """
+        for name, module in layer.named_modules():
+            if name.startswith("gate.") and name != "gate.proj":
+                continue
+            init_module_(name, module, std=std, out_std=out_std)
 
 
 def active_experts_per_token(gate: nn.Module) -> float | None:

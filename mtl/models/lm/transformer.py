@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -10,19 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtl.models.lm.aux_pooling import AuxLossPooling, check_pooling, pooled_aux_losses
 from mtl.models.lm.blocks import CausalSelfAttention, RMSNorm, SwiGLU
+from mtl.models.lm.init import init_module_, residual_std
 from mtl.models.lm.moe_ffn import active_experts_per_token
-from mtl.moe import (
-    ExpertBank,
-    MoELayer,
-    MoEOutput,
-    RoutingResult,
-    RoutingStats,
-    SwiGLUExperts,
-)
+from mtl.moe import MoELayer, MoEOutput, RoutingResult, RoutingStats
 
 MoEFactory = Callable[[int, int], MoELayer]
 """``(layer_index, d_model) -> MoELayer``: a programmatic alternative to a spec."""
+
+MoEReset = Callable[..., None]
+"""``reset_layer(layer, *, std, out_std)`` of a factory that wants the LM's initialisation."""
 
 
 @dataclass
@@ -31,8 +28,9 @@ class LMOutput:
 
     Attributes:
         logits: ``(B, T, V)`` next-token logits.
-        aux_loss: float32 scalar, the weighted auxiliary router losses summed over layers.
-        aux_losses: the same by loss name (summed over layers), for logging.
+        aux_loss: float32 scalar, the weighted auxiliary router losses, summed over
+            layers or computed on the pooled routing (``aux_loss_pooling``).
+        aux_losses: the same by loss name, for logging.
         layer_stats: routing statistics of every MoE layer, by layer index.
         loss: mean next-token cross-entropy when ``targets`` were given, else None.
         routing: each MoE layer's routing decision (only with ``return_routing``).
@@ -142,6 +140,21 @@ class TransformerLM(nn.Module):
         norm_eps: RMSNorm epsilon.
         init_std: std of the normal initialisation (residual outputs are
             further scaled by ``1 / sqrt(2 L)``, as GPT-2).
+        aux_loss_pooling: how the MoE layers' router losses combine
+            (:mod:`mtl.models.lm.aux_pooling`): ``"sum_over_layers"``, each layer's
+            losses on its own routing, summed; ``"pooled"``, every loss computed
+            once on all layers' routings pooled, as transformers'
+            ``load_balancing_loss_func`` (then HF's ``router_aux_loss_coef`` is
+            ``load_balance: coef * k`` exactly; needs equal ``aux_loss_weights``
+            in every MoE layer).
+
+    Initialisation: the LM initialises the parts it builds itself (embedding,
+    attention, dense FFNs, head; :mod:`mtl.models.lm.init`). The MoE layers are
+    the ``moe`` factory's: if it has a ``reset_layer(layer, *, std, out_std)``
+    method, as :class:`~mtl.models.lm.MoEFFN` (the presets' factory) has, the LM
+    calls it on every layer the factory built, so the presets get the LM's
+    convention; any other factory's layers keep their weights, so a factory may
+    return pre-trained layers (e.g. :func:`~mtl.models.lm.moe_layer_from_hf_mixtral`).
 
     Shapes:
         ``idx (B, T) int64 -> LMOutput.logits (B, T, V)``.
@@ -149,7 +162,7 @@ class TransformerLM(nn.Module):
     Example:
         >>> from functools import partial
         >>> from mtl.models.lm.moe_ffn import MoEFFN
-        >>> from mtl.moe import TopKGate
+        >>> from mtl.moe import SwiGLUExperts, TopKGate
         >>> moe = MoEFFN(num_experts=4, gate=partial(TopKGate, k=2),
         ...              experts=partial(SwiGLUExperts, d_hidden=32))
         >>> lm = TransformerLM(vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=64, moe=moe)
@@ -177,6 +190,7 @@ class TransformerLM(nn.Module):
         rope_base: float = 10000.0,
         norm_eps: float = 1e-5,
         init_std: float = 0.02,
+        aux_loss_pooling: AuxLossPooling = "sum_over_layers",
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("n_layers", n_layers)):
@@ -191,6 +205,7 @@ class TransformerLM(nn.Module):
         self.n_layers = n_layers
         self.max_seq_len = max_seq_len
         self.init_std = init_std
+        self.aux_loss_pooling = check_pooling(aux_loss_pooling)
         if moe is None:
             moe_idx: set[int] = set()
         elif moe_layers is not None:
@@ -217,29 +232,30 @@ class TransformerLM(nn.Module):
         )
         self.norm = RMSNorm(dim=d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self._moe_reset: MoEReset | None = getattr(moe, "reset_layer", None)
         self.reset_parameters()
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; residual output projections scaled by ``1/sqrt(2L)``."""
-        std, out_std = self.init_std, self.init_std / math.sqrt(2 * self.n_layers)
+        """Initialise what the LM built: ``N(0, init_std)``, residual outputs ``/ sqrt(2L)``.
+
+        MoE layers are the factory's: re-initialised by its ``reset_layer``
+        when it has one (:class:`~mtl.models.lm.MoEFFN`), left as they are otherwise.
+        """
+        std, out_std = self.init_std, residual_std(self.init_std, self.n_layers)
+        moe_ffns = {id(layer) for layer in self.moe_layers().values()}
+        skip: tuple[str, ...] = ()
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                last = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, 0.0, out_std if last else std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, SwiGLUExperts):
-                nn.init.normal_(module.w_gate, 0.0, std)
-                nn.init.normal_(module.w_down, 0.0, out_std)
-                nn.init.normal_(module.w_up, 0.0, std)
-            elif isinstance(module, ExpertBank):
-                for i, w in enumerate(module.weights):
-                    nn.init.normal_(w, 0.0, out_std if i == len(module.weights) - 1 else std)
-                for b in module.biases:
-                    nn.init.zeros_(b)
+            if skip and name.startswith(skip):
+                continue
+            if id(module) in moe_ffns:
+                if self._moe_reset is not None:
+                    self._moe_reset(module, std=std, out_std=out_std)
+                skip = (*skip, name + ".")
+                continue
+            init_module_(name, module, std=std, out_std=out_std)
 
     def moe_layers(self) -> dict[int, MoELayer]:
         """The MoE FFNs by layer index."""
@@ -266,17 +282,26 @@ class TransformerLM(nn.Module):
         aux_losses: dict[str, Tensor] = {}
         stats: dict[int, RoutingStats] = {}
         routing: dict[int, RoutingResult] = {}
+        pooled = self.aux_loss_pooling == "pooled"
+        pool: list[tuple[RoutingResult, dict[str, float]]] = []
         for i, block in enumerate(self.layers):
             x_BTD, moe_out = block(x_BTD)
             if moe_out is None:
                 continue
-            aux_loss = aux_loss + moe_out.aux_loss
-            for name, value in moe_out.aux_losses.items():
-                aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
+            if pooled and moe_out.routing is not None:
+                pool.append((moe_out.routing, block.ffn.aux_loss_weights))
+            elif not pooled:
+                aux_loss = aux_loss + moe_out.aux_loss
+                for name, value in moe_out.aux_losses.items():
+                    aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
             if moe_out.stats is not None:
                 stats[i] = moe_out.stats
             if return_routing and moe_out.routing is not None:
                 routing[i] = moe_out.routing
+        if pool:
+            aux_losses = pooled_aux_losses([r for r, _ in pool], [w for _, w in pool])
+            for value in aux_losses.values():
+                aux_loss = aux_loss + value
         logits_BTV = self.lm_head(self.norm(x_BTD))
         loss = None
         if targets_BT is not None:

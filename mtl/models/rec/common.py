@@ -67,25 +67,27 @@ def as_widths(name: str, value: Sequence[int] | int, *, allow_empty: bool = True
     return out
 
 
-DENSE_AUX_LOSSES = sorted(set(AUX_LOSSES) - {"load_cv"})
-"""Auxiliary losses that apply to dense gates (``load_cv`` needs a noisy top-k
-gate; ``load_balance`` is constant for dense gates, whose every expert is used)."""
-
-
 def as_loss_weights(value: Mapping[str, float] | None) -> dict[str, float]:
     """Auxiliary-loss weights as a plain dict (None = no auxiliary loss).
 
-    Names are checked here, at construction, rather than at the first forward.
+    Every name of :data:`mtl.moe.losses.AUX_LOSSES` is accepted, whatever the
+    gates: a model's gates may be swapped after construction (a
+    :class:`~mtl.moe.NoisyTopKGate` for ``load_cv``). Names are checked here, at
+    construction; whether the routing supports a loss is checked at the first
+    forward (``load_cv`` of a gate without a load estimate raises there).
+    ``load_balance`` is constant (1.0) for a dense gate, whose every expert is used.
+
+    Example:
+        >>> as_loss_weights({"load_cv": 0.1, "importance": 1})
+        {'load_cv': 0.1, 'importance': 1.0}
     """
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise ValueError(f"aux_loss_weights must map loss names to weights, got {value!r}")
-    unknown = sorted(str(k) for k in value if k not in DENSE_AUX_LOSSES)
+    unknown = sorted(str(k) for k in value if k not in AUX_LOSSES)
     if unknown:
-        raise ValueError(
-            f"unknown auxiliary losses {unknown}; known for dense gates: {DENSE_AUX_LOSSES}"
-        )
+        raise ValueError(f"unknown auxiliary losses {unknown}; known: {sorted(AUX_LOSSES)}")
     return {str(k): float(v) for k, v in value.items()}
 
 
@@ -125,6 +127,7 @@ def _restricted(r: RoutingResult) -> RoutingResult:
         experts_TK=torch.arange(N, device=w_TN.device).expand(T, N),
         logits_TE=r.logits_TE[:, keep_E],
         probs_TE=r.probs_TE[:, keep_E],
+        load_estimate_E=None if r.load_estimate_E is None else r.load_estimate_E[keep_E],
     )
 
 
