@@ -10,6 +10,9 @@ Hydra override::
 
 Configuration and data errors (unknown names, bad files, bad columns) print one
 ``error: ...`` line and exit with status 2; ``MTL_DEBUG=1`` shows the traceback.
+A run that diverges (a NaN or infinite loss or weight, see
+:mod:`mtl.training.finite_guard`) prints one ``error: ...`` line naming the step and
+the likely cause, writes no ``metrics.json``, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_USAGE = 2
+EXIT_RUN_FAILED = 1
 
 _EPILOG = """examples:
   mtl train                                        # MMoE on synthetic CTR data, CPU
@@ -129,12 +133,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
+    from mtl.training.finite_guard import NonFiniteError
+
     try:
         if args.command == "list":
             return cmd_list()
         if args.command == "train":
             return cmd_train(args.overrides, args.print_config)
         return cmd_compare(args.overrides, args.print_config)
+    except NonFiniteError as exc:
+        # The input was valid but the run diverged: a failed run, not a usage error.
+        if os.environ.get("MTL_DEBUG"):
+            raise
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except (ValueError, FileNotFoundError, MisconfigurationException) as exc:
         # Config and data validation errors (and Lightning's, e.g. a monitor key that is
         # never logged): the message is the useful part.

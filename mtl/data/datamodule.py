@@ -17,6 +17,7 @@ import pytorch_lightning as L
 from mtl.data.features import ColumnRoles, FeatureSpec, FittedFeatures, TaskKind, fit_features
 from mtl.data.sources import SourceData, load_source
 from mtl.data.tabular import TabularTensors, TensorBatchLoader, encode
+from mtl.data.validation import check_embed_dim, check_unique, warn_unseen_categories
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -124,6 +125,11 @@ class RecDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.drop_last = drop_last
+        check_embed_dim(embed_dim)
+        check_embed_dim(max_embed_dim, key="max_embed_dim", allow_none=False)
+        for key, names in (("labels", labels), ("categorical", categorical), ("numeric", numeric)):
+            if names is not None and not isinstance(names, Mapping):
+                check_unique(names, key=key)
         self._overrides = {
             "categorical": None if categorical is None else list(categorical),
             "numeric": None if numeric is None else list(numeric),
@@ -217,6 +223,13 @@ class RecDataModule(L.LightningDataModule):
             name: encode(frame, self._fitted, origin=f"{name} split of {self.source}")
             for name, frame in frames.items()
         }
+        for name in ("val", "test"):
+            warn_unseen_categories(
+                frames[name],
+                self._tensors[name],
+                self._fitted.spec,
+                origin=f"{name} split of {self.source}",
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split, fit and encode (once; later calls are no-ops)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 
+from mtl.data.numeric_range import check_in_range
 from mtl.data.spec import (
     TASK_KINDS,
     CategoricalFeature,
@@ -25,6 +26,7 @@ from mtl.data.spec import (
     TaskKind,
     TaskSpec,
 )
+from mtl.data.validation import check_embed_dim
 
 __all__ = [
     "DEFAULT_MAX_INT_CATEGORIES",
@@ -167,6 +169,7 @@ def _fit_numeric(col: pl.Series) -> NumericFeature:
             f"numeric feature {col.name!r} has {bad} null/NaN values in the train split; "
             "fill them in the source (e.g. fill_numeric_nulls=0.0) or declare the column categorical"
         )
+    check_in_range(col, "train split")  # an inf would make the mean or std inf
     values = col.cast(pl.Float64)
     mean = float(values.mean())  # type: ignore[arg-type]
     std = float(values.std(ddof=0))  # type: ignore[arg-type]
@@ -219,6 +222,8 @@ def fit_features(
         raise ValueError("fit_features needs at least one label column")
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
+    check_embed_dim(embed_dim)
+    check_embed_dim(max_embed_dim, key="max_embed_dim", allow_none=False)
     if categorical is None and numeric is None:
         roles = infer_roles(
             train, labels=labels, user_column=user_column, max_int_categories=max_int_categories

@@ -16,6 +16,7 @@ import polars as pl
 import torch
 
 from mtl.data.features import FittedFeatures
+from mtl.data.numeric_range import check_standardised
 
 # Fixed seed for hashing string user ids: the same raw id then gets the same
 # grouping key in every split of one run.
@@ -162,12 +163,17 @@ def encode(df: pl.DataFrame, fitted: FittedFeatures, *, origin: str = "frame") -
         ((pl.col(f.name).cast(pl.Float64) - f.mean) / f.std).cast(pl.Float32).alias(f.name)
         for f in spec.numeric
     ]
+    num = df.select(num_exprs)
+    check_standardised(num, spec.numeric, origin)
     label_exprs = [pl.col(t).cast(pl.Float32) for t in spec.task_names]
 
     user_B = None
     if spec.user_column is not None:
         user = df.get_column(spec.user_column)
-        if user.dtype.is_integer():
+        if user.dtype == pl.UInt64:
+            # Ids above the int64 range keep distinct keys: reinterpreting the bits is one-to-one.
+            user = user.reinterpret(signed=True)
+        elif user.dtype.is_integer() and user.dtype not in (pl.Int128, pl.UInt128):
             user = user.cast(pl.Int64)
         else:
             user = user.cast(pl.String).hash(seed=_USER_HASH_SEED).reinterpret(signed=True)
@@ -175,7 +181,7 @@ def encode(df: pl.DataFrame, fitted: FittedFeatures, *, origin: str = "frame") -
 
     return TabularTensors(
         cat_BF=_to_tensor(df.select(cat_exprs), torch.int64, n),
-        num_BF=_to_tensor(df.select(num_exprs), torch.float32, n),
+        num_BF=_to_tensor(num, torch.float32, n),
         labels_BT=_to_tensor(df.select(label_exprs), torch.float32, n),
         user_B=user_B,
     )

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -25,11 +24,19 @@ from torch import nn
 
 from mtl.data.datamodule import RecDataModule
 from mtl.data.text import TextDataModule
+from mtl.data.validation import check_label_cascade
 from mtl.models.lm.transformer import TransformerLM
+from mtl.models.rec.esmm import ESMM
 from mtl.models.rec.ranker import Ranker
 from mtl.training.config import ConfigError
+from mtl.training.config_checks import config_group_errors
 from mtl.training.lm_module import LMModule
 from mtl.training.rec_module import RecModule
+from mtl.training.safe_load import (
+    check_trusted_targets,
+    read_checkpoint_file,
+    state_dict_mismatch,
+)
 
 DataModule = RecDataModule | TextDataModule
 Module = RecModule | LMModule
@@ -69,7 +76,8 @@ def build(node: Any, *, what: str, **kwargs: Any) -> Any:
 def build_datamodule(cfg: DictConfig) -> DataModule:
     """``cfg.data``, prepared (read, split, fitted): data errors surface here."""
     dm = build(cfg.data, what="data")
-    dm.setup("fit")
+    with config_group_errors("data"):
+        dm.setup("fit")
     return dm
 
 
@@ -103,7 +111,13 @@ def build_net(cfg: DictConfig, dm: DataModule) -> tuple[nn.Module, dict[str, Any
         "d_in": embedding.output_dim,
         "tasks": dm.spec.task_names,
     }
-    net = Ranker(embedding=embedding, model=build(model_config, what="model"))
+    model = build(model_config, what="model")
+    if isinstance(model, ESMM):
+        # The data module does not know the model; ESMM's pCTCVR = pCTR * pCVR cannot fit
+        # a conversion without a click, so such labels are refused here.
+        thens = [model.ctcvr_task] + ([model.cvr_task] if model.cvr_task in model.tasks else [])
+        check_label_cascade(dm, first=model.ctr_task, then=thens, model="ESMM")
+    net = Ranker(embedding=embedding, model=model)
     net_config = {
         "_target_": "mtl.models.rec.ranker.Ranker",
         "embedding": embedding_config,
@@ -169,20 +183,57 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     ]
 
 
-def load_module(path: str | Path, *, map_location: str = "cpu") -> Module:
+def load_module(
+    path: str | Path, *, map_location: str = "cpu", net: nn.Module | None = None
+) -> Module:
     """Rebuild the module (and network) a run saved in checkpoint ``path``, with its weights.
+
+    The file is read with ``weights_only=True`` and its ``net_config`` may name only
+    classes of the ``mtl`` package (:mod:`mtl.training.safe_load`): loading runs no
+    code named in the file.
+
+    A network built or changed in Python (e.g. upcycled with
+    :func:`~mtl.models.lm.upcycle_transformer`) has no ``net_config`` that builds
+    it: pass it as ``net``, made with the same structure (its weights are replaced
+    by the checkpoint's).
+
+    Args:
+        path: the checkpoint file.
+        map_location: device of the loaded tensors.
+        net: the network to load the weights into instead of the one ``net_config``
+            builds; needed when the checkpoint has no ``net_config``.
+
+    Raises:
+        CheckpointError: the file is unreadable, names a ``_target_`` outside the
+            library, or holds weights its ``net_config`` does not build (one line
+            naming ``path``).
 
     Example:
         >>> module = load_module("runs/lm_mixtral/.../checkpoints/last.ckpt")  # doctest: +SKIP
         >>> print(module.generate("ROMEO:", max_new_tokens=100))  # doctest: +SKIP
     """
-    checkpoint = torch.load(str(path), map_location=map_location, weights_only=False)
-    net_config = checkpoint["hyper_parameters"].get("net_config")
-    if net_config is None:
-        raise ValueError(f"checkpoint {path} has no net_config: it cannot rebuild its network")
-    net = build(net_config, what="net")
+    checkpoint = read_checkpoint_file(path, map_location=map_location)
+    net_config = (checkpoint.get("hyper_parameters") or {}).get("net_config")
+    if net is None and net_config is None:
+        raise ValueError(
+            f"checkpoint {path} has no net_config (its network was built in Python): "
+            "pass a network of the same structure, load_module(path, net=...)"
+        )
+    if net is None:
+        # The file is data: only the library's own classes are built from it.
+        check_trusted_targets(net_config, source=f"checkpoint {path}")
+        net = build(net_config, what="net")
+    if not isinstance(net, Ranker | TransformerLM):
+        raise ValueError(f"checkpoint {path} builds a {type(net).__name__}, not a network of mtl")
     cls = LMModule if isinstance(net, TransformerLM) else RecModule
-    return cls.load_from_checkpoint(str(path), map_location=map_location, net=net)
+    try:
+        return cls.load_from_checkpoint(
+            str(path), map_location=map_location, weights_only=True, net=net
+        )
+    except RuntimeError as exc:
+        if "loading state_dict" not in str(exc):
+            raise
+        raise state_dict_mismatch(path, exc) from exc
 
 
 def build_lm(config: Mapping[str, Any], *, vocab_size: int) -> TransformerLM:

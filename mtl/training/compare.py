@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.training.build import DataModule, build_datamodule
 from mtl.training.config import ConfigError, check_choice, compose_config
+from mtl.training.config_checks import check_compare_config
+from mtl.training.run_dir import COMPARE_FILES, RunLock, check_run_dir
 from mtl.training.train import train
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
     from mtl.training.report import write_report
 
     base = compare_config(overrides)
+    check_compare_config(base)
     if str(base.kind) != "rec":
         raise ConfigError("mtl compare supports the ranking models (kind: rec) only")
     models = [str(m) for m in base.models]
@@ -101,8 +104,27 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
     # The data split must not follow the model seed.
     split_seed = base.data.get("split_seed")
     split_seed = base.data.get("seed", 0) if split_seed is None else split_seed
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Each run checks and locks its own sub-folder; the lock here keeps two compares apart.
+    with RunLock(out_dir):
+        check_run_dir(
+            out_dir,
+            resume=base.get("resume"),
+            overwrite=bool(base.get("overwrite")),
+            names=COMPARE_FILES,
+        )
+        runs = _train_all(models, seeds, others, per_model, out_dir, int(split_seed))
+        return write_report(out_dir, runs, config=OmegaConf.to_container(base, resolve=True))
 
+
+def _train_all(
+    models: Sequence[str],
+    seeds: Sequence[int],
+    others: Sequence[str],
+    per_model: dict[str, list[str]],
+    out_dir: Path,
+    split_seed: int,
+) -> list[dict[str, Any]]:
+    """Every model x seed into ``out_dir/<model>/seed<s>``, on one shared data module."""
     dm: DataModule | None = None
     runs: list[dict[str, Any]] = []
     for name in models:
@@ -112,7 +134,7 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
                 "compare",
                 [
                     *others,
-                    f"++data.split_seed={int(split_seed)}",
+                    f"++data.split_seed={split_seed}",
                     f"output_dir={run_dir}",
                     f"model={name}",
                     *per_model[name],
@@ -128,4 +150,4 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
             dm.seed = int(cfg.data.get("seed", dm.seed))
             log.info("compare: model=%s seed=%d -> %s", name, seed, run_dir)
             runs.append(train(cfg, datamodule=dm))
-    return write_report(out_dir, runs, config=OmegaConf.to_container(base, resolve=True))
+    return runs

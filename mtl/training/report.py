@@ -369,11 +369,16 @@ def write_report(
     model_rows, task_rows = models_table(summary), task_table(summary)
     diag_rows = diagnostics_table(summary)
     seeds = sorted({r["seed"] for r in runs})
+    tested = (
+        "checkpoint with the best validation score"
+        if all(r.get("tested", "best checkpoint") == "best checkpoint" for r in runs)
+        else "final weights (checkpoint.save_top_k=0 keeps no best checkpoint)"
+    )
     data = (config or {}).get("data", {}).get("source", runs[0].get("data", "") if runs else "")
     sections = [
         f"# mtl compare: {', '.join(summary)} on {data}",
         f"Seeds {seeds} per model, all on one data split; metrics are on the test split, from the "
-        "checkpoint with the best validation score; mean ± sample std over seeds. "
+        f"{tested}; mean ± sample std over seeds. "
         "Parameter counts: model (experts, gates, towers) / total (with embeddings).",
         "## Models",
         to_markdown(model_rows),

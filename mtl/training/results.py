@@ -45,9 +45,14 @@ def rec_summary(result: dict[str, Any]) -> str:
         m for m in ("auc", "gauc", "logloss", "mse") if any(f"{m}/{t}" in test for t in tasks)
     ]
     width = max([len(t) for t in tasks] + [4])
+    # "tested" says which weights the test saw; results written before it existed: the best.
+    weights = (
+        f"best checkpoint by {result['monitor']}"
+        if result.get("tested", "best checkpoint") == "best checkpoint"
+        else "final weights: no best checkpoint was kept"
+    )
     lines = [
-        f"test metrics ({result['model']}, seed {result['seed']}, "
-        f"best checkpoint by {result['monitor']}):",
+        f"test metrics ({result['model']}, seed {result['seed']}, {weights}):",
         "task".ljust(width) + "".join(m.rjust(10) for m in metrics),
     ]
     for t in tasks:
@@ -62,12 +67,19 @@ def rec_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ppl(result: dict[str, Any]) -> str:
+    # exp(loss) overflows float32 past 88.7 nats/token: say so rather than "n/a".
+    if result.get("val_ppl") is None and result.get("val_loss") is not None:
+        return "ppl overflows float32: the model diverged"
+    return f"ppl {_cell(result.get('val_ppl'))}"
+
+
 def lm_summary(result: dict[str, Any]) -> str:
     """Validation loss against the data's entropies, size, time and the generated sample."""
     params = result["params"]
     return (
         f"{result['model']}: val loss {_cell(result['val_loss'])} nats/token "
-        f"(ppl {_cell(result['val_ppl'])}); unigram entropy {result['unigram_entropy']:.4f}, "
+        f"({_ppl(result)}); unigram entropy {result['unigram_entropy']:.4f}, "
         f"bigram {result['bigram_entropy']:.4f}; {result['global_step']} steps in "
         f"{result['train_time_s']:.1f} s; params {params['total']:,} total / "
         f"{params['active']:,} active\nsample:\n{result['sample'][:400]}\n"

@@ -33,11 +33,15 @@ from mtl.training.build import (
     build_module,
     plain,
 )
+from mtl.training.checkpoints import StrictCheckpointIO, check_resume_checkpoint
 from mtl.training.compile import compile_model
 from mtl.training.config import ConfigError, resume_checkpoint_path, to_yaml
+from mtl.training.config_checks import check_train_config
+from mtl.training.finite_guard import NonFiniteError
 from mtl.training.lm_module import LMModule
 from mtl.training.rec_module import RecModule
 from mtl.training.results import write_json
+from mtl.training.run_dir import RunLock, check_run_dir, config_checkpoint_dir, prepare_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +111,19 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
         The ``metrics.json`` content. Both kinds: ``kind``, ``model``, ``seed``,
         ``data``, ``monitor``, ``best_score``, ``params``, ``train_time_s``, ``epochs``,
         ``global_step``, ``best_ckpt``, ``last_ckpt``, ``output_dir``. Rec: ``tasks``,
-        ``test`` and ``last_val`` (``{metric/task: value}``), ``diagnostics``. LM:
+        ``test`` and ``last_val`` (``{metric/task: value}``), ``tested`` (``"best
+        checkpoint"`` or ``"final weights"``), ``diagnostics``. LM:
         ``val_loss``, ``val_ppl``, ``unigram_entropy``, ``bigram_entropy``,
         ``train_loss``, ``tokens_per_s``, ``routing``, ``sample`` (losses in nats per token).
+
+    Raises:
+        RunDirError: ``output_dir`` holds another run (without ``resume`` or
+            ``overwrite``), is locked by a live run, or is not writable.
+        CheckpointError: the resume checkpoint is unreadable or does not match the
+            config; a checkpoint save failed.
+        NonFiniteError: the loss or the weights became NaN or infinite
+            (:class:`~mtl.training.finite_guard.FiniteGuard`): nothing is tested
+            and no ``metrics.json`` is written.
 
     Example:
         >>> from mtl.training.config import compose_config
@@ -117,10 +131,17 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
         >>> train(cfg)["test"]["auc/click"] > 0.5  # doctest: +SKIP
         True
     """
+    check_train_config(cfg)
     out_dir = Path(str(cfg.output_dir)).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    with run_settings(cfg.get("num_threads")):
+    # Nothing in the folder changes until the folder, the resume checkpoint and the
+    # writability checks pass (the lock file aside, removed again on failure).
+    with RunLock(out_dir), run_settings(cfg.get("num_threads")):
+        earlier = check_run_dir(
+            out_dir,
+            ckpt_dir=config_checkpoint_dir(cfg),
+            resume=cfg.get("resume"),
+            overwrite=bool(cfg.get("overwrite", False)),
+        )
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         dm = datamodule if datamodule is not None else build_datamodule(cfg)
         module = build_module(cfg, dm)
@@ -136,23 +157,37 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
             raise ConfigError(
                 "callbacks need a model_checkpoint with a dirpath (tests and resume use it)"
             )
+        ckpt_path = resume_checkpoint_path(cfg, Path(checkpoint.dirpath))
+        if ckpt_path is not None:
+            check_resume_checkpoint(ckpt_path, module)
+        prepare_run_dir(
+            out_dir, Path(checkpoint.dirpath), clear=bool(cfg.get("overwrite")), earlier=earlier
+        )
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
         trainer: pl.Trainer = build(
             cfg.trainer,
             what="trainer",
             callbacks=callbacks,
             logger=build_loggers(cfg),
             default_root_dir=str(out_dir),
+            plugins=[StrictCheckpointIO()],
         )
-        ckpt_path = resume_checkpoint_path(cfg, Path(checkpoint.dirpath))
         start = time.perf_counter()
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        except NonFiniteError as exc:
+            # A diverged run has no result: nothing is tested and no metrics.json written.
+            raise NonFiniteError(f"{exc}; the run in {out_dir} failed, no metrics.json") from exc
         train_time = time.perf_counter() - start
+        # Read now: testing from the best checkpoint restores the callback's state as it
+        # was then, which in a one-epoch run predates last.ckpt.
+        last_ckpt = checkpoint.last_model_path or None
         result: dict[str, Any] = {
             "kind": str(cfg.kind),
             "model": str(cfg.model_name),
             "seed": int(cfg.seed),
             "data": str(dm.source),
-            "monitor": monitor,
+            "monitor": checkpoint.monitor or monitor,  # val/loss after a MonitorFallback
             "train_time_s": train_time,
             "epochs": int(trainer.current_epoch),
             "global_step": int(trainer.global_step),
@@ -164,10 +199,10 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
         result |= {
             "best_score": _number(checkpoint.best_model_score),
             "best_ckpt": checkpoint.best_model_path or None,
-            "last_ckpt": checkpoint.last_model_path or None,
+            "last_ckpt": last_ckpt,
             "output_dir": str(out_dir),
         }
-    write_json(out_dir / "metrics.json", result)
+        write_json(out_dir / "metrics.json", result)
     log.info("metrics written to %s", out_dir / "metrics.json")
     return result
 
@@ -183,9 +218,12 @@ def _test_rec(
     trainer: pl.Trainer, module: RecModule, dm: DataModule, checkpoint: ModelCheckpoint
 ) -> dict[str, Any]:
     last_val = dict(module.eval_results.get("val", {}))
-    trainer.test(module, datamodule=dm, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+    best = checkpoint.best_model_path or None
+    trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     diag = module.eval_diagnostics.get("test")
     return {
+        # No best checkpoint (checkpoint.save_top_k=0): the test saw the final weights.
+        "tested": "best checkpoint" if best else "final weights",
         "tasks": dict(module.task_kinds),
         "test": dict(module.eval_results.get("test", {})),
         "last_val": last_val,

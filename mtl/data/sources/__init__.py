@@ -17,6 +17,7 @@ from mtl.data.sources.base import SourceData
 from mtl.data.sources.census import census_income
 from mtl.data.sources.kuairand import kuairand
 from mtl.data.sources.synthetic import synthetic_ctr, synthetic_mmoe
+from mtl.data.validation import check_row_limit
 
 SOURCES: dict[str, Callable[..., SourceData]] = {
     "synthetic_mmoe": synthetic_mmoe,
@@ -32,7 +33,8 @@ def load_source(name: str, **kwargs: Any) -> SourceData:
     """Load the source registered as ``name`` with its keyword arguments.
 
     Raises:
-        ValueError: ``name`` is not registered (the message lists the known names).
+        ValueError: ``name`` is not registered (the message lists the known names), or
+            ``n_rows`` is not a positive integer or None.
 
     Example:
         >>> load_source("synthetic_mmoe", n=10, correlation=0.5, d=4).train.height
@@ -44,6 +46,7 @@ def load_source(name: str, **kwargs: Any) -> SourceData:
         raise ValueError(
             f"unknown data source {name!r}; known sources: {sorted(SOURCES)}"
         ) from None
+    check_row_limit(kwargs.get("n_rows"), key=f"source_kwargs.n_rows of data source {name!r}")
     return loader(**kwargs)
 
 

@@ -18,6 +18,7 @@ import polars as pl
 
 from mtl.data.features import ColumnRoles
 from mtl.data.sources.base import SourceData, read_table, require_dir, resolve_path, validate_frame
+from mtl.data.validation import check_no_cascade_violations
 
 ALI_CCP_LABELS: tuple[str, ...] = ("click", "purchase")
 ALI_CCP_USER_FIELD = "101"
@@ -70,6 +71,9 @@ def _read_split(
     df = read_table(file, "Ali-CCP file", n_rows=n_rows, schema_overrides=overrides).rename(rename)
     df = validate_frame(df, roles, origin=str(file), fill_numeric_nulls=fill)
     if add_ctcvr:
+        # click * purchase would hide a purchase without a click: the cascade is declared,
+        # so such rows are refused rather than relabelled.
+        check_no_cascade_violations(df, first="click", then="purchase", origin=str(file))
         df = df.with_columns(
             (pl.col("click").cast(pl.Int8) * pl.col("purchase").cast(pl.Int8)).alias("ctcvr")
         )

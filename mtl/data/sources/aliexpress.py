@@ -24,6 +24,7 @@ from mtl.data.sources.base import (
     resolve_path,
     validate_frame,
 )
+from mtl.data.validation import check_no_cascade_violations
 
 ALIEXPRESS_CATEGORICAL: tuple[str, ...] = tuple(f"categorical_{i}" for i in range(1, 17))
 ALIEXPRESS_NUMERIC: tuple[str, ...] = tuple(f"numerical_{i}" for i in range(1, 64))
@@ -57,6 +58,9 @@ def _read_split(
         df, aliexpress_roles(add_ctcvr=False), origin=str(file), fill_numeric_nulls=fill
     )
     if "ctcvr" in roles.labels:
+        # click * conversion would hide a conversion without a click: the cascade is declared,
+        # so such rows are refused rather than relabelled.
+        check_no_cascade_violations(df, first="click", then="conversion", origin=str(file))
         df = df.with_columns(
             (pl.col("click").cast(pl.Int8) * pl.col("conversion").cast(pl.Int8)).alias("ctcvr")
         )

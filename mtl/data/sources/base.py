@@ -16,6 +16,8 @@ from typing import Any
 import polars as pl
 
 from mtl.data.features import ColumnRoles
+from mtl.data.numeric_range import check_in_range
+from mtl.data.validation import check_row_limit, read_error
 
 _EXAMPLES = 5
 
@@ -80,12 +82,21 @@ def require_dir(path: Path, what: str, hint: str = "") -> Path:
 
 
 def read_table(path: Path, what: str, **read_kwargs: Any) -> pl.DataFrame:
-    """Read a CSV (optionally gzipped) or Parquet file and refuse an empty result."""
+    """Read a CSV (optionally gzipped) or Parquet file and refuse an empty result.
+
+    Raises:
+        DataError: the file is truncated, empty after decompression, or has a value
+            that does not parse as its column's dtype (see :func:`read_error`).
+    """
     require_file(path, what)
-    if path.suffix == ".parquet":
-        df = pl.read_parquet(path, n_rows=read_kwargs.get("n_rows"))
-    else:
-        df = pl.read_csv(path, **read_kwargs)
+    check_row_limit(read_kwargs.get("n_rows"))
+    try:
+        if path.suffix == ".parquet":
+            df = pl.read_parquet(path, n_rows=read_kwargs.get("n_rows"))
+        else:
+            df = pl.read_csv(path, **read_kwargs)
+    except (pl.exceptions.PolarsError, OSError, EOFError) as exc:
+        raise read_error(path, what, exc, read_kwargs) from exc
     if df.height == 0:
         raise ValueError(f"{what} has no data rows: {path}")
     return df
@@ -102,7 +113,8 @@ def validate_frame(
 
     Checks: every role column exists; binary labels hold only 0/1 (no nulls);
     regression labels and numeric features are numeric; numeric features have no
-    null/NaN unless ``fill_numeric_nulls`` gives a fill value.
+    null/NaN unless ``fill_numeric_nulls`` gives a fill value, and no infinite value or
+    one beyond float32's range (:func:`~mtl.data.numeric_range.check_in_range`).
 
     Args:
         df: the raw frame.
@@ -151,6 +163,7 @@ def validate_frame(
             raise ValueError(
                 f"{origin}: numeric feature {name!r} must be a numeric column, got dtype {col.dtype} (e.g. {examples})"
             )
+        check_in_range(col, origin)
         n_bad = col.null_count() + (int(col.is_nan().sum()) if col.dtype.is_float() else 0)
         if n_bad and fill_numeric_nulls is None:
             raise ValueError(

@@ -16,6 +16,7 @@ import polars as pl
 
 from mtl.data.features import ColumnRoles
 from mtl.data.sources.base import SourceData, read_table, resolve_path, validate_frame
+from mtl.data.validation import unparsable_values
 
 # The 42 columns in file order, named as in the UCI ``census-income.names`` description.
 CENSUS_COLUMNS: tuple[str, ...] = (
@@ -125,8 +126,11 @@ def _to_model_frame(raw: pl.DataFrame, path: Path, log_money: bool) -> pl.DataFr
     )
     bad_counts = {c: n for c, n in bad_num.row(0, named=True).items() if n}
     if bad_counts:
+        first = next(iter(bad_counts))
+        _, examples = unparsable_values(raw.get_column(first), pl.Float64())
         raise ValueError(
-            f"{path}: numeric columns have non-numeric values (column: count) {bad_counts}"
+            f"{path}: numeric columns have non-numeric values (column: count) {bad_counts}, "
+            f"e.g. {first!r}: {examples}"
         )
     return raw.select(
         *CENSUS_CATEGORICAL,

@@ -18,6 +18,7 @@ import polars as pl
 
 from mtl.data.features import ColumnRoles
 from mtl.data.sources.base import SourceData, read_table, require_file, resolve_path, validate_frame
+from mtl.data.validation import check_row_limit, check_unique
 
 KUAIRAND_TASKS: tuple[str, ...] = (
     "is_click",
@@ -129,6 +130,8 @@ def kuairand(
         ['is_click', 'long_view']
     """
     tasks = list(tasks)
+    check_unique(tasks, key="tasks")
+    check_row_limit(n_rows)
     unknown = [t for t in tasks if t not in KUAIRAND_TASKS]
     if unknown or not tasks:
         raise ValueError(f"unknown KuaiRand tasks {unknown}; choose from {list(KUAIRAND_TASKS)}")
