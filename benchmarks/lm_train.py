@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +51,7 @@ from common import (
 from mtl.data.text import TextDataModule
 from mtl.training.build import build_lm
 from mtl.training.compile import compile_model
+from mtl.training.gate_config import model_config
 
 CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 CONF_DIR = REPO_ROOT / "conf" / "model"
@@ -71,9 +71,7 @@ def variant_key(preset: str, compiled: bool) -> str:
 
 def build(name: str, vocab_size: int) -> nn.Module:
     """The preset's model, exactly as ``mtl train model=<name>`` builds it."""
-    cfg: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
-        OmegaConf.load(CONF_DIR / f"{name}.yaml"), resolve=False
-    )
+    cfg: dict[str, Any] = model_config(name)  # with the gate its defaults list picks
     cfg["max_seq_len"] = BLOCK
     torch.manual_seed(0)
     return build_lm(cfg, vocab_size=vocab_size)

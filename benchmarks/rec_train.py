@@ -81,6 +81,7 @@ from mtl.data.tabular import RecBatch, TabularTensors, TensorBatchLoader
 from mtl.models.rec.ranker import Ranker
 from mtl.training.build import build, build_net
 from mtl.training.compile import compile_model
+from mtl.training.gate_config import model_config as gate_model_config
 from mtl.training.rec_module import RecModule
 
 CENSUS_PATH = REPO_ROOT.parent / "shared" / "data" / "census-income-kdd" / "census-income.test.gz"
@@ -126,7 +127,7 @@ def config_node(*parts: str) -> dict[str, Any]:
 
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     """``conf/model/<name>.yaml`` with ``overrides``: what ``mtl train model=<name>`` builds."""
-    return {**config_node("model", f"{name}.yaml"), **overrides}
+    return {**gate_model_config(name), **overrides}
 
 
 def model_name(config: dict[str, Any]) -> str:

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mtl.moe.dispatch import combine_dense_many
 from mtl.moe.experts import ExpertBank
-from mtl.moe.gates.dense import DenseSoftmaxGate
+from mtl.moe.gates.base import Router
+from mtl.moe.gates.dense import DenseSoftmaxGate, _as_mask
+from mtl.moe.gates.dynamic import TopPGate
+from mtl.moe.gates.sigmoid import SigmoidBiasGate
+from mtl.moe.gates.topk import NoisyTopKGate, TopKGate
 from mtl.moe.routing import RoutingResult
+
+GateFactory = Callable[..., nn.Module]
+"""A gate constructor taking ``d_model`` and ``num_experts`` (a class or a Hydra partial)."""
+
+# Gates whose choice is a ranking of the logits: masking a logit to a huge negative value
+# removes that expert from the choice and gives it weight 0. Expert choice is not among
+# them (a masked expert would still take its quota of tokens, with weight 0).
+_MASKABLE_BY_LOGITS = (TopKGate, NoisyTopKGate, TopPGate, SigmoidBiasGate)
+_MASKED_LOGIT = -1e9  # finite: exp underflows to exactly 0 and log-softmax stays finite
 
 
 @dataclass
@@ -108,13 +124,21 @@ class MultiGateMixture(nn.Module):
             raise ValueError(f"gate_inputs has no entry for gate {name!r}")
         return gate_inputs[name]
 
+    def supports_projection(self) -> bool:
+        """Whether :meth:`input_weight`/:meth:`forward_projected` apply: an
+        :class:`~mtl.moe.experts.ExpertBank` and dense softmax gates without input jitter
+        (the only gates whose logits are a linear map of ``x``)."""
+        return isinstance(self.experts, ExpertBank) and all(
+            _projectable(g) for g in self.gates.values()
+        )
+
     def _dense_gates(self) -> list[DenseSoftmaxGate]:
         """The gates, checked to be linear in a shared input (what the projected path needs)."""
         if not isinstance(self.experts, ExpertBank):
             raise TypeError("a projected input needs an ExpertBank")
         gates = list(self.gates.values())
         for g in gates:
-            if not isinstance(g, DenseSoftmaxGate) or g.input_jitter > 0:
+            if not _projectable(g):
                 raise TypeError("a projected input needs dense softmax gates without input jitter")
         return gates  # type: ignore[return-value]
 
@@ -154,3 +178,127 @@ def _mix(y_ETD: Tensor, routing: dict[str, RoutingResult]) -> MultiGateOutput:
         routing=routing,
         expert_outputs_ETD=y_ETD,
     )
+
+
+def _projectable(gate: nn.Module) -> bool:
+    return isinstance(gate, DenseSoftmaxGate) and gate.input_jitter == 0
+
+
+class MaskedGate(nn.Module):
+    """A ranking gate restricted to a subset of the experts by masking its logits.
+
+    For gates without an ``expert_mask`` argument of their own (top-k, noisy
+    top-k, top-p, sigmoid + bias): the logits of disallowed experts are set to
+    ``-1e9`` before the gate routes, so they are never chosen and get weight
+    and gradient exactly 0, as :class:`~mtl.moe.gates.DenseSoftmaxGate`'s mask does.
+
+    Args:
+        gate: the wrapped :class:`~mtl.moe.gates.Router`.
+        expert_mask: ``E`` booleans or the indices of the allowed experts.
+
+    Example:
+        >>> gate = MaskedGate(TopKGate(d_model=8, num_experts=4, k=1), expert_mask=[0, 2])
+        >>> set(gate(torch.randn(16, 8)).experts_TK.flatten().tolist()) <= {0, 2}
+        True
+    """
+
+    def __init__(
+        self, gate: Router, *, expert_mask: Sequence[bool] | Sequence[int] | Tensor
+    ) -> None:
+        super().__init__()
+        if not isinstance(gate, _MASKABLE_BY_LOGITS):
+            raise ValueError(
+                f"{type(gate).__name__} cannot be restricted to some experts; gates that can: "
+                f"DenseSoftmaxGate, {', '.join(c.__name__ for c in _MASKABLE_BY_LOGITS)}"
+            )
+        self.gate = gate
+        self.num_experts = gate.num_experts
+        self.register_buffer(
+            "expert_mask_E", _as_mask(expert_mask, gate.num_experts), persistent=False
+        )
+
+    def forward(self, x_TD: Tensor) -> RoutingResult:
+        """Route ``(T, D)`` tokens over the allowed experts only."""
+        x_TD = x_TD.reshape(-1, x_TD.shape[-1])
+        logits_TE = self.gate.logits(x_TD).masked_fill(~self.expert_mask_E, _MASKED_LOGIT)
+        return self.gate.route(logits_TE, x_TD)
+
+
+def make_gate(
+    factory: GateFactory,
+    *,
+    d_model: int,
+    num_experts: int,
+    expert_mask: Sequence[int] | None = None,
+    name: str = "gate",
+    **options: Any,
+) -> nn.Module:
+    """Build one gate of a multi-gate model from its factory, restricted to ``expert_mask``.
+
+    A gate that takes ``expert_mask`` itself (:class:`~mtl.moe.gates.DenseSoftmaxGate`)
+    gets it; a ranking gate (top-k, noisy top-k, top-p, sigmoid + bias) is wrapped
+    in :class:`MaskedGate`; any other gate with a mask is refused.
+
+    Args:
+        factory: builds the gate from ``d_model=``, ``num_experts=`` (and ``options``).
+        d_model: the gate input width.
+        num_experts: ``E``.
+        expert_mask: indices of the experts this gate may use; None = all.
+        name: the gate's name in error messages (``"gate 'click'"``).
+        options: further keyword arguments, which the factory must accept
+            (``temperature``, ``logit_norm`` of a dense gate).
+
+    Raises:
+        ValueError: the factory rejects an option, the gate cannot be masked, or its
+            ``k`` exceeds the experts it may use.
+
+    Example:
+        >>> gate = make_gate(functools.partial(TopKGate, k=2), d_model=8, num_experts=4,
+        ...                  expert_mask=[0, 1, 3])
+        >>> type(gate).__name__, type(gate.gate).__name__
+        ('MaskedGate', 'TopKGate')
+    """
+    accepted = _keyword_arguments(factory)
+    unknown = sorted(k for k in options if accepted is not None and k not in accepted)
+    if unknown:
+        raise ValueError(
+            f"{name}: {_factory_name(factory)} takes no {', '.join(unknown)} "
+            "(set on the model for the dense softmax gate only)"
+        )
+    masked = expert_mask is not None and len(expert_mask) < num_experts
+    native = accepted is None or "expert_mask" in accepted
+    kwargs = {"d_model": d_model, "num_experts": num_experts, **options}
+    if masked and native:
+        kwargs["expert_mask"] = list(expert_mask)  # type: ignore[arg-type]
+    gate = factory(**kwargs)
+    if not masked:
+        return gate
+    n_allowed = len(expert_mask)  # type: ignore[arg-type]
+    k = getattr(gate, "k", None)
+    if isinstance(k, int) and k > n_allowed:
+        raise ValueError(f"{name} chooses k={k} experts but may use only {n_allowed}")
+    if native:
+        return gate
+    if not isinstance(gate, _MASKABLE_BY_LOGITS):
+        raise ValueError(
+            f"{name} must be restricted to {n_allowed} of {num_experts} experts, which "
+            f"{type(gate).__name__} cannot do; use dense_softmax, top_k, noisy_top_k, top_p "
+            "or sigmoid_bias (or turn the model's expert mask off)"
+        )
+    return MaskedGate(gate, expert_mask=list(expert_mask))  # type: ignore[arg-type]
+
+
+def _keyword_arguments(factory: GateFactory) -> set[str] | None:
+    """The keyword arguments ``factory`` accepts; None when it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def _factory_name(factory: GateFactory) -> str:
+    inner = factory.func if isinstance(factory, functools.partial) else factory
+    return getattr(inner, "__name__", type(inner).__name__)

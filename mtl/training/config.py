@@ -121,6 +121,9 @@ def compose_config(
     root = conf_dir()
     overrides = [str(o) for o in overrides]
     check_overrides(overrides, root)
+    from mtl.training.gate_config import gate_overrides, name_with_gate
+
+    overrides = gate_overrides(overrides, root)  # model.gate=top_k selects conf/gate/top_k.yaml
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(root), job_name="mtl"):
             cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
@@ -132,6 +135,7 @@ def compose_config(
     # The model's name is its config file's: read it from Hydra's record of the choices,
     # then drop Hydra's own settings (a run has no use for them).
     cfg.model_name = str(cfg.hydra.runtime.choices.get("model"))
+    name_with_gate(cfg, overrides)
     del cfg["hydra"]
     if resolve:
         try:

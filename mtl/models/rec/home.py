@@ -22,6 +22,7 @@ from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
 from mtl.moe import DenseSoftmaxGate, MultiGateMixture, combine_dense
 from mtl.moe.gates import SelfGate
+from mtl.moe.multi_gate import GateFactory, make_gate
 
 
 class FeatureGate(nn.Module):
@@ -165,6 +166,11 @@ class HoME(nn.Module):
         hierarchy_mask: restrict gates to the hierarchy (else all experts).
         feature_gate: per-expert low-rank feature gates.
         self_gate: gated residual from the category's meta experts to each task.
+        gate: builds the level-1 and task gates from ``d_model``, ``num_experts``
+            (and ``expert_mask`` under ``hierarchy_mask``); default
+            :class:`~mtl.moe.DenseSoftmaxGate`. Ranking gates (top-k, noisy top-k,
+            top-p, sigmoid + bias) are masked through their logits; expert choice
+            needs ``hierarchy_mask=False``. The self gates stay :class:`~mtl.moe.gates.SelfGate`.
         aux_loss_weights: ``{loss name: weight}`` over the level-1 and task gates.
 
     Shapes:
@@ -197,6 +203,7 @@ class HoME(nn.Module):
         hierarchy_mask: bool = True,
         feature_gate: bool = True,
         self_gate: bool = True,
+        gate: GateFactory = DenseSoftmaxGate,
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
@@ -227,10 +234,14 @@ class HoME(nn.Module):
         self.meta_feature_gate = (
             FeatureGate(num_experts=E1, d_model=d_in, rank=rank) if feature_gate else None
         )
-        gates1: dict[str, nn.Module] = {SHARED_UNIT: DenseSoftmaxGate(d_model=d_in, num_experts=E1)}
+        gates1: dict[str, nn.Module] = {
+            SHARED_UNIT: make_gate(gate, d_model=d_in, num_experts=E1, name="meta shared gate")
+        }
         for g in self.groups:
             mask = allowed(kinds1, {"shared", f"group:{g}"})
-            gates1[g] = DenseSoftmaxGate(d_model=d_in, num_experts=E1, expert_mask=mask)
+            gates1[g] = make_gate(
+                gate, d_model=d_in, num_experts=E1, expert_mask=mask, name=f"meta gate {g!r}"
+            )
         self.meta = MultiGateMixture(
             experts=representation_bank(
                 num_experts=E1, dims=[d_in, *widths], activation=activation, expert_norm=expert_norm
@@ -248,7 +259,9 @@ class HoME(nn.Module):
         gates2: dict[str, nn.Module] = {}
         for t in self.tasks:
             mask = allowed(kinds2, {"shared", f"group:{self.group_of[t]}", f"task:{t}"})
-            gates2[t] = DenseSoftmaxGate(d_model=H, num_experts=E2, expert_mask=mask)
+            gates2[t] = make_gate(
+                gate, d_model=H, num_experts=E2, expert_mask=mask, name=f"task gate {t!r}"
+            )
         self.task_level = MultiGateMixture(
             experts=representation_bank(
                 num_experts=E2, dims=[H, *widths], activation=activation, expert_norm=expert_norm

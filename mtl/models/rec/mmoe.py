@@ -17,6 +17,7 @@ from mtl.models.rec.common import (
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
 from mtl.moe import DenseSoftmaxGate, MultiGateMixture, MultiGateOutput
+from mtl.moe.multi_gate import GateFactory, make_gate
 
 
 class MMoE(nn.Module):
@@ -45,6 +46,11 @@ class MMoE(nn.Module):
             ``expert_dropout = dropout``, ``tower_norm`` and ``gate_norm`` together
             build torch-rechub's ``MMOE`` exactly.
         gate_temperature: softmax temperature of the gates.
+        gate: builds each gate from ``d_model`` and ``num_experts`` (a class or
+            partial: :class:`~mtl.moe.TopKGate`, a ``conf/gate`` choice...);
+            default :class:`~mtl.moe.DenseSoftmaxGate`. ``gate_norm`` and a
+            ``gate_temperature`` other than 1 are passed to it as ``logit_norm``
+            and ``temperature``, which only the dense gate takes.
         aux_loss_weights: ``{loss name: weight}`` over :mod:`mtl.moe.losses`
             (``importance``, ``z_loss``, ``entropy``...), averaged over gates.
 
@@ -75,6 +81,7 @@ class MMoE(nn.Module):
         tower_norm: bool = False,
         gate_norm: bool = False,
         gate_temperature: float = 1.0,
+        gate: GateFactory = DenseSoftmaxGate,
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
@@ -91,12 +98,15 @@ class MMoE(nn.Module):
             dropout=expert_dropout,
         )
         self.expert_kinds = ["shared"] * num_experts
+        # Only settings away from their defaults are passed: any gate takes the defaults.
+        options: dict[str, object] = {}
+        if gate_temperature != 1.0:
+            options["temperature"] = gate_temperature
+        if gate_norm:
+            options["logit_norm"] = True
         gates = {
-            name: DenseSoftmaxGate(
-                d_model=d_in,
-                num_experts=num_experts,
-                temperature=gate_temperature,
-                logit_norm=gate_norm,
+            name: make_gate(
+                gate, d_model=d_in, num_experts=num_experts, name=f"gate {name!r}", **options
             )
             for name in self._gate_names()
         }
@@ -107,6 +117,10 @@ class MMoE(nn.Module):
 
     def forward(self, x_BD: Tensor) -> MultiTaskOutput:
         return self._towers(self.mixture(x_BD))
+
+    def supports_projection(self) -> bool:
+        """Whether :meth:`input_weight`/:meth:`forward_projected` apply (dense softmax gates)."""
+        return self.mixture.supports_projection()
 
     def input_weight(self) -> Tensor:
         """``(d_in, N)``: the experts' first layer and the gates' logit columns."""

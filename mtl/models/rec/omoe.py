@@ -24,6 +24,8 @@ class OMoE(MMoE):
         expert_norm: per-expert batch norm before each activation.
         expert_dropout, tower_norm, gate_norm: as in :class:`~mtl.models.rec.mmoe.MMoE`.
         gate_temperature: softmax temperature of the gate.
+        gate: builds the gate from ``d_model`` and ``num_experts``; default
+            :class:`~mtl.moe.DenseSoftmaxGate` (see :class:`~mtl.models.rec.mmoe.MMoE`).
         aux_loss_weights: ``{loss name: weight}`` over :mod:`mtl.moe.losses`.
 
     Shapes:

@@ -19,6 +19,7 @@ from mtl.models.rec.common import (
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
 from mtl.moe import DenseSoftmaxGate, MultiGateMixture, MultiGateOutput
+from mtl.moe.multi_gate import GateFactory, make_gate
 
 
 class PLE(nn.Module):
@@ -49,6 +50,10 @@ class PLE(nn.Module):
         expert_norm: per-expert batch norm before each activation.
         expert_dropout: dropout after each expert layer's activation.
         tower_norm: batch norm before each tower activation.
+        gate: builds each gate from ``d_model``, ``num_experts`` (and ``expert_mask``
+            for the task gates); default :class:`~mtl.moe.DenseSoftmaxGate`. Top-k,
+            noisy top-k, top-p and sigmoid + bias gates are masked through their
+            logits (:class:`~mtl.moe.multi_gate.MaskedGate`); expert choice is refused.
         aux_loss_weights: ``{loss name: weight}``, over every gate of every level,
             each restricted to the experts it may use.
 
@@ -80,6 +85,7 @@ class PLE(nn.Module):
         expert_norm: bool = False,
         expert_dropout: float = 0.0,
         tower_norm: bool = False,
+        gate: GateFactory = DenseSoftmaxGate,
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
@@ -113,9 +119,17 @@ class PLE(nn.Module):
             gates: dict[str, nn.Module] = {}
             for i, t in enumerate(self.tasks):
                 allowed = [e for e in range(E) if owner[e] in (0, i + 1)]
-                gates[t] = DenseSoftmaxGate(d_model=d_level, num_experts=E, expert_mask=allowed)
+                gates[t] = make_gate(
+                    gate,
+                    d_model=d_level,
+                    num_experts=E,
+                    expert_mask=allowed,
+                    name=f"level {level} gate {t!r}",
+                )
             if level < self.num_levels - 1 and S > 0:  # without shared experts nothing reads it
-                gates[SHARED_UNIT] = DenseSoftmaxGate(d_model=d_level, num_experts=E)
+                gates[SHARED_UNIT] = make_gate(
+                    gate, d_model=d_level, num_experts=E, name=f"level {level} shared gate"
+                )
             levels.append(MultiGateMixture(experts=bank, gates=gates))
             d_level = widths[-1]
         self.levels = nn.ModuleList(levels)
@@ -125,6 +139,10 @@ class PLE(nn.Module):
 
     def forward(self, x_BD: Tensor) -> MultiTaskOutput:
         return self._upper_levels(self.levels[0](x_BD))
+
+    def supports_projection(self) -> bool:
+        """Whether :meth:`input_weight`/:meth:`forward_projected` apply (dense softmax gates)."""
+        return self.levels[0].supports_projection()
 
     def input_weight(self) -> Tensor:
         """``(d_in, N)``: the first level's experts' first layer and gate logit columns."""

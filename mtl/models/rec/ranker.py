@@ -15,8 +15,13 @@ class ProjectsInput(Protocol):
     """A model whose first operation on its input is one linear map, exposed as a seam.
 
     ``model(x) == model.forward_projected(x @ model.input_weight())`` for every
-    ``(B, D_in)`` input ``x`` (values and gradients).
+    ``(B, D_in)`` input ``x`` (values and gradients), whenever
+    :meth:`supports_projection` holds.
     """
+
+    def supports_projection(self) -> bool:
+        """Whether the seam applies to this instance (MMoE's is linear only with dense gates)."""
+        ...
 
     def input_weight(self) -> Tensor:
         """``(D_in, N)``: every column the model's first layer takes from ``x``."""
@@ -36,6 +41,8 @@ class Ranker(nn.Module):
     batch size (:meth:`FeatureEmbedding.folds`), the ranker computes that
     product with :meth:`FeatureEmbedding.project` instead and continues the
     model from it: the same result, without the ``(B, D_in) @ (D_in, N)`` GEMM.
+    A model whose first map is not linear in ``x`` (sparse or jittered gates:
+    ``supports_projection()`` is false) takes the plain path.
 
     Args:
         embedding: the :class:`~mtl.models.rec.embedding.FeatureEmbedding` of the data's spec.
@@ -64,7 +71,11 @@ class Ranker(nn.Module):
 
     def folds(self, batch_size: int) -> bool:
         """Whether :meth:`forward` folds embedding tables into the model's first layer."""
-        return isinstance(self.model, ProjectsInput) and any(self.embedding.folds(batch_size))
+        return (
+            isinstance(self.model, ProjectsInput)
+            and self.model.supports_projection()
+            and any(self.embedding.folds(batch_size))
+        )
 
     def forward(self, cat_BF: Tensor, num_BN: Tensor) -> MultiTaskOutput:
         if self.folds(cat_BF.shape[0]):

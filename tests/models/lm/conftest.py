@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from mtl.models.lm import TransformerLM
 from mtl.training.build import build_lm
+from mtl.training.gate_config import model_config
 
 CONF_MODEL = Path(__file__).resolve().parents[3] / "conf" / "model"
 LM_PRESETS = sorted(p.stem for p in CONF_MODEL.glob("lm_*.yaml"))
@@ -19,7 +20,7 @@ LM_PRESETS = sorted(p.stem for p in CONF_MODEL.glob("lm_*.yaml"))
 
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     """The preset's model config (plain dict) with dotted-key overrides applied."""
-    cfg = OmegaConf.load(CONF_MODEL / f"{name}.yaml")
+    cfg = OmegaConf.create(model_config(name))  # with the gate its defaults list picks
     for key, value in overrides.items():
         OmegaConf.update(cfg, key.replace("__", "."), value, force_add=True)
     out = OmegaConf.to_container(cfg, resolve=True)

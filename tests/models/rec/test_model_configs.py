@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import OmegaConf
 
 from mtl.models.rec import ESMM, PLE, HoME, MMoE, MultiTaskOutput, OMoE, SharedBottom
+from mtl.training.gate_config import model_config
 
 CONF = Path(__file__).resolve().parents[3] / "conf" / "model"
 REC_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml") if not p.stem.startswith("lm_"))
@@ -15,13 +15,13 @@ MODELS = [ESMM, HoME, MMoE, OMoE, PLE, SharedBottom]
 
 
 def test_every_model_class_has_a_config() -> None:
-    targets = {OmegaConf.load(CONF / f"{name}.yaml")._target_ for name in REC_CONFIGS}
+    targets = {model_config(name)["_target_"] for name in REC_CONFIGS}
     assert {get_class(t) for t in targets} == set(MODELS)
 
 
 @pytest.mark.parametrize("name", REC_CONFIGS)
 def test_every_yaml_config_builds_and_runs(name: str) -> None:
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg = model_config(name)
     tasks = ["ctr", "ctcvr"] if name == "esmm" else ["click", "like"]
     torch.manual_seed(0)
     model = instantiate(cfg, _convert_="all", d_in=24, tasks=tasks).eval()
