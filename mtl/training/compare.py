@@ -80,8 +80,9 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     The data split seed is pinned to the base config's, so every run trains and
     tests on identical rows, and the data is loaded once and shared. Runs go to
-    ``<output_dir>/<model>/seed<s>/``; the report (``report.md``, ``results.json``,
-    PNG plots) to ``<output_dir>``.
+    ``<output_dir>/<model>/seed<s>/`` (each with its ``test_scores.npz``, which the
+    report's paired tests read); the report (``report.md``, ``results.json``, PNG
+    plots) to ``<output_dir>``.
 
     Returns:
         The ``results.json`` content.

@@ -108,6 +108,9 @@ class RecModule(pl.LightningModule):
         """Per split (``"val"``/``"test"``), the flat metrics of the last evaluation."""
         self.eval_diagnostics: dict[str, ExpertDiagnostics] = {}
         """Per split, the diagnostics of the last evaluation."""
+        self.test_scores: dict[str, tuple[Tensor, Tensor]] = {}
+        """Per task, ``(predictions, labels)`` of the last test, ``(N,)`` each in row order."""
+        self._test_rows: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self._train_means = EpochMeans()
 
     monitor_prefixes: tuple[str, ...] = (
@@ -243,6 +246,9 @@ class RecModule(pl.LightningModule):
         preds = self.predictions(out)
         for j, task in enumerate(self.task_names):
             self.eval_metrics[task].update(preds[task], batch.labels[:, j], batch.user)
+            if split == "test":  # kept for the paired significance tests of `mtl compare`
+                rows = (preds[task].detach().float(), batch.labels[:, j].detach().float())
+                self._test_rows.setdefault(task, []).append(rows)
         if self.diag is not None:
             self.diag.update(out)
 
@@ -283,12 +289,18 @@ class RecModule(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._eval_epoch_start()
+        self._test_rows = {}
 
     def test_step(self, batch: RecBatch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+        self.test_scores = {
+            task: (torch.cat([p for p, _ in rows]).cpu(), torch.cat([y for _, y in rows]).cpu())
+            for task, rows in self._test_rows.items()
+        }
+        self._test_rows = {}
 
     def predict_step(self, batch: RecBatch, batch_idx: int) -> dict[str, Tensor]:
         return self.predictions(self(batch))

@@ -1,4 +1,4 @@
-"""A run's results: ``metrics.json`` and the summary printed at the end of ``mtl train``."""
+"""A run's results: ``metrics.json``, the test scores and the summary printed at the end of ``mtl train``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+
+TEST_SCORES_FILE = "test_scores.npz"
+"""A ranking run's test predictions and labels per task, beside ``metrics.json``."""
 
 
 def _finite(value: Any) -> Any:
@@ -31,6 +37,41 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_finite(data), indent=2) + "\n")
+
+
+def write_test_scores(path: Path, scores: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Save per-task ``(predictions, labels)`` of the test split as a compressed ``.npz``.
+
+    Predictions are float32; labels uint8 for 0/1 tasks, float32 otherwise. Arrays
+    are named ``pred/<task>`` and ``label/<task>``.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / TEST_SCORES_FILE
+        >>> write_test_scores(path, {"click": (torch.tensor([0.25, 0.5]), torch.tensor([0.0, 1.0]))})
+        >>> preds, labels = read_test_scores(path)["click"]
+        >>> preds.tolist(), labels.tolist(), labels.dtype.name
+        ([0.25, 0.5], [0, 1], 'uint8')
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for task, (preds, labels) in scores.items():
+        y = labels.detach().cpu().float().numpy()
+        binary = bool(np.isin(y, (0.0, 1.0)).all())
+        arrays[f"pred/{task}"] = preds.detach().cpu().float().numpy()
+        arrays[f"label/{task}"] = y.astype(np.uint8) if binary else y
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def read_test_scores(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task, ``(predictions, labels)`` as written by :func:`write_test_scores`.
+
+    Read without pickle (``allow_pickle=False``): the file holds plain arrays only.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        tasks = [k.split("/", 1)[1] for k in data.files if k.startswith("pred/")]
+        return {t: (data[f"pred/{t}"], data[f"label/{t}"]) for t in tasks}
 
 
 def _cell(value: float | None) -> str:

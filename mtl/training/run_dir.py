@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".mtl-run.lock"
 """The lock file in a run folder, held (``flock``) while a run writes the folder."""
 
-RUN_FILES: tuple[str, ...] = ("config.yaml", "metrics.json", "csv", "tb")
+RUN_FILES: tuple[str, ...] = ("config.yaml", "metrics.json", "test_scores.npz", "csv", "tb")
 """What a run of ``mtl train`` writes into its folder, besides its checkpoints."""
 
 COMPARE_FILES: tuple[str, ...] = ("results.json", "report.md")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,25 @@ def test_mtl_compare_writes_report_results_and_plots(
     rates = {r["test"]["pos_rate/like"] for r in results["runs"]}
     assert len(rates) == 1
     report = (out / "report.md").read_text()
+    # First table: AUC with its 95% interval per task and model, then the paired tests.
+    first = report.split("\n## ")[1]
+    assert first.startswith("Test AUC with intervals")
+    for task in ("click", "like", "conversion"):
+        for model in ("mmoe", "home"):
+            row = next(r for r in first.splitlines() if r.startswith(f"| {task} | {model} |"))
+            auc, interval = (c.strip() for c in row.split("|")[3:5])
+            low, high = (float(v) for v in interval.strip("[]").split(","))
+            assert 0.0 <= low < float(auc) < high <= 1.0, row
+            # The saved scores give the AUC the run's metrics report (mean over seeds).
+            mean = statistics.fmean(
+                r["test"][f"auc/{task}"] for r in results["runs"] if r["model"] == model
+            )
+            assert float(auc) == pytest.approx(mean, abs=1e-4)
+        pair = next(r for r in first.splitlines() if r.startswith(f"| {task} | mmoe − home |"))
+        assert f"on {task}: +" in pair and "significant" in pair
+        assert results["significance"]["tasks"][task]["pairs"][0]["seeds"] == [0, 1]
+    for r in results["runs"]:
+        assert (Path(r["output_dir"]) / r["test_scores"]).is_file()
     models_part = report.split("## Models")[1].split("##")[0]
     tasks_part = report.split("## Test metrics per task")[1].split("##")[0]
     for model in ("mmoe", "home"):
