@@ -209,6 +209,7 @@ def test_registry_knows_every_source_and_rejects_unknown() -> None:
         "kuairand",
         "synthetic_ctr",
         "synthetic_mmoe",
+        "table",
     ]
     with pytest.raises(
         ValueError, match=r"unknown data source 'criteo'; known sources: \['ali_ccp', 'aliexpress'"

@@ -17,6 +17,7 @@ from mtl.data.sources.base import SourceData
 from mtl.data.sources.census import census_income
 from mtl.data.sources.kuairand import kuairand
 from mtl.data.sources.synthetic import synthetic_ctr, synthetic_mmoe
+from mtl.data.sources.table import table
 from mtl.data.validation import check_row_limit
 
 SOURCES: dict[str, Callable[..., SourceData]] = {
@@ -26,6 +27,7 @@ SOURCES: dict[str, Callable[..., SourceData]] = {
     "aliexpress": aliexpress,
     "ali_ccp": ali_ccp,
     "kuairand": kuairand,
+    "table": table,
 }
 
 
@@ -60,4 +62,5 @@ __all__ = [
     "load_source",
     "synthetic_ctr",
     "synthetic_mmoe",
+    "table",
 ]
