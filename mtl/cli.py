@@ -100,10 +100,13 @@ def cmd_train(overrides: Sequence[str], print_config: bool) -> int:
     if print_config:
         print(to_yaml(cfg))
         return 0
+    from mtl.training.ranks import is_launch_rank_zero
     from mtl.training.results import summary
     from mtl.training.train import train
 
-    print(f"\n{summary(train(cfg))}")
+    result = train(cfg)
+    if is_launch_rank_zero():  # a DDP run prints its summary once
+        print(f"\n{summary(result)}")
     return 0
 
 

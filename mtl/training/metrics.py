@@ -141,7 +141,8 @@ class GroupAUC(Metric):
 
     def compute(self) -> Tensor:
         """GAUC as a float32 scalar (NaN when no group has both classes)."""
-        if not self.scores:
+        # After a multi-process sync the list states are one concatenated tensor.
+        if len(self.scores) == 0:
             return torch.tensor(math.nan)
         value, _ = group_auc(
             dim_zero_cat(self.scores), dim_zero_cat(self.labels), dim_zero_cat(self.groups)

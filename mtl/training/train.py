@@ -14,7 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,11 @@ from mtl.training.compile import compile_model
 from mtl.training.config import ConfigError, resume_checkpoint_path, to_yaml
 from mtl.training.config_checks import check_train_config
 from mtl.training.finite_guard import NonFiniteError
+from mtl.training.gate_config import gate_name
 from mtl.training.lm_module import LMModule
+from mtl.training.ranks import is_launch_rank_zero
 from mtl.training.rec_module import RecModule
-from mtl.training.results import write_json
+from mtl.training.results import TEST_SCORES_FILE, write_json, write_test_scores
 from mtl.training.run_dir import RunLock, check_run_dir, config_checkpoint_dir, prepare_run_dir
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,8 @@ def run_settings(num_threads: int | None) -> Iterator[None]:
                 ".*does not have many workers.*",
                 ".*log_every_n_steps.*",
                 ".*LeafSpec.*",
+                # rec metrics are synced by torchmetrics, not by self.log(sync_dist=True)
+                ".*when logging on epoch level in distributed setting.*",
             ):
                 warnings.filterwarnings("ignore", message=pattern)
             yield
@@ -112,7 +116,8 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
         ``data``, ``monitor``, ``best_score``, ``params``, ``train_time_s``, ``epochs``,
         ``global_step``, ``best_ckpt``, ``last_ckpt``, ``output_dir``. Rec: ``tasks``,
         ``test`` and ``last_val`` (``{metric/task: value}``), ``tested`` (``"best
-        checkpoint"`` or ``"final weights"``), ``diagnostics``. LM:
+        checkpoint"`` or ``"final weights"``), ``diagnostics``, ``test_scores`` (the
+        file of per-task test predictions and labels in ``output_dir``). LM:
         ``val_loss``, ``val_ppl``, ``unigram_entropy``, ``bigram_entropy``,
         ``train_loss``, ``tokens_per_s``, ``routing``, ``sample`` (losses in nats per token).
 
@@ -133,14 +138,20 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
     """
     check_train_config(cfg)
     out_dir = Path(str(cfg.output_dir)).expanduser()
+    # Under DDP every process runs this; only rank 0 locks and writes the run folder.
+    primary = is_launch_rank_zero()
     # Nothing in the folder changes until the folder, the resume checkpoint and the
     # writability checks pass (the lock file aside, removed again on failure).
-    with RunLock(out_dir), run_settings(cfg.get("num_threads")):
-        earlier = check_run_dir(
-            out_dir,
-            ckpt_dir=config_checkpoint_dir(cfg),
-            resume=cfg.get("resume"),
-            overwrite=bool(cfg.get("overwrite", False)),
+    with RunLock(out_dir) if primary else nullcontext(), run_settings(cfg.get("num_threads")):
+        earlier = (
+            check_run_dir(
+                out_dir,
+                ckpt_dir=config_checkpoint_dir(cfg),
+                resume=cfg.get("resume"),
+                overwrite=bool(cfg.get("overwrite", False)),
+            )
+            if primary
+            else None
         )
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         dm = datamodule if datamodule is not None else build_datamodule(cfg)
@@ -160,10 +171,11 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
         ckpt_path = resume_checkpoint_path(cfg, Path(checkpoint.dirpath))
         if ckpt_path is not None:
             check_resume_checkpoint(ckpt_path, module)
-        prepare_run_dir(
-            out_dir, Path(checkpoint.dirpath), clear=bool(cfg.get("overwrite")), earlier=earlier
-        )
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        if primary:
+            prepare_run_dir(
+                out_dir, Path(checkpoint.dirpath), clear=bool(cfg.get("overwrite")), earlier=earlier
+            )
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
         trainer: pl.Trainer = build(
             cfg.trainer,
             what="trainer",
@@ -185,6 +197,7 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
         result: dict[str, Any] = {
             "kind": str(cfg.kind),
             "model": str(cfg.model_name),
+            "gate": gate_name(module.net),
             "seed": int(cfg.seed),
             "data": str(dm.source),
             "monitor": checkpoint.monitor or monitor,  # val/loss after a MonitorFallback
@@ -192,6 +205,8 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
             "epochs": int(trainer.current_epoch),
             "global_step": int(trainer.global_step),
         }
+        if hasattr(dm, "split_summary"):  # data=table: how it split, rows per split, files read
+            result["split"] = dm.split_summary()
         if isinstance(module, LMModule):
             result |= _evaluate_lm(cfg, trainer, module, dm)
         else:
@@ -202,8 +217,13 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
             "last_ckpt": last_ckpt,
             "output_dir": str(out_dir),
         }
-        write_json(out_dir / "metrics.json", result)
-    log.info("metrics written to %s", out_dir / "metrics.json")
+        if primary and isinstance(module, RecModule) and module.test_scores:
+            # Before metrics.json: a finished run always has its scores for `mtl compare`.
+            write_test_scores(out_dir / TEST_SCORES_FILE, module.test_scores)
+            result["test_scores"] = TEST_SCORES_FILE
+        if primary:
+            write_json(out_dir / "metrics.json", result)
+            log.info("metrics written to %s", out_dir / "metrics.json")
     return result
 
 
