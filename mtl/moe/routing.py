@@ -89,9 +89,13 @@ class RoutingStats:
         tokens_per_expert_E: ``(E,)`` float32 number of token slots each expert
             computed (after capacity dropping).
         dropped_slots: scalar, token slots the gate chose but the dispatch dropped.
-        dropped_tokens: scalar, tokens left with no expert at all by dropping
-            (they pass through the residual unchanged).
+        dropped_tokens: scalar, tokens no expert computed: every slot dropped by
+            the dispatch's capacity, or none chosen at all (expert choice). They
+            pass through the residual unchanged.
         valid_slots: scalar, token slots the gate chose.
+        num_tokens: scalar, tokens routed.
+        experts_per_token: scalar, mean number of experts that computed a token
+            (varies with the router's confidence under top-p).
         entropy: scalar, mean per-token entropy (nats) of ``probs_TE``.
         mean_weight_E: ``(E,)`` mean combine weight each expert receives; for
             dense gates this is the expert utilisation a task's gate shows.
@@ -103,16 +107,25 @@ class RoutingStats:
     valid_slots: Tensor
     entropy: Tensor
     mean_weight_E: Tensor
+    num_tokens: Tensor
+    experts_per_token: Tensor
 
     @property
     def dropped_fraction(self) -> Tensor:
         return self.dropped_slots / self.valid_slots.clamp_min(1)
+
+    @property
+    def dropped_token_fraction(self) -> Tensor:
+        return self.dropped_tokens / self.num_tokens.clamp_min(1)
 
     def as_dict(self, prefix: str = "") -> dict[str, Tensor]:
         """Scalar statistics for a logger, e.g. ``{"moe/dropped_fraction": ...}``."""
         load = self.tokens_per_expert_E
         return {
             f"{prefix}dropped_fraction": self.dropped_fraction,
+            f"{prefix}dropped_tokens": self.dropped_tokens,
+            f"{prefix}dropped_token_fraction": self.dropped_token_fraction,
+            f"{prefix}experts_per_token": self.experts_per_token,
             f"{prefix}router_entropy": self.entropy,
             # max/mean load: 1.0 is perfect balance, E means one expert takes all
             f"{prefix}load_max_over_mean": load.max() / load.mean().clamp_min(1e-9),
@@ -177,15 +190,19 @@ def routing_stats(routing: RoutingResult, kept_TK: Tensor | None = None) -> Rout
     E = routing.num_experts
     ids = routing.experts_TK.masked_fill(~kept, E)
     tokens_per_expert_E = bin_counts(ids, E + 1)[:E].float()
-    had_expert_T = valid_TK.any(-1)
-    has_expert_T = kept.any(-1)
+    # A token with no kept slot is dropped whether the dispatch's capacity dropped its
+    # slots or the gate chose none (expert choice leaves some tokens to no expert).
+    kept_T = kept.sum(-1)
+    T = routing.num_tokens
     p_TE = routing.probs_TE
     entropy = -(p_TE * torch.log(p_TE.clamp_min(1e-12))).sum(-1).mean()
     return RoutingStats(
         tokens_per_expert_E=tokens_per_expert_E,
         dropped_slots=(valid_TK & ~kept).sum().float(),
-        dropped_tokens=(had_expert_T & ~has_expert_T).sum().float(),
+        dropped_tokens=(kept_T == 0).sum().float(),
         valid_slots=valid_TK.sum().float(),
         entropy=entropy,
         mean_weight_E=routing.dense_weights().mean(0),
+        num_tokens=torch.tensor(float(T), device=kept.device),
+        experts_per_token=kept_T.sum().float() / max(T, 1),
     )

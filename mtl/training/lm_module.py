@@ -5,7 +5,9 @@ router losses. Logged:
 ``train/loss`` (cross-entropy), ``train/aux_loss`` and each router loss,
 ``train/ppl``, ``train/tokens_per_s``, ``val/loss``, ``val/ppl`` (exp of the
 token-weighted mean loss) and per MoE layer ``moe/layer{i}/load_max_over_mean``,
-``dropped_fraction``, ``router_entropy`` (plus their mean over layers). Training
+``dropped_fraction``, ``dropped_tokens`` (tokens no expert computed),
+``dropped_token_fraction``, ``experts_per_token``, ``router_entropy`` (plus their
+mean over layers); ``val_load`` keeps each layer's per-expert load. Training
 values are logged on the steps that the logger writes or the progress bar shows
 (:func:`~mtl.training.step_logging.step_metrics_due`), not on every step.
 
@@ -29,6 +31,7 @@ from mtl.data.tokenizers import Tokenizer
 from mtl.models.lm.generate import generate as generate_ids
 from mtl.models.lm.transformer import LMOutput, TransformerLM
 from mtl.moe import RoutingStats, SigmoidBiasGate
+from mtl.training.expert_load import ExpertLoad
 from mtl.training.schedules import OptimizerFactory, SchedulerFactory, optimizers_with_schedule
 from mtl.training.step_logging import step_metrics_due
 
@@ -98,6 +101,8 @@ class LMModule(pl.LightningModule):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.val_loss = MeanMetric()
+        self.val_load = ExpertLoad()
+        """Per MoE layer, the token slots each expert computed in the last validation."""
         self._step_start: float | None = None
 
     default_monitor = "val/loss"
@@ -183,7 +188,11 @@ class LMModule(pl.LightningModule):
         ce = out.loss
         self.val_loss.update(ce, weight=targets_BT.numel())
         self._log_routing(out.layer_stats, "val", inputs_BT.shape[0])
+        self.val_load.update(out.layer_stats)
         return ce
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_load.reset()
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
