@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pytorch_lightning as L
 
+from mtl.data.data_record import describe_split, label_rates
 from mtl.data.features import ColumnRoles, FeatureSpec, FittedFeatures, TaskKind, fit_features
 from mtl.data.sources import SourceData, load_source
 from mtl.data.tabular import TabularTensors, TensorBatchLoader, encode
@@ -149,6 +150,11 @@ class RecDataModule(L.LightningDataModule):
         self.row_index: dict[Split, np.ndarray] = {}
         """Per split, row positions in the source frame it came from (``origin[split]``)."""
         self.origin: dict[Split, str] = {}
+        # What the source read and which of its own splits were used: the run's data record.
+        self._source_files: dict[str, list[str]] = {}
+        self._source_head = ""
+        self._given: list[Split] = []
+        self._unused: list[Split] = []
 
     # ----------------------------------------------------------------- preparation
     def _roles(self, data: SourceData) -> ColumnRoles:
@@ -178,6 +184,12 @@ class RecDataModule(L.LightningDataModule):
         if self.use_source_test and data.test is not None:
             given["test"] = data.test
         n = data.train.height
+        self._source_files = {k: list(v) for k, v in data.files.items()}
+        self._source_head = data.description or f"{self.source}: the rows"
+        self._given = [s for s in SPLITS if s in given]
+        self._unused = [
+            s for s in ("val", "test") if getattr(data, s) is not None and s not in given
+        ]
         parts: dict[Split, np.ndarray]
         if len(given) == 2:
             parts = {"train": np.arange(n)}
@@ -247,6 +259,42 @@ class RecDataModule(L.LightningDataModule):
     def spec(self) -> FeatureSpec:
         """The feature spec fitted on train (prepares the data on first access)."""
         return self.fitted.spec
+
+    def files(self) -> dict[str, list[str]]:
+        """The files read, by the frame they filled (``rows``, ``val``, ``test``); {} if generated."""
+        self._prepare()
+        return dict(self._source_files)
+
+    def split_how(self) -> str:
+        """One sentence on how the splits were made (where the rows came from, fractions, seed)."""
+        self._prepare()
+        return describe_split(
+            head=self._source_head,
+            given=self._given,
+            fractions=self.split,
+            split_seed=self.split_seed,
+            unused=self._unused,
+        )
+
+    def split_summary(self) -> dict[str, Any]:
+        """What the run trains on: ``how`` it split, ``rows`` per split, the ``files`` read,
+        and per task and split the ``positive_rate`` (binary) or ``label_mean`` (regression).
+
+        Example:
+            >>> dm = RecDataModule(source="synthetic_ctr", source_kwargs={"n": 1000, "n_users": 50,
+            ...     "n_items": 40, "tasks": ["click"]})
+            >>> summary = dm.split_summary()
+            >>> summary["rows"], summary["how"]
+            ({'train': 800, 'val': 100, 'test': 100}, 'synthetic_ctr: 1,000 generated rows (seed 0) split 80/10/10 at random (split_seed 0)')
+        """
+        summary: dict[str, Any] = {
+            "how": self.split_how(),
+            "rows": {s: len(self.tensors(s)) for s in SPLITS},
+            "files": self.files(),
+        }
+        labels = {s: self.tensors(s).labels_BT for s in SPLITS}
+        tasks = {t.name: t.kind for t in self.spec.tasks}
+        return summary | label_rates(labels, tasks)
 
     def tensors(self, split: Split) -> TabularTensors:
         """Encoded tensors of ``"train"``, ``"val"`` or ``"test"``."""

@@ -133,8 +133,8 @@ class TableDataModule(RecDataModule):
         named = {"rows": kw["path"] or kw["train"], "val": kw["val"], "test": kw["test"]}
         return {k: [str(p) for p in table_files(v, key=k)] for k, v in named.items() if v}
 
-    def split_summary(self) -> dict[str, Any]:
-        """How the splits were made, their rows, the files read (and time ranges for a time split)."""
+    def split_how(self) -> str:
+        """How the splits were made: at random, by time on ``split_by``, or from files."""
         kw = self.source_kwargs
         from_files = [s for s in ("val", "test") if kw[s]]
         carved = [s for s in ("val", "test") if not kw[s]]
@@ -156,11 +156,12 @@ class TableDataModule(RecDataModule):
             how = "train, val and test from their own files"
         if from_files and carved:
             how += "; " + ", ".join(f"{s} from data.{s}" for s in from_files)
-        summary: dict[str, Any] = {
-            "how": how,
-            "rows": {s: len(self.tensors(s)) for s in SPLITS},
-            "files": self.files(),
-        }
+        return how
+
+    def split_summary(self) -> dict[str, Any]:
+        """The :meth:`RecDataModule.split_summary` record, with each split's time range
+        (``time_range``) for a time split."""
+        summary = super().split_summary()
         if self._time_ranges:
             summary["time_range"] = dict(self._time_ranges)
         return summary

@@ -115,8 +115,11 @@ def ali_ccp(
     train = _read_split(train_file, **kwargs)  # type: ignore[arg-type]
     roles = _roles_for(train.columns, add_ctcvr)
     others: dict[str, pl.DataFrame | None] = {}
+    files = {"rows": [str(train_file)]}
     for split in ("val", "test"):
         file = _find(root, split)
+        if file is not None:
+            files[split] = [str(file)]
         frame = _read_split(file, **kwargs) if file is not None else None  # type: ignore[arg-type]
         if frame is not None and set(frame.columns) != set(train.columns):
             raise ValueError(
@@ -125,5 +128,10 @@ def ali_ccp(
             )
         others[split] = frame.select(train.columns) if frame is not None else None
     return SourceData(
-        name="ali_ccp", train=train, roles=roles, val=others["val"], test=others["test"]
+        name="ali_ccp",
+        train=train,
+        roles=roles,
+        val=others["val"],
+        test=others["test"],
+        files=files,
     )

@@ -102,4 +102,14 @@ def aliexpress(
         if has_test
         else None
     )
-    return SourceData(name="aliexpress", train=train, roles=roles, test=test)
+    files = {"rows": [str(root / "train.csv")]}
+    if has_test:
+        files["test"] = [str(root / "test.csv")]
+    return SourceData(
+        name="aliexpress",
+        train=train,
+        roles=roles,
+        test=test,
+        files=files,
+        description=None if has_test else f"aliexpress: train.csv only (no test.csv in {root})",
+    )

@@ -9,7 +9,7 @@ user which of their 80 columns is broken.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,11 @@ class SourceData:
         roles: column roles (features, labels and their kinds, user column).
         val: the source's own validation rows, or None.
         test: the source's own test rows, or None.
+        files: the files read, by the frame they fill: ``"rows"`` (``train``), ``"val"``,
+            ``"test"``; empty for generated data.
+        description: where the rows came from, for the run's record (e.g. that a folder
+            held only one of a dataset's files, so the data module splits it); None
+            when ``files`` says it all.
 
     Example:
         >>> roles = ColumnRoles(numeric=["x"], labels={"y": "regression"})
@@ -44,6 +49,8 @@ class SourceData:
     roles: ColumnRoles
     val: pl.DataFrame | None = None
     test: pl.DataFrame | None = None
+    files: dict[str, list[str]] = field(default_factory=dict)
+    description: str | None = None
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:

@@ -193,8 +193,18 @@ def census_income(
                 f"no {TRAIN_FILE} or {TEST_FILE} (gzipped or not) in directory {root}; {_HINT}"
             )
         files = [p for p in (found["train"], found["test"]) if p is not None]
+        # One file of the two: it is all the rows, and the data module splits it.
+        if found["train"] is None:
+            description = f"census: the test file only (no {TRAIN_FILE} in {root})"
+        elif found["test"] is None:
+            description = f"census: the train file only (no {TEST_FILE} in {root})"
+        else:
+            description = (
+                f"census: train from {found['train'].name}, test from {found['test'].name}"
+            )
     elif root.exists():
         files = [root]
+        description = f"census: the one file {root.name}"
     else:
         raise FileNotFoundError(f"Census-Income file not found: {root}; {_HINT}")
 
@@ -204,4 +214,11 @@ def census_income(
         frame = _to_model_frame(read_census_file(file, n_rows=n_rows), file, log_money)
         frames.append(validate_frame(frame, roles, origin=str(file)))
     test = frames[1] if len(frames) == 2 else None
-    return SourceData(name="census_income", train=frames[0], roles=roles, test=test)
+    return SourceData(
+        name="census_income",
+        train=frames[0],
+        roles=roles,
+        test=test,
+        files={k: [str(p)] for k, p in zip(("rows", "test"), files, strict=False)},
+        description=description,
+    )

@@ -176,7 +176,7 @@ def kuairand(
     df = df.with_columns([pl.col(c).cast(pl.Float64).clip(lower_bound=0).log1p() for c in numeric])
 
     if test_start_date is None:
-        return SourceData(name="kuairand", train=df, roles=roles)
+        return SourceData(name="kuairand", train=df, roles=roles, files={"rows": [origin]})
     is_test = pl.col("date") >= test_start_date
     train, test = df.filter(~is_test), df.filter(is_test)
     if train.height == 0 or test.height == 0:
@@ -184,4 +184,11 @@ def kuairand(
             f"{origin}: test_start_date={test_start_date} leaves {train.height} train and {test.height} test rows "
             f"(dates span {df['date'].min()}..{df['date'].max()}); pick a date inside that range or None"
         )
-    return SourceData(name="kuairand", train=train, roles=roles, test=test)
+    return SourceData(
+        name="kuairand",
+        train=train,
+        roles=roles,
+        test=test,
+        files={"rows": [origin]},
+        description=f"kuairand: test is the rows dated {test_start_date} or later",
+    )

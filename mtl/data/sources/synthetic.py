@@ -80,7 +80,12 @@ def synthetic_mmoe(
     cols = {f"x_{j}": x[:, j].astype(np.float32) for j in range(d)}
     frame = pl.DataFrame({**cols, "y1": y1, "y2": y2})
     roles = ColumnRoles(numeric=list(cols), labels={"y1": "regression", "y2": "regression"})
-    return SourceData(name="synthetic_mmoe", train=frame, roles=roles)
+    return SourceData(
+        name="synthetic_mmoe",
+        train=frame,
+        roles=roles,
+        description=f"synthetic_mmoe: {n:,} generated rows (seed {seed})",
+    )
 
 
 def _zipf_draw(rng: np.random.Generator, n_values: int, size: int, exponent: float) -> np.ndarray:
@@ -267,4 +272,9 @@ def synthetic_ctr(
         labels=dict.fromkeys(tasks, "binary"),
         user_column="user_id",
     )
-    return SourceData(name="synthetic_ctr", train=frame, roles=roles)
+    return SourceData(
+        name="synthetic_ctr",
+        train=frame,
+        roles=roles,
+        description=f"synthetic_ctr: {n:,} generated rows (seed {seed})",
+    )
