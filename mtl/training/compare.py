@@ -5,6 +5,9 @@ user's overrides, ``model=<name>`` and ``seed=<s>``. A ``model.<key>=<value>``
 override goes to every model whose config has ``<key>`` (an error if none has),
 so ``model.expert_hidden=[64]`` resizes MMoE and HoME alike; per-model values go
 in ``model_overrides.<name>`` (e.g. ``+model_overrides.home.lora_rank=16``).
+Each model's parameter count and sizes are printed and recorded; with
+``match_params=true`` its widths are scaled to one parameter count
+(:mod:`mtl.training.param_match`: the first model's, or ``match_params_to``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtl.training.build import DataModule, build_datamodule
 from mtl.training.config import ConfigError, check_choice, compose_config
 from mtl.training.config_checks import check_compare_config
+from mtl.training.param_match import fair_sizes
 from mtl.training.run_dir import COMPARE_FILES, RunLock, check_run_dir
 from mtl.training.train import train
 
@@ -113,8 +117,50 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
             overwrite=bool(base.get("overwrite")),
             names=COMPARE_FILES,
         )
-        runs = _train_all(models, seeds, others, per_model, out_dir, int(split_seed))
-        return write_report(out_dir, runs, config=OmegaConf.to_container(base, resolve=True))
+        configs = {
+            name: _run_config(name, seeds[0], others, per_model, out_dir, int(split_seed))
+            for name in models
+        }
+        dm = build_datamodule(configs[models[0]])
+        match_to = base.get("match_params_to")
+        sizes = fair_sizes(
+            configs,
+            dm,
+            match=bool(base.get("match_params", False)),
+            match_to=None if match_to is None else int(match_to),
+        )
+        for name, size in sizes.items():
+            log.info("compare: %s has %d parameters, sizes %s", name, size["params"], size["sizes"])
+        widths = {name: size["widths"] for name, size in sizes.items()}
+        runs = _train_all(models, seeds, others, per_model, out_dir, int(split_seed), dm, widths)
+        config = OmegaConf.to_container(base, resolve=True)
+        return write_report(out_dir, runs, config=config, sizes=sizes)
+
+
+def _run_config(
+    name: str,
+    seed: int,
+    others: Sequence[str],
+    per_model: dict[str, list[str]],
+    out_dir: Path,
+    split_seed: int,
+) -> DictConfig:
+    """The config of run ``name`` x ``seed``, its ``model_overrides`` merged."""
+    cfg = compose_config(
+        "compare",
+        [
+            *others,
+            f"++data.split_seed={split_seed}",
+            f"output_dir={out_dir / name / f'seed{seed}'}",
+            f"model={name}",
+            *per_model[name],
+            f"seed={seed}",
+        ],
+    )
+    extra = (cfg.get("model_overrides") or {}).get(name)
+    if extra:
+        cfg.model = OmegaConf.merge(cfg.model, extra)
+    return cfg
 
 
 def _train_all(
@@ -124,27 +170,20 @@ def _train_all(
     per_model: dict[str, list[str]],
     out_dir: Path,
     split_seed: int,
+    dm: DataModule | None = None,
+    widths: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every model x seed into ``out_dir/<model>/seed<s>``, on one shared data module."""
-    dm: DataModule | None = None
+    """Every model x seed into ``out_dir/<model>/seed<s>``, on one shared data module.
+
+    ``widths``: per model, width overrides merged last (from ``match_params``).
+    """
     runs: list[dict[str, Any]] = []
     for name in models:
         for seed in seeds:
             run_dir = out_dir / name / f"seed{seed}"
-            cfg = compose_config(
-                "compare",
-                [
-                    *others,
-                    f"++data.split_seed={split_seed}",
-                    f"output_dir={run_dir}",
-                    f"model={name}",
-                    *per_model[name],
-                    f"seed={seed}",
-                ],
-            )
-            extra = (cfg.get("model_overrides") or {}).get(name)
-            if extra:
-                cfg.model = OmegaConf.merge(cfg.model, extra)
+            cfg = _run_config(name, seed, others, per_model, out_dir, split_seed)
+            if (widths or {}).get(name):
+                cfg.model = OmegaConf.merge(cfg.model, (widths or {})[name])
             if dm is None:
                 dm = build_datamodule(cfg)
             # Shared data module: only the shuffle seed may differ between runs.

@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from mtl.data.data_record import summary_markdown
 from mtl.training.diagnostics import mean_diagnostics
 from mtl.training.results import TEST_SCORES_FILE, read_test_scores, write_json
 from mtl.training.significance import seed_mean_auc, seed_paired_test
@@ -47,6 +48,13 @@ DIAGNOSTICS_NOTES = """\
   (E_allowed: experts the task's gate can reach), out of all shared experts. With near-uniform gates
   (see the heatmaps) this count is noise around the threshold.
 - own share: gate weight a task puts on its own task-specific experts (n/a: the model has none)."""
+
+
+SIZES_NOTES = """\
+Parameters of each model's network without embeddings (every model shares the embedding
+tables), with the sizes its runs used (its config after overrides). A width scale other than 1:
+`match_params=true` multiplied every width of the model by it, to reach the reference count
+within 5% (the first model's, or `match_params_to`)."""
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -304,6 +312,15 @@ def diagnostics_table(summary: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def sizes_table(sizes: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Header + one row per model: parameters without embeddings, width scale, sizes used."""
+    rows = [["model", "params (model)", "width scale", "sizes"]]
+    for model, s in sizes.items():
+        used = ", ".join(f"{k}={v}" for k, v in s["sizes"].items())
+        rows.append([model, str(s["params"]), f"{s['scale']:.3g}", used])
+    return rows
+
+
 def to_markdown(rows: list[list[str]]) -> str:
     """Rows (header first) as a GitHub Markdown table."""
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] * len(rows[0])) + "|"]
@@ -476,13 +493,16 @@ def write_report(
     runs: Sequence[dict[str, Any]],
     *,
     config: dict[str, Any] | None = None,
+    sizes: dict[str, dict[str, Any]] | None = None,
     echo: bool = True,
 ) -> dict[str, Any]:
     """Write ``report.md``, ``results.json`` and the plots for ``runs``; print the table.
 
     Returns:
         The ``results.json`` content: ``{"summary", "significance", "runs", "plots",
-        "config"}`` (``significance``: see :func:`significance`).
+        "config", "sizes", "data"}`` (``significance``: see :func:`significance`; ``sizes``:
+        :func:`mtl.training.param_match.fair_sizes`, empty when not given; ``data``: what
+        the runs trained on, :meth:`~mtl.data.datamodule.RecDataModule.split_summary`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs)
@@ -498,6 +518,8 @@ def write_report(
         else "final weights (checkpoint.save_top_k=0 keeps no best checkpoint)"
     )
     data = (config or {}).get("data", {}).get("source", runs[0].get("data", "") if runs else "")
+    # Every run of a compare trains on one split, so the first run's record is the data's.
+    data_record = runs[0].get("split") if runs else None
     sections = [
         f"# mtl compare: {', '.join(summary)} on {data}",
         f"Seeds {seeds} per model, all on one data split; metrics are on the test split, from the "
@@ -506,8 +528,11 @@ def write_report(
         "## Test AUC with intervals, and paired tests",
         to_markdown(sig_rows) if len(sig_rows) > 1 else "No binary task with test scores.",
         SIGNIFICANCE_NOTES + "".join(f"\n- {n}" for n in sig["notes"]),
+        # After the first table, which the report leads with.
+        *(["## Data", summary_markdown(data_record)] if data_record else []),
         "## Models",
         to_markdown(model_rows),
+        *(["## Sizes", to_markdown(sizes_table(sizes)), SIZES_NOTES] if sizes else []),
         "## Test metrics per task",
         to_markdown(task_rows),
         "Δ: mean ± std over seeds of the per-seed difference to the first model (same split and seed).",
@@ -521,9 +546,11 @@ def write_report(
     results = {
         "summary": summary,
         "significance": sig,
+        "data": data_record,
         "runs": list(runs),
         "plots": plots,
         "config": config,
+        "sizes": sizes or {},
     }
     write_json(out_dir / "results.json", results)
     if echo:
@@ -532,6 +559,8 @@ def write_report(
                 f"\nTest AUC ({sig['level']:.0%} interval) and paired tests:\n{to_text(sig_rows)}"
             )
         print(f"\nModels (seeds {seeds}):\n{to_text(model_rows)}")
+        if sizes:
+            print(f"\nSizes:\n{to_text(sizes_table(sizes))}")
         print(f"\nTest metrics per task (mean ± std over seeds):\n{to_text(task_rows)}")
         print(f"\nExpert diagnostics:\n{to_text(diag_rows)}")
         print(f"\nreport: {out_dir / 'report.md'}")

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from mtl.data.data_record import summary_lines
 from mtl.training.build import (
     DataModule,
     Module,
@@ -115,11 +116,14 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
         The ``metrics.json`` content. Both kinds: ``kind``, ``model``, ``seed``,
         ``data``, ``monitor``, ``best_score``, ``params``, ``train_time_s``, ``epochs``,
         ``global_step``, ``best_ckpt``, ``last_ckpt``, ``output_dir``. Rec: ``tasks``,
+        ``split`` (what it trained on: :meth:`~mtl.data.datamodule.RecDataModule.split_summary`),
         ``test`` and ``last_val`` (``{metric/task: value}``), ``tested`` (``"best
         checkpoint"`` or ``"final weights"``), ``diagnostics``, ``test_scores`` (the
         file of per-task test predictions and labels in ``output_dir``). LM:
         ``val_loss``, ``val_ppl``, ``unigram_entropy``, ``bigram_entropy``,
-        ``train_loss``, ``tokens_per_s``, ``routing``, ``sample`` (losses in nats per token).
+        ``train_loss``, ``tokens_per_s``, ``routing`` (per MoE layer the validation's
+        scalar statistics and its ``tokens_per_expert`` list), ``sample`` (losses in
+        nats per token).
 
     Raises:
         RunDirError: ``output_dir`` holds another run (without ``resume`` or
@@ -156,6 +160,11 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         dm = datamodule if datamodule is not None else build_datamodule(cfg)
         module = build_module(cfg, dm)
+        # Rankers: what the run trains on (files, rows, label rates, the split), said up front.
+        data_record = dm.split_summary() if hasattr(dm, "split_summary") else None
+        if primary and data_record is not None:
+            for line in summary_lines(str(dm.source), data_record):
+                log.info(line)
         # A ranker compiles its model only: the embedding's per-table index work
         # would recompile the graph for every table.
         compile_model(
@@ -205,8 +214,8 @@ def train(cfg: DictConfig, datamodule: DataModule | None = None) -> dict[str, An
             "epochs": int(trainer.current_epoch),
             "global_step": int(trainer.global_step),
         }
-        if hasattr(dm, "split_summary"):  # data=table: how it split, rows per split, files read
-            result["split"] = dm.split_summary()
+        if data_record is not None:
+            result["split"] = data_record
         if isinstance(module, LMModule):
             result |= _evaluate_lm(cfg, trainer, module, dm)
         else:
@@ -273,6 +282,10 @@ def _evaluate_lm(
         "train_loss": _number(train_metrics.get("train/loss")),
         "tokens_per_s": _number(train_metrics.get("train/tokens_per_s")),
         "params": module.net.parameter_counts(),
-        "routing": {k: float(v) for k, v in val.items() if k.startswith("val/moe/")},
+        # per layer: the scalar statistics, and the load vector (token slots per expert)
+        "routing": {
+            **{k: float(v) for k, v in val.items() if k.startswith("val/moe/")},
+            **module.val_load.as_dict("val/moe/"),
+        },
         "sample": sample,
     }
