@@ -101,8 +101,8 @@ class EpochMeans(Metric):
 
     Example:
         >>> means = EpochMeans()
-        >>> means.add({"loss": torch.tensor(1.0), "aux": torch.tensor(0.5)}, weight=3)
-        >>> means.add({"loss": torch.tensor(2.0), "aux": torch.tensor(0.0)}, weight=1)
+        >>> means.update({"loss": torch.tensor(1.0), "aux": torch.tensor(0.5)}, weight=3)
+        >>> means.update({"loss": torch.tensor(2.0), "aux": torch.tensor(0.0)}, weight=1)
         >>> {k: round(float(v), 4) for k, v in means.compute().items()}
         {'loss': 1.25, 'aux': 0.375}
     """
@@ -123,13 +123,6 @@ class EpochMeans(Metric):
         """Forget the epoch so far (names included)."""
         super().reset()
         self.names = None
-
-    def add(self, values: Mapping[str, Tensor], weight: int) -> None:
-        """Add one step's scalar ``values`` with weight ``weight`` (its batch size).
-
-        The same as :meth:`update`.
-        """
-        self.update(values, weight)
 
     def update(self, values: Mapping[str, Tensor], weight: int) -> None:
         """Add one step's scalar ``values`` with weight ``weight`` (its batch size).

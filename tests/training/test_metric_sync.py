@@ -51,7 +51,7 @@ def _results(batches: list[tuple[dict[str, Tensor], Any]]) -> dict[str, Any]:
     means = EpochMeans()
     diag = DiagnosticsAccumulator(tasks=TASKS)
     for losses, output in batches:
-        means.add(losses, output.batch_size)
+        means.update(losses, output.batch_size)
         diag.update(output)
     return {
         "means": {k: float(v) for k, v in means.compute().items()},

@@ -45,7 +45,9 @@ def test_epoch_means_are_batch_size_weighted_means() -> None:
     weights = [16, 16, 3, 16, 1, 9, 16]
     means = EpochMeans()
     for step in range(7):
-        means.add({"a": values[step, 0], "b": values[step, 1], "c": values[step, 2]}, weights[step])
+        means.update(
+            {"a": values[step, 0], "b": values[step, 1], "c": values[step, 2]}, weights[step]
+        )
     got = means.compute()
     w = torch.tensor(weights, dtype=torch.float64)
     for j, name in enumerate("abc"):
@@ -59,15 +61,15 @@ def test_epoch_means_reset_detach_and_errors() -> None:
     with pytest.warns(UserWarning, match="before the ``update``"):  # torchmetrics' warning
         assert means.compute() == {}
     x = torch.tensor(2.0, requires_grad=True)
-    means.add({"loss": x * 3}, 4)
+    means.update({"loss": x * 3}, 4)
     (mean,) = means.compute().values()
     assert not mean.requires_grad and float(mean) == 6.0
     with pytest.raises(ValueError, match=r"\['other'\] after \['loss'\]"):
-        means.add({"other": x}, 1)
+        means.update({"other": x}, 1)
     with pytest.raises(ValueError, match="'loss' has shape \\(2,\\)"):
-        means.add({"loss": torch.ones(2)}, 1)
+        means.update({"loss": torch.ones(2)}, 1)
     means.reset()
-    means.add({"other": torch.tensor(1.0)}, 1)
+    means.update({"other": torch.tensor(1.0)}, 1)
     assert list(means.compute()) == ["other"]
 
 
@@ -78,11 +80,11 @@ def test_epoch_means_is_a_metric_of_sums_that_follows_the_module() -> None:
     holder = nn.Module()
     holder.means = means
     assert list(holder.state_dict()) == []  # nothing in checkpoints: the states are per epoch
-    means.add({"loss": torch.tensor(4.0)}, 2)
-    means.add({"loss": torch.tensor(1.0)}, 1)
+    means.update({"loss": torch.tensor(4.0)}, 2)
+    means.update({"loss": torch.tensor(1.0)}, 1)
     assert means.sums.tolist() == [9.0] and int(means.weight) == 3
     assert float(means.compute()["loss"]) == 3.0
-    means.add({"loss": torch.tensor(0.0)}, 1)  # an update drops the cached result
+    means.update({"loss": torch.tensor(0.0)}, 1)  # an update drops the cached result
     assert float(means.compute()["loss"]) == 2.25
 
 
