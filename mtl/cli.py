@@ -1,4 +1,4 @@
-"""Command line: ``mtl train``, ``mtl compare``, ``mtl list``.
+"""Command line: ``mtl train``, ``mtl compare``, ``mtl list`` and the tools in ``TOOLS``.
 
 Configs are composed with Hydra's compose API from the repository's ``conf/``
 (``$MTL_CONF_DIR`` overrides it), so every argument after the sub-command is a
@@ -26,6 +26,11 @@ from collections.abc import Sequence
 EXIT_USAGE = 2
 EXIT_RUN_FAILED = 1
 
+# Sub-commands with their own argument parser: name -> ("module:function", help).
+# The function takes the remaining arguments and returns the exit status; it is
+# imported only when its sub-command runs.
+TOOLS: dict[str, tuple[str, str]] = {}
+
 _EPILOG = """examples:
   mtl train                                        # MMoE on synthetic CTR data, CPU
   mtl train model=home data=census_income trainer.max_epochs=3
@@ -46,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,compare,list}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{" + ",".join(["train", "compare", "list", *TOOLS]) + "}"
+    )
     for name, help_text in (
         ("train", "train one model (conf/train.yaml); writes metrics.json, checkpoints, logs"),
         (
@@ -68,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
             "overrides", nargs="*", help="Hydra overrides, e.g. model=home trainer.max_epochs=2"
         )
     sub.add_parser("list", help="list available models, data, experiments and trainers")
+    for name, (_, help_text) in TOOLS.items():
+        tool = sub.add_parser(name, help=help_text, add_help=False)
+        tool.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -126,6 +136,15 @@ def cmd_compare(overrides: Sequence[str], print_config: bool) -> int:
     return 0
 
 
+def cmd_tool(name: str, argv: Sequence[str]) -> int:
+    """Run the tool registered as ``name`` in ``TOOLS`` with its own arguments."""
+    import importlib
+
+    module_name, function_name = TOOLS[name][0].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(list(argv)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mtl`` console script; returns the exit status."""
     parser = _parser()
@@ -143,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_list()
         if args.command == "train":
             return cmd_train(args.overrides, args.print_config)
+        if args.command in TOOLS:
+            return cmd_tool(args.command, args.args)
         return cmd_compare(args.overrides, args.print_config)
     except NonFiniteError as exc:
         # The input was valid but the run diverged: a failed run, not a usage error.
