@@ -28,15 +28,12 @@ from mtl.data.validation import check_label_cascade
 from mtl.models.lm.transformer import TransformerLM
 from mtl.models.rec.esmm import ESMM
 from mtl.models.rec.ranker import Ranker
+from mtl.training.checkpoints import read_checkpoint
 from mtl.training.config import ConfigError
 from mtl.training.config_checks import config_group_errors
 from mtl.training.lm_module import LMModule
 from mtl.training.rec_module import RecModule
-from mtl.training.safe_load import (
-    check_trusted_targets,
-    read_checkpoint_file,
-    state_dict_mismatch,
-)
+from mtl.training.safe_load import check_trusted_targets, state_dict_mismatch
 
 DataModule = RecDataModule | TextDataModule
 Module = RecModule | LMModule
@@ -212,7 +209,7 @@ def load_module(
         >>> module = load_module("runs/lm_mixtral/.../checkpoints/last.ckpt")  # doctest: +SKIP
         >>> print(module.generate("ROMEO:", max_new_tokens=100))  # doctest: +SKIP
     """
-    checkpoint = read_checkpoint_file(path, map_location=map_location)
+    checkpoint = read_checkpoint(path, map_location=map_location)
     net_config = (checkpoint.get("hyper_parameters") or {}).get("net_config")
     if net is None and net_config is None:
         raise ValueError(

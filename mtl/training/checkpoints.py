@@ -67,36 +67,51 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` on CPU, with one-line errors naming ``path``.
+def read_checkpoint(
+    path: str | Path,
+    *,
+    role: str = "checkpoint",
+    require: tuple[str, ...] = (),
+    map_location: str = "cpu",
+) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``, with one-line errors naming ``path``.
+
+    The one reader of checkpoint files: resuming a run and :func:`mtl.training.build.load_module`
+    both go through it.
+
+    Args:
+        path: the ``.ckpt`` file.
+        role: what the file is for, the first words of every error
+            (``"resume checkpoint"``).
+        require: top-level keys the checkpoint must hold (a resume needs Lightning's
+            ``state_dict``, ``hyper_parameters`` and ``loops``).
+        map_location: device to load the tensors on.
 
     Raises:
         CheckpointError: missing, empty, truncated, holding objects other than tensors
-            and plain values, or not a Lightning checkpoint of ``mtl train``.
+            and plain values, not a dict, or without a required key.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"resume checkpoint not found: {path}")
+        raise CheckpointError(f"{role} not found: {path}")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"resume checkpoint {path} is empty (0 bytes); an interrupted save?")
+        raise CheckpointError(f"{role} {path} is empty (0 bytes); an interrupted save?")
     try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+        checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
         # The first sentence of torch's reason; the rest is advice about other causes.
         reason = " ".join(str(exc).split()).split(". ")[0][:160]
         raise CheckpointError(
-            f"resume checkpoint {path} cannot be read: truncated, or not a checkpoint saved "
-            f"by mtl train ({type(exc).__name__}: {reason})"
+            f"{role} {path} cannot be read with weights_only=True: truncated, not a checkpoint "
+            f"saved by mtl, or holding objects other than tensors and plain values "
+            f"({type(exc).__name__}: {reason})"
         ) from None
-    missing = [
-        k
-        for k in ("state_dict", "hyper_parameters", "loops")
-        if not isinstance(checkpoint, dict) or k not in checkpoint
-    ]
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{role} {path} holds a {type(checkpoint).__name__}, not a dict")
+    missing = [k for k in require if k not in checkpoint]
     if missing:
         raise CheckpointError(
-            f"resume checkpoint {path} is not a checkpoint saved by mtl train (it has no "
-            f"{', '.join(missing)})"
+            f"{role} {path} is not a checkpoint saved by mtl train (it has no {', '.join(missing)})"
         )
     return checkpoint
 
@@ -121,7 +136,9 @@ def check_resume_checkpoint(path: str | Path, module: nn.Module) -> None:
     Example:
         >>> check_resume_checkpoint("runs/x/checkpoints/last.ckpt", module)  # doctest: +SKIP
     """
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(
+        path, role="resume checkpoint", require=("state_dict", "hyper_parameters", "loops")
+    )
     # An LM's vocabulary first: its message says what to do about it.
     tokenizer = getattr(module, "tokenizer", None)
     saved_tokenizer = checkpoint.get("lm_tokenizer")

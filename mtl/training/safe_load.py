@@ -6,8 +6,9 @@ file alone. ``hydra.utils.instantiate`` calls whatever a ``_target_`` names, so 
 crafted file could name ``builtins.exec`` or ``os.system``; and ``torch.load``
 without ``weights_only=True`` unpickles arbitrary objects. Here:
 
-- :func:`read_checkpoint_file` reads with ``torch.load(weights_only=True)``
-  (tensors and plain values only), with one-line errors naming the file;
+- :func:`mtl.training.checkpoints.read_checkpoint` reads with
+  ``torch.load(weights_only=True)`` (tensors and plain values only), with one-line
+  errors naming the file;
 - :func:`check_trusted_targets` refuses, before anything is built, every
   ``_target_`` that is not a class of the ``mtl`` package (or a classmethod of
   one, e.g. ``mtl.data.spec.FeatureSpec.from_dict``). The target is resolved and
@@ -22,8 +23,6 @@ import inspect
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mtl.training.checkpoints import CheckpointError
 
@@ -135,32 +134,6 @@ def _targets(node: Any, key: str) -> list[tuple[str, Any]]:
         for i, v in enumerate(node):
             found += _targets(v, f"{key}[{i}]")
     return found
-
-
-def read_checkpoint_file(path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``, with one-line errors naming ``path``.
-
-    Raises:
-        CheckpointError: missing, empty, truncated, holding objects other than
-            tensors and plain values, or not a dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    try:
-        checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
-    except Exception as exc:  # RuntimeError, EOFError, UnpicklingError, ... all mean unreadable
-        reason = " ".join(str(exc).split()).split(". ")[0][:200]
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read with weights_only=True (truncated, not a "
-            f"checkpoint, or holding objects other than tensors and plain values): "
-            f"{type(exc).__name__}: {reason}"
-        ) from exc
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
-    return checkpoint
 
 
 def state_dict_mismatch(path: str | Path, exc: RuntimeError) -> CheckpointError:

@@ -167,7 +167,7 @@ def _other_data(ckpt: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("spoil", "message"),
     [
-        (_truncated, "cannot be read: truncated"),
+        (_truncated, "cannot be read with weights_only=True: truncated"),
         (_empty, "is empty"),
         (_raw_state_dict, "is not a checkpoint saved by mtl train"),
         (_pickled_object, "cannot be read"),
