@@ -9,7 +9,10 @@
 #      (where transformers imports) HF's MixtralSparseMoeBlock, with jemalloc
 #      preloaded where the machine has it (as the published CPU runs; its JSON
 #      records the allocator);
-#   3. whether megablocks imports (it is not installed there and cannot be fetched).
+#   3. whether megablocks imports (it is not installed there and cannot be fetched);
+#   4. benchmarks/expert_parallel.py: the expert-parallel MoE layer with nccl, one GPU
+#      per process (more processes than GPUs run on CPU with gloo), checked against
+#      the single-process layer.
 # Usage, from the repository root:  bash benchmarks/device_check.sh [OUT_DIR]
 # Writes its logs and JSON to OUT_DIR (default: $OUT, else benchmarks/out).
 set -uo pipefail
@@ -36,10 +39,14 @@ LD_PRELOAD="$jemalloc${LD_PRELOAD:+ $LD_PRELOAD}" \
     "$py" benchmarks/moe_layer.py --out "$out/moe_layer_cuda.json" 2>&1 | tee "$out/moe_layer_cuda.log"
 bench_rc=${PIPESTATUS[0]}
 
+"$py" benchmarks/expert_parallel.py --no-plot --out "$out/expert_parallel.json" 2>&1 \
+    | tee "$out/expert_parallel.log"
+ep_rc=${PIPESTATUS[0]}
+
 if "$py" -c "import megablocks" 2>/dev/null; then
     echo "megablocks imports: add its dMoE to benchmarks/moe_layer.py for the comparison" | tee -a "$out/device.txt"
 else
     echo "megablocks is not installed here (no registry on this machine): no dMoE comparison" | tee -a "$out/device.txt"
 fi
-echo "tests rc=$tests_rc, benchmark rc=$bench_rc"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "tests rc=$tests_rc, benchmark rc=$bench_rc, expert_parallel rc=$ep_rc"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$ep_rc" -eq 0 ]

@@ -4,8 +4,10 @@ served as fixed-length blocks.
 
 Two loaders, both plain iterables with ``__len__`` that Lightning uses directly:
 
-* :class:`RandomBlockLoader` (training): nanoGPT-style random offsets drawn by a
-  seeded generator, ``steps_per_epoch`` batches per epoch, new offsets each epoch.
+* :class:`RandomBlockLoader` (training): random offsets (a seeded permutation of
+  the windows, so none repeats within an epoch), ``steps_per_epoch`` batches per
+  epoch, new offsets each epoch; under DDP each rank reads its own part of every
+  global batch.
 * :class:`PackedBlockLoader` (validation): the split cut into non-overlapping
   blocks in order, so every val token is a target exactly once per pass.
 
@@ -103,20 +105,27 @@ def _check_block_size(tokens: torch.Tensor, block_size: int, split: str) -> None
 
 
 class RandomBlockLoader:
-    """Training batches at random offsets (nanoGPT style), ``steps`` batches per epoch.
+    """Training batches at random offsets, ``steps`` batches per epoch.
 
-    Epoch ``e`` draws its offsets from a generator seeded with ``(seed, rank, e)``,
-    so the same seed gives the same batches, each epoch sees new windows, and
-    ranks of a multi-GPU run sample different windows. The epoch counter
-    advances on every ``iter()`` and can be set (:meth:`set_epoch`) on resume.
+    Epoch ``e`` shuffles the ``N - T`` window offsets with a generator seeded with
+    ``(seed, e)`` and serves the first ``steps * world_size * B`` of them: global
+    batch ``s`` is entries ``[s*W*B, (s+1)*W*B)`` and rank ``r`` reads its ``r``-th
+    block of ``B``. So every rank draws the same permutation and reads a disjoint
+    part of it, the ranks' batches ``s`` together are the single-process batch ``s``
+    of size ``W*B`` (and the single-process batches ``s*W .. s*W+W-1`` of size
+    ``B``), and no window is read twice in an epoch while ``steps * W * B <= N - T``
+    (past that, further permutations follow). The same seed gives the same batches,
+    each epoch sees new windows. The epoch counter advances on every ``iter()`` and
+    can be set (:meth:`set_epoch`) on resume.
 
     Args:
         tokens: 1-D long tensor ``(N,)`` with ``N >= block_size + 1``.
         block_size: ``T``, the context length.
-        batch_size: ``B``.
+        batch_size: ``B``, this rank's batch size.
         steps: Batches per epoch (``len(loader)``).
         seed: Base seed.
-        rank: Process rank, mixed into the seed.
+        rank: This process's rank, ``0 <= rank < world_size``.
+        world_size: ``W``, the number of processes reading one global batch.
 
     Example:
         >>> loader = RandomBlockLoader(tokens=torch.arange(100), block_size=4, batch_size=2, steps=3)
@@ -133,14 +142,17 @@ class RandomBlockLoader:
         steps: int,
         seed: int = 0,
         rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         _check_block_size(tokens, block_size, "train")
         if batch_size < 1 or steps < 1:
             raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         # unfold is a view (N - T, T + 1): row i is tokens[i : i + T + 1], no copy.
         self._windows = tokens.long().unfold(0, block_size + 1, 1)
         self.block_size, self.batch_size, self.steps = block_size, batch_size, steps
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -148,9 +160,12 @@ class RandomBlockLoader:
         self.epoch = epoch
 
     def offsets(self, epoch: int) -> torch.Tensor:
-        """The ``(steps, B)`` start offsets of ``epoch``; batch ``s`` row ``b`` starts at ``[s, b]``."""
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + epoch)
-        return torch.randint(len(self._windows), (self.steps, self.batch_size), generator=g)
+        """This rank's ``(steps, B)`` start offsets of ``epoch``; batch ``s`` row ``b`` starts at ``[s, b]``."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # the same on every rank
+        n, W, B = len(self._windows), self.world_size, self.batch_size
+        need = self.steps * W * B
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // n))])
+        return order[:need].view(self.steps, W, B)[:, self.rank]
 
     def __len__(self) -> int:
         return self.steps
@@ -261,7 +276,8 @@ class TextDataModule(pl.LightningDataModule):
             or a ready :class:`~mtl.data.tokenizers.Tokenizer` (e.g. from a checkpoint).
         tokenizer_kwargs: Options for :func:`~mtl.data.tokenizers.build_tokenizer`.
         block_size: Context length ``T``.
-        batch_size: Training batch size ``B``.
+        batch_size: Training batch size ``B`` of each process (a DDP run of ``W`` processes
+            trains on global batches of ``W * B``).
         val_batch_size: Validation batch size (default: ``batch_size``).
         val_fraction: Fraction of tokens, at the end of the text, held out for validation.
         steps_per_epoch: Training batches per epoch.
@@ -349,12 +365,12 @@ class TextDataModule(pl.LightningDataModule):
         return self._train if split == "train" else self._val  # type: ignore[return-value]
 
     def _rank(self) -> tuple[int, int]:
-        # Under DDP: shard the val blocks, draw different train offsets on each rank.
+        # Under DDP: each rank reads its part of every global train batch and of the val blocks.
         t = self.trainer
         return (0, 1) if t is None else (int(t.global_rank), int(t.world_size))
 
     def train_dataloader(self) -> RandomBlockLoader:
-        rank, _ = self._rank()
+        rank, world_size = self._rank()
         self._train_loader = RandomBlockLoader(
             tokens=self.tokens("train"),
             block_size=self.block_size,
@@ -362,6 +378,7 @@ class TextDataModule(pl.LightningDataModule):
             steps=self.steps_per_epoch,
             seed=self.seed,
             rank=rank,
+            world_size=world_size,
         )
         self._train_loader.set_epoch(self._restored_epoch)
         return self._train_loader

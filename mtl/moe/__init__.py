@@ -8,6 +8,10 @@ Parts:
     losses   -- load balance, z-loss, CV², entropy (pure functions)
     routing  -- :class:`RoutingResult`, :class:`RoutingStats`, :func:`bin_counts` (sync-free counts)
     layer    -- :class:`MoELayer` (one gate), :class:`MultiGateMixture` (one gate per task)
+    lora     -- :class:`~mtl.moe.lora.LoRASwiGLUExperts`, per-expert low-rank adapters on a bank
+    mixture_of_tokens -- :class:`~mtl.moe.mixture_of_tokens.MixtureOfTokens`, continuous MoE over groups
+    expert_parallel -- :class:`ExpertParallelDispatch`, experts sharded over ranks (all-to-all);
+        expert_exchange its differentiable exchange, expert_parallel_plan its training plan
 
 Shape suffixes on tensor names (``scores_TE`` is ``(T, E)``), one letter per meaning:
 
@@ -21,6 +25,7 @@ Shape suffixes on tensor names (``scores_TE`` is ``(T, E)``), one letter per mea
     D  input width;  H  hidden width;  O  output width
     G  gates (one per task or unit)
     F  features;  V  vocabulary or table rows
+    R  ranks of a process group;  L  experts per rank (E = R*L);  M  rows a rank receives
 """
 
 from mtl.moe.dispatch import (
@@ -30,6 +35,14 @@ from mtl.moe.dispatch import (
     DroplessDispatch,
     combine_dense,
     combine_dense_many,
+)
+from mtl.moe.expert_parallel import (
+    ExpertParallelDispatch,
+    ExpertShard,
+    gather_experts,
+    parallelize_experts,
+    reduce_routing_stats,
+    shard_experts,
 )
 from mtl.moe.experts import ExpertBank, ExpertList, SwiGLUExperts
 from mtl.moe.gates import (
@@ -54,6 +67,7 @@ from mtl.moe.losses import (
 )
 from mtl.moe.multi_gate import MultiGateMixture, MultiGateOutput
 from mtl.moe.routing import RoutingResult, RoutingStats, bin_counts, routing_stats
+from mtl.moe.shared_expert import SigmoidGatedSharedExpert
 
 __all__ = [
     "AUX_LOSSES",
@@ -65,6 +79,8 @@ __all__ = [
     "ExpertBank",
     "ExpertChoiceGate",
     "ExpertList",
+    "ExpertParallelDispatch",
+    "ExpertShard",
     "MoELayer",
     "MoEOutput",
     "MultiGateMixture",
@@ -74,6 +90,7 @@ __all__ = [
     "RoutingResult",
     "RoutingStats",
     "SigmoidBiasGate",
+    "SigmoidGatedSharedExpert",
     "SwiGLUExperts",
     "TopKGate",
     "TopPGate",
@@ -82,10 +99,14 @@ __all__ = [
     "combine_dense",
     "combine_dense_many",
     "cv_squared",
+    "gather_experts",
     "importance_loss",
     "load_balance_loss",
     "load_cv_loss",
+    "parallelize_experts",
+    "reduce_routing_stats",
     "router_entropy_loss",
     "router_z_loss",
     "routing_stats",
+    "shard_experts",
 ]

@@ -49,6 +49,14 @@ class GroupedExperts(nn.Module):
         """
         return grouped_mm(x_ND, w_EDH, counts_E)
 
+    def _batched_mm(self, x: Tensor, w_EDH: Tensor) -> Tensor:
+        """``x @ w_EDH``: a shared ``(T, D)`` or per-expert ``(E, T, D)`` input -> ``(E, T, H)``.
+
+        The dense counterpart of :meth:`_grouped_mm`; a subclass that adds a
+        term to every expert product (LoRA adapters) overrides both.
+        """
+        return x @ w_EDH
+
 
 def _hidden_mask(num_experts: int, width: int, hidden_sizes: Sequence[int]) -> Tensor:
     """``(E, H)`` 0/1 mask: expert ``e`` uses the first ``hidden_sizes[e]`` hidden units."""
@@ -126,10 +134,10 @@ class SwiGLUExperts(GroupedExperts):
     def forward_all(self, x: Tensor) -> Tensor:
         """Every expert on ``x (T, D)``, or expert ``e`` on ``x[e]`` for ``x (E, T, D)``."""
         # (T, D) @ (E, D, H) broadcasts to (E, T, H); (E, T, D) @ (E, D, H) is a bmm
-        h_ETH = F.silu(x @ self.w_gate) * (x @ self.w_up)
+        h_ETH = F.silu(self._batched_mm(x, self.w_gate)) * self._batched_mm(x, self.w_up)
         if self.hidden_mask_EH is not None:
             h_ETH = h_ETH * self.hidden_mask_EH.unsqueeze(1).to(h_ETH.dtype)
-        return h_ETH @ self.w_down
+        return self._batched_mm(h_ETH, self.w_down)
 
     def forward_grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """Each expert on its own block of rows; ``x_ND`` sorted by expert, ``N = counts_E.sum()``."""

@@ -47,7 +47,8 @@ class MoELayer(nn.Module):
         experts: :class:`~mtl.moe.experts.SwiGLUExperts`, ``ExpertBank`` or ``ExpertList``.
         dispatch: a dense, dropless or capacity dispatch module.
         shared: always-active experts (a stacked bank: outputs summed) or any
-            module mapping ``(T, D) -> (T, D_out)``; None for none.
+            module mapping ``(T, D) -> (T, D_out)`` (e.g. Qwen2-MoE's
+            :class:`~mtl.moe.SigmoidGatedSharedExpert`); None for none.
         aux_loss_weights: ``{name: weight}`` with names from
             :data:`mtl.moe.losses.AUX_LOSSES` (load_balance, z_loss, importance,
             load_cv, entropy).

@@ -17,7 +17,11 @@ from mtl.moe.routing import RoutingResult, bin_counts
 
 
 def load_balance_loss(
-    probs_TE: Tensor, experts_TK: Tensor, valid_TK: Tensor | None = None
+    probs_TE: Tensor,
+    experts_TK: Tensor,
+    valid_TK: Tensor | None = None,
+    *,
+    counts_E: Tensor | None = None,
 ) -> Tensor:
     """Switch/GShard load-balancing loss ``E * sum_i f_i * P_i``.
 
@@ -31,6 +35,10 @@ def load_balance_loss(
         probs_TE: ``(T, E)`` router probabilities.
         experts_TK: ``(T, K)`` chosen experts.
         valid_TK: ``(T, K)`` bool mask of used slots, or None.
+        counts_E: ``(E,)`` assignment counts to take ``f`` from instead of
+            counting ``experts_TK``: under expert parallelism, the counts summed
+            over the group (``routing.extras["group_counts_E"]``), so that the
+            ranks' losses average to the loss of their tokens together.
 
     Example:
         >>> probs = torch.full((4, 2), 0.5)
@@ -38,9 +46,11 @@ def load_balance_loss(
         1.0
     """
     E = probs_TE.shape[-1]
-    ids = experts_TK.reshape(-1)
-    weights = None if valid_TK is None else valid_TK.reshape(-1).to(probs_TE.dtype)
-    counts_E = bin_counts(ids, E, weights=weights).to(probs_TE.dtype)
+    if counts_E is None:
+        ids = experts_TK.reshape(-1)
+        weights = None if valid_TK is None else valid_TK.reshape(-1).to(probs_TE.dtype)
+        counts_E = bin_counts(ids, E, weights=weights)
+    counts_E = counts_E.to(probs_TE.dtype)
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
     P_E = probs_TE.float().mean(0)
     # elementwise product + sum, not torch.dot: dot is autocast to low precision
@@ -84,7 +94,9 @@ def _load_cv_from(r: RoutingResult) -> Tensor:
 
 
 AUX_LOSSES: dict[str, Callable[[RoutingResult], Tensor]] = {
-    "load_balance": lambda r: load_balance_loss(r.probs_TE, r.experts_TK, r.valid_TK),
+    "load_balance": lambda r: load_balance_loss(
+        r.probs_TE, r.experts_TK, r.valid_TK, counts_E=r.extras.get("group_counts_E")
+    ),
     "z_loss": lambda r: router_z_loss(r.logits_TE),
     "importance": lambda r: importance_loss(r.dense_weights()),
     "load_cv": _load_cv_from,

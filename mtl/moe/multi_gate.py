@@ -18,7 +18,9 @@ from mtl.moe.gates.dense import DenseSoftmaxGate, _as_mask
 from mtl.moe.gates.dynamic import TopPGate
 from mtl.moe.gates.sigmoid import SigmoidBiasGate
 from mtl.moe.gates.topk import NoisyTopKGate, TopKGate
-from mtl.moe.routing import RoutingResult
+from mtl.moe.masked_routing import EXPERT_MASK
+from mtl.moe.multi_gate_sparse import MultiGateDroplessDispatch, is_sparse
+from mtl.moe.routing import RoutingResult, bin_counts
 
 GateFactory = Callable[..., nn.Module]
 """A gate constructor taking ``d_model`` and ``num_experts`` (a class or a Hydra partial)."""
@@ -36,14 +38,32 @@ class MultiGateOutput:
 
     Attributes:
         outputs: ``{gate name: (T, D_out)}`` mixed representation per gate.
-        routing: ``{gate name: RoutingResult}`` (``K = E``, weights per expert).
+        routing: ``{gate name: RoutingResult}``.
         expert_outputs_ETD: ``(E, T, D_out)`` every expert's output, for
-            diagnostics (dead units, output scale spread).
+            diagnostics (dead units, output scale spread); None when the experts
+            computed only their routed rows (sparse compute).
     """
 
     outputs: dict[str, Tensor]
     routing: dict[str, RoutingResult]
-    expert_outputs_ETD: Tensor
+    expert_outputs_ETD: Tensor | None
+
+    def expert_load(self) -> Tensor:
+        """``(E,)`` float32 (row, gate) slots each expert received, summed over the gates.
+
+        A dense gate counts every expert it may use for every row, a sparse gate
+        its valid slots; detached.
+        """
+        some = next(iter(self.routing.values()))
+        E = some.num_experts
+        load_E = torch.zeros(E, dtype=torch.float32, device=some.experts_TK.device)
+        for r in self.routing.values():
+            if r.dense_TE is not None:  # slot j is expert j: count the valid slots per column
+                load_E = load_E + r.valid().sum(0).float()
+                continue
+            ids = r.experts_TK.detach().masked_fill(~r.valid(), E)
+            load_E = load_E + bin_counts(ids, E + 1)[:E].float()
+        return load_E
 
 
 class MultiGateMixture(nn.Module):
@@ -61,9 +81,24 @@ class MultiGateMixture(nn.Module):
     a seam for callers that compute that product more cheaply than by forming
     ``x`` (:class:`~mtl.models.rec.ranker.Ranker` folds embedding tables into it).
 
+    Sparse gates mean sparse compute: when every gate's routing is sparse (top-k,
+    noisy top-k, top-p, expert choice, sigmoid + bias; not the dense softmax gate),
+    each expert runs only on the rows some gate chose, once per row however many
+    gates chose it (:class:`~mtl.moe.multi_gate_sparse.MultiGateDroplessDispatch`).
+    The outputs equal the dense mixture with the same sparse weights. Experts with
+    batch norm (``norm="batch"``) normalise over the rows they see, which sparse
+    compute would change from the batch to the routed rows: such banks compute
+    densely unless ``sparse_compute=True``, which refuses them.
+
     Args:
         experts: an :class:`~mtl.moe.experts.ExpertBank` or ``ExpertList``.
         gates: ``{name: gate}``; each gate routes over all ``E`` experts.
+        sparse_compute: None computes sparsely when every gate is sparse and the
+            experts have no batch norm; False always runs every expert on every
+            row (the dense A/B reference); True computes sparsely whenever every
+            gate is sparse and rejects batch-norm experts.
+        sparse_dispatch: the module that computes sparsely (the seam for a faster
+            dispatch); default :class:`~mtl.moe.multi_gate_sparse.MultiGateDroplessDispatch`.
 
     Shapes:
         ``x (T, D) | (E, T, D)``, gate inputs ``(T, D_g)`` -> outputs ``(T, D_out)``.
@@ -82,10 +117,24 @@ class MultiGateMixture(nn.Module):
         True
     """
 
-    def __init__(self, *, experts: nn.Module, gates: Mapping[str, nn.Module]) -> None:
+    def __init__(
+        self,
+        *,
+        experts: nn.Module,
+        gates: Mapping[str, nn.Module],
+        sparse_compute: bool | None = None,
+        sparse_dispatch: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         if not gates:
             raise ValueError("MultiGateMixture needs at least one gate")
+        batch_norm = bool(getattr(experts, "norms", None))
+        if sparse_compute and batch_norm:
+            raise ValueError(
+                "sparse_compute=True cannot run experts with batch norm (expert_norm=true): "
+                "each expert would normalise over its routed rows instead of the batch; "
+                "set sparse_compute to null/false or expert_norm to false"
+            )
         for name, g in gates.items():
             if getattr(g, "num_experts", experts.num_experts) != experts.num_experts:
                 raise ValueError(
@@ -93,22 +142,31 @@ class MultiGateMixture(nn.Module):
                 )
         self.experts = experts
         self.gates = nn.ModuleDict(dict(gates))
+        self.sparse_compute = sparse_compute
+        self._sparse_allowed = sparse_compute is not False and not batch_norm
+        self.sparse_dispatch = sparse_dispatch or MultiGateDroplessDispatch()
 
     def forward(
         self, x: Tensor, gate_inputs: Tensor | Mapping[str, Tensor] | None = None
     ) -> MultiGateOutput:
-        """Run every expert once, route with every gate, mix.
+        """Route with every gate, run the experts (on the routed rows only when sparse), mix.
 
         Args:
             x: ``(T, D)`` shared expert input or ``(E, T, D)`` one input per expert.
             gate_inputs: one ``(T, D_g)`` tensor for all gates, a dict per gate
                 name, or None to gate on ``x`` (which must then be shared).
         """
-        y_ETD = self.experts.forward_all(x)
         routing = {
             name: gate(self._gate_input(name, x, gate_inputs)) for name, gate in self.gates.items()
         }
-        return _mix(y_ETD, routing)
+        if self._sparse_allowed and all(is_sparse(r) for r in routing.values()):
+            mixed = self.sparse_dispatch(x, list(routing.values()), self.experts)
+            return MultiGateOutput(
+                outputs=dict(zip(routing, mixed, strict=True)),
+                routing=routing,
+                expert_outputs_ETD=None,
+            )
+        return _mix(self.experts.forward_all(x), routing)
 
     @staticmethod
     def _gate_input(
@@ -221,7 +279,10 @@ class MaskedGate(nn.Module):
         """Route ``(T, D)`` tokens over the allowed experts only."""
         x_TD = x_TD.reshape(-1, x_TD.shape[-1])
         logits_TE = self.gate.logits(x_TD).masked_fill(~self.expert_mask_E, _MASKED_LOGIT)
-        return self.gate.route(logits_TE, x_TD)
+        routing = self.gate.route(logits_TE, x_TD)
+        # the mask travels with the decision: balancing losses count the allowed experts only
+        routing.extras[EXPERT_MASK] = self.expert_mask_E
+        return routing
 
 
 def make_gate(

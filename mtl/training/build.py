@@ -98,7 +98,11 @@ def build_net(cfg: DictConfig, dm: DataModule) -> tuple[nn.Module, dict[str, Any
                 f"model.max_seq_len={net_config['max_seq_len']} is shorter than "
                 f"data.block_size={dm.block_size}"
             )
-        return build(net_config, what="model"), net_config
+        net = build(net_config, what="model")
+        # The weights a model starts from are no part of its structure: a reload of this
+        # run's checkpoint takes them from the checkpoint, not from the file named here.
+        net_config.pop("init_checkpoint", None)
+        return net, net_config
     assert isinstance(dm, RecDataModule)
     spec_node = {"_target_": "mtl.data.spec.FeatureSpec.from_dict", "data": dm.spec.to_dict()}
     embedding_config = {**plain(cfg.embedding), "spec": spec_node}

@@ -5,7 +5,10 @@ user's overrides, ``model=<name>`` and ``seed=<s>``. A ``model.<key>=<value>``
 override goes to every model whose config has ``<key>`` (an error if none has),
 so ``model.expert_hidden=[64]`` resizes MMoE and HoME alike; per-model values go
 in ``model_overrides.<name>`` (e.g. ``+model_overrides.home.lora_rank=16``).
-Each model's parameter count and sizes are printed and recorded; with
+Each model's sizes come from the data's experiment when it has one
+(``sizes_from: auto``: with ``data=census_income``, model ``ple`` is composed with
+``experiment=census_ple``; :func:`size_experiment`), so a dataset's tuned sizes apply
+to every model. Each model's parameter count and sizes are printed and recorded; with
 ``match_params=true`` its widths are scaled to one parameter count
 (:mod:`mtl.training.param_match`: the first model's, or ``match_params_to``).
 """
@@ -20,10 +23,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.training.build import DataModule, build_datamodule
-from mtl.training.config import ConfigError, check_choice, compose_config
+from mtl.training.config import (
+    ConfigError,
+    available,
+    check_choice,
+    compose_config,
+    conf_dir,
+)
 from mtl.training.config_checks import check_compare_config
 from mtl.training.param_match import fair_sizes
 from mtl.training.run_dir import COMPARE_FILES, RunLock, check_run_dir
+from mtl.training.timing import load_average
 from mtl.training.train import train
 
 log = logging.getLogger(__name__)
@@ -79,6 +89,118 @@ def _model_overrides(models: Sequence[str], overrides: Sequence[str]) -> dict[st
     return per_model
 
 
+def size_experiment(base: DictConfig, name: str) -> str | None:
+    """The experiment that sets model ``name``'s sizes on ``base``'s data, or None.
+
+    ``sizes_from: auto`` looks up the prefix of ``data.source`` in ``size_experiments``;
+    any other string is the prefix itself; ``null`` uses no experiment. The experiment is
+    ``<prefix>_<name>`` when ``conf/experiment/<prefix>_<name>.yaml`` exists, else a
+    ``<prefix>_*`` experiment that selects model ``name``.
+
+    Example:
+        >>> base = compare_config(["data=census_income"])
+        >>> size_experiment(base, "ple"), size_experiment(base, "esmm")
+        ('census_ple', None)
+    """
+    sizes_from = base.get("sizes_from", "auto")
+    if sizes_from is None:
+        return None
+    prefix = str(sizes_from)
+    if prefix == "auto":
+        found = (base.get("size_experiments") or {}).get(str(base.data.get("source", "")))
+        if found is None:
+            return None
+        prefix = str(found)
+    experiments = available("experiment")
+    if f"{prefix}_{name}" in experiments:
+        return f"{prefix}_{name}"
+    # An experiment named after the model's family (census_task_routed for task_routed_moe).
+    for experiment in experiments:
+        if experiment.startswith(f"{prefix}_") and _experiment_model(experiment) == name:
+            return experiment
+    return None
+
+
+def _experiment_model(experiment: str) -> str | None:
+    """The model an experiment selects (its ``override /model``), None if it selects none."""
+    defaults = OmegaConf.load(conf_dir() / "experiment" / f"{experiment}.yaml").get("defaults")
+    for entry in defaults or []:
+        if isinstance(entry, DictConfig) and "override /model" in entry:
+            return str(entry["override /model"])
+    return None
+
+
+RUN_ORDER = "interleaved by seed"
+"""How :func:`run_compare` orders its runs (recorded in the report)."""
+
+_SHARED_KEYS = ("data", "trainer", "optim", "scheduler", "task_weights")
+"""Keys every run of a comparison must share, whatever experiment sized its model."""
+
+
+def run_configs(overrides: Sequence[str] = (), seed: int | None = None) -> dict[str, DictConfig]:
+    """Per model, the run config ``mtl compare`` trains it with (compose only, no data).
+
+    Args:
+        overrides: the ``mtl compare`` command line.
+        seed: the model seed of the configs (default: the first of ``seeds``).
+
+    Raises:
+        ConfigError: bad models or seeds, or two models' size experiments that
+            disagree on the data, trainer or optimiser.
+
+    Example:
+        >>> cfgs = run_configs(["models=[mmoe,ple]", "data=census_income", "seeds=1"])
+        >>> cfgs["ple"].model.expert_hidden, cfgs["ple"].data.batch_size
+        ([72], 512)
+    """
+    base, models, seeds, per_model, others = _plan(overrides)
+    out_dir = Path(str(base.output_dir)).expanduser()
+    first = seeds[0] if seed is None else seed
+    return {
+        name: _run_config(name, first, others, per_model, out_dir, _split_seed(base), base)
+        for name in models
+    }
+
+
+def _plan(
+    overrides: Sequence[str],
+) -> tuple[DictConfig, list[str], list[int], dict[str, list[str]], list[str]]:
+    """The checked compare config, its models, seeds, per-model and other overrides."""
+    base = compare_config(overrides)
+    check_compare_config(base)
+    if str(base.kind) != "rec":
+        raise ConfigError("mtl compare supports the ranking models (kind: rec) only")
+    models = [str(m) for m in base.models]
+    if not models:
+        raise ConfigError("models is empty; e.g. models=[mmoe,home]")
+    for name in models:
+        check_choice("model", name)
+    seeds = seed_list(base.seeds if isinstance(base.seeds, int) else list(base.seeds))
+    per_model = _model_overrides(models, overrides)
+    others = [o for o in overrides if not _is_model_key(o)]
+    return base, models, seeds, per_model, others
+
+
+def _split_seed(base: DictConfig) -> int:
+    # The data split must not follow the model seed.
+    split_seed = base.data.get("split_seed")
+    return int(base.data.get("seed", 0) if split_seed is None else split_seed)
+
+
+def _check_shared(configs: dict[str, DictConfig]) -> None:
+    """Every run must train on the same data with the same trainer and optimiser."""
+    first, *rest = configs
+    for name in rest:
+        for key in _SHARED_KEYS:
+            a, b = configs[first].get(key), configs[name].get(key)
+            if a != b:
+                raise ConfigError(
+                    f"models {first!r} and {name!r} differ in {key!r} ({a} vs {b}): their "
+                    "size experiments (sizes_from) must agree on it; set it on the command "
+                    "line or use sizes_from=null"
+                )
+
+
 def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train every model of ``models`` with every seed of ``seeds`` on one data split.
 
@@ -93,22 +215,9 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
     """
     from mtl.training.report import write_report
 
-    base = compare_config(overrides)
-    check_compare_config(base)
-    if str(base.kind) != "rec":
-        raise ConfigError("mtl compare supports the ranking models (kind: rec) only")
-    models = [str(m) for m in base.models]
-    if not models:
-        raise ConfigError("models is empty; e.g. models=[mmoe,home]")
-    for name in models:
-        check_choice("model", name)
-    seeds = seed_list(base.seeds if isinstance(base.seeds, int) else list(base.seeds))
-    per_model = _model_overrides(models, overrides)
-    others = [o for o in overrides if not _is_model_key(o)]
+    base, models, seeds, per_model, others = _plan(overrides)
     out_dir = Path(str(base.output_dir)).expanduser()
-    # The data split must not follow the model seed.
-    split_seed = base.data.get("split_seed")
-    split_seed = base.data.get("seed", 0) if split_seed is None else split_seed
+    split_seed = _split_seed(base)
     # Each run checks and locks its own sub-folder; the lock here keeps two compares apart.
     with RunLock(out_dir):
         check_run_dir(
@@ -118,9 +227,10 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
             names=COMPARE_FILES,
         )
         configs = {
-            name: _run_config(name, seeds[0], others, per_model, out_dir, int(split_seed))
+            name: _run_config(name, seeds[0], others, per_model, out_dir, split_seed, base)
             for name in models
         }
+        _check_shared(configs)
         dm = build_datamodule(configs[models[0]])
         match_to = base.get("match_params_to")
         sizes = fair_sizes(
@@ -130,10 +240,19 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
             match_to=None if match_to is None else int(match_to),
         )
         for name, size in sizes.items():
-            log.info("compare: %s has %d parameters, sizes %s", name, size["params"], size["sizes"])
+            size["experiment"] = size_experiment(base, name)
+            log.info(
+                "compare: %s has %d parameters, sizes %s (from %s)",
+                name,
+                size["params"],
+                size["sizes"],
+                size["experiment"] or "its model config",
+            )
         widths = {name: size["widths"] for name, size in sizes.items()}
-        runs = _train_all(models, seeds, others, per_model, out_dir, int(split_seed), dm, widths)
+        runs = _train_all(models, seeds, others, per_model, out_dir, base, dm, widths)
         config = OmegaConf.to_container(base, resolve=True)
+        assert isinstance(config, dict)
+        config["run_order"] = RUN_ORDER
         return write_report(out_dir, runs, config=config, sizes=sizes)
 
 
@@ -144,12 +263,15 @@ def _run_config(
     per_model: dict[str, list[str]],
     out_dir: Path,
     split_seed: int,
+    base: DictConfig,
 ) -> DictConfig:
-    """The config of run ``name`` x ``seed``, its ``model_overrides`` merged."""
+    """The config of run ``name`` x ``seed``: its size experiment, ``model_overrides`` merged."""
+    experiment = size_experiment(base, name)
     cfg = compose_config(
         "compare",
         [
             *others,
+            *([f"experiment={experiment}"] if experiment else []),
             f"++data.split_seed={split_seed}",
             f"output_dir={out_dir / name / f'seed{seed}'}",
             f"model={name}",
@@ -157,6 +279,12 @@ def _run_config(
             f"seed={seed}",
         ],
     )
+    if experiment and cfg.data.get("source") != base.data.get("source"):
+        # An experiment also picks its data; the comparison's data must stay the user's.
+        raise ConfigError(
+            f"sizes_from: experiment {experiment!r} trains on {cfg.data.get('source')!r}, not "
+            f"on {base.data.get('source')!r}; name the data (data=...) or set sizes_from=null"
+        )
     extra = (cfg.get("model_overrides") or {}).get(name)
     if extra:
         cfg.model = OmegaConf.merge(cfg.model, extra)
@@ -169,19 +297,22 @@ def _train_all(
     others: Sequence[str],
     per_model: dict[str, list[str]],
     out_dir: Path,
-    split_seed: int,
+    base: DictConfig,
     dm: DataModule | None = None,
     widths: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every model x seed into ``out_dir/<model>/seed<s>``, on one shared data module.
 
+    Runs are interleaved by seed (seed 0 of every model, then seed 1, ...), so a
+    change in the machine's load during the comparison falls on every model alike.
     ``widths``: per model, width overrides merged last (from ``match_params``).
     """
     runs: list[dict[str, Any]] = []
-    for name in models:
-        for seed in seeds:
+    split_seed = _split_seed(base)
+    for seed in seeds:
+        for name in models:
             run_dir = out_dir / name / f"seed{seed}"
-            cfg = _run_config(name, seed, others, per_model, out_dir, split_seed)
+            cfg = _run_config(name, seed, others, per_model, out_dir, split_seed, base)
             if (widths or {}).get(name):
                 cfg.model = OmegaConf.merge(cfg.model, (widths or {})[name])
             if dm is None:
@@ -189,5 +320,11 @@ def _train_all(
             # Shared data module: only the shuffle seed may differ between runs.
             dm.seed = int(cfg.data.get("seed", dm.seed))
             log.info("compare: model=%s seed=%d -> %s", name, seed, run_dir)
-            runs.append(train(cfg, datamodule=dm))
-    return runs
+            before = load_average()
+            result = train(cfg, datamodule=dm)
+            result["load_avg"] = {"start": before, "end": load_average()}
+            runs.append(result)
+    # Reported model by model, each with its seeds in order.
+    return sorted(
+        runs, key=lambda r: (list(models).index(r["model"]), list(seeds).index(r["seed"]))
+    )

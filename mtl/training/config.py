@@ -133,8 +133,10 @@ def compose_config(
         raise ConfigError(f"could not compose config {config_name!r}: {message}") from None
     OmegaConf.set_struct(cfg, False)
     # The model's name is its config file's: read it from Hydra's record of the choices,
-    # then drop Hydra's own settings (a run has no use for them).
-    cfg.model_name = str(cfg.hydra.runtime.choices.get("model"))
+    # then drop Hydra's own settings (a run has no use for them). An experiment that builds
+    # its model from a checkpoint (no model file, e.g. lm_lora) lends its own name.
+    choices = cfg.hydra.runtime.choices
+    cfg.model_name = str(choices.get("model") or choices.get("experiment"))
     name_with_gate(cfg, overrides)
     del cfg["hydra"]
     if resolve:

@@ -13,6 +13,7 @@ Lightning, or a run that trains and reports a meaningless result:
 - ``trainer.precision`` for rankers (``kind: rec``): a precision they train in.
   ``16-true``/``bf16-true`` cast the weights but not the float32 numeric inputs
   and labels, and the losses and AUCs are meant to be float32;
+- distributed trainer settings that cannot run (:func:`check_distributed`);
 - ``mtl compare``: ``models`` and ``seeds`` without duplicates (two identical
   runs report a spread of 0).
 
@@ -130,6 +131,53 @@ def check_precision(cfg: DictConfig) -> None:
         )
 
 
+def _on_cpu(cfg: DictConfig) -> bool:
+    accelerator = str(_get(cfg, "trainer.accelerator") or "auto")
+    if accelerator == "auto":
+        import torch  # here: the other checks do not need it
+
+        return not torch.cuda.is_available()
+    return accelerator == "cpu"
+
+
+def check_distributed(cfg: DictConfig) -> None:
+    """Distributed trainer settings that cannot run as configured, refused before any
+    process starts:
+
+    - ``trainer.sync_batchnorm: true`` on CPU: torch's ``SyncBatchNorm`` runs on GPUs
+      only (it raises in the first training step);
+    - Lightning's ``trainer.strategy=fsdp`` on CPU: torch's first FSDP needs CUDA;
+      ``trainer=fsdp`` (FSDP2) runs on CPU and GPUs;
+    - ``trainer=fsdp`` for rankers (``kind: rec``): it shards transformer blocks.
+
+    Example:
+        >>> check_distributed(OmegaConf.create(
+        ...     {"kind": "rec", "trainer": {"accelerator": "cpu", "sync_batchnorm": True}}))
+        Traceback (most recent call last):
+        ...
+        mtl.training.config.ConfigError: trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on CPU. Set trainer.sync_batchnorm=false (each process normalises with its own batch, see conf/trainer/ddp.yaml) or train on GPUs
+    """
+    cpu = _on_cpu(cfg)
+    if cpu and _get(cfg, "trainer.sync_batchnorm"):
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on CPU. "
+            "Set trainer.sync_batchnorm=false (each process normalises with its own batch, see "
+            "conf/trainer/ddp.yaml) or train on GPUs"
+        )
+    strategy = _get(cfg, "trainer.strategy")
+    if isinstance(strategy, str) and strategy.startswith("fsdp") and cpu:
+        raise ConfigError(
+            f"trainer.strategy={strategy!r} is torch's first FSDP, which needs CUDA GPUs. On CPU "
+            "use trainer=fsdp (FSDP2, mtl.training.fsdp.FSDPStrategy) or trainer=ddp"
+        )
+    target = str(_get(cfg, "trainer.strategy._target_") or "")
+    if target.endswith("fsdp.FSDPStrategy") and _get(cfg, "kind") == "rec":
+        raise ConfigError(
+            "trainer=fsdp shards the transformer blocks of language models (kind: lm); "
+            "rankers (kind: rec) train with trainer=ddp"
+        )
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Every check of this module that applies to one run (``mtl train``).
 
@@ -148,6 +196,7 @@ def check_train_config(cfg: DictConfig) -> None:
     check_learning_rate(cfg)
     check_task_weights(cfg)
     check_precision(cfg)
+    check_distributed(cfg)
 
 
 def check_compare_config(cfg: DictConfig) -> None:

@@ -2,21 +2,28 @@
 
 HoME (Kuaishou, 2024) names three failure modes of MMoE in production; these
 statistics measure them from what every model returns (:class:`MultiTaskOutput`'s
-``gate_weights``, ``expert_outputs`` and ``expert_kinds``), so the same numbers can
-be compared across architectures:
+``gate_weights``, ``expert_outputs``, ``expert_kinds``, ``expert_activation`` and, for
+multi-level models, ``lower_levels``), level by level, so the same numbers can be
+compared across architectures:
 
-* utilisation: the mean gate weight each task gives each expert (tasks x experts);
-* collapse: per expert, the fraction of (near-)zero activations, and how much the
-  experts' output scales differ (coefficient of variation of mean ``|y|``);
-* degradation: per shared expert, the number of tasks giving it a meaningful weight
-  (above ``1 / E_allowed`` of that task's gate); a shared expert used by at most one
-  task has degraded into a task-specific one;
-* underfitting: per task, the share of its gate weight on its own ``task:<t>``
-  experts (NaN for models without task-specific experts).
+* utilisation: the mean gate weight each gate gives each expert (gates x experts);
+* collapse (HoME's definition): the distribution of each expert's output, its mean
+  ``out_mean`` and std ``out_std`` over rows and units, and how much they differ between
+  experts; plus, for ReLU-type experts only, the fraction of (near-)zero activations
+  (a Swish or GELU expert is never exactly zero, so the fraction says nothing there);
+* degradation: per shared expert, the number of consumer gates (tasks, or categories
+  at HoME's meta level; not the gate of PLE's shared unit) giving it a meaningful
+  weight (above ``1 / E_allowed`` of that gate); a shared expert used by at most one
+  has degraded into a task-specific one;
+* underfitting: per gate, the share of its weight on its own experts (``task:<t>`` for
+  task ``t``, ``group:<c>`` for category ``c``), on its category's and on the global
+  shared ones.
 
 Statistics are accumulated batch by batch as a few small tensors on the model's
 device (a torchmetrics ``Metric``, so a distributed run reduces them across
-processes) and reported as CPU tensors.
+processes) and reported as CPU tensors. Everything here is one run (one seed):
+:mod:`mtl.training.diagnostics_summary` combines seeds without matching experts by
+index, since experts are interchangeable between seeds.
 """
 
 from __future__ import annotations
@@ -29,130 +36,43 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from mtl.models.rec.common import SHARED_UNIT
+from mtl.training.expert_diagnostics import (
+    RELU_TYPE,
+    ZERO_EPS,
+    ExpertDiagnostics,
+    share_of,
+    zero_fraction_applies,
+)
+
+__all__ = [
+    "RELU_TYPE",
+    "ZERO_EPS",
+    "DiagnosticsAccumulator",
+    "ExpertDiagnostics",
+    "zero_fraction_applies",
+]
+
 if TYPE_CHECKING:
     from mtl.models.rec.output import MultiTaskOutput
 
-ZERO_EPS = 1e-6
-"""Activations with ``|y| < ZERO_EPS`` count as zero (dead ReLU units)."""
 
-
-class ExpertDiagnostics:
-    """Expert-health statistics over one evaluation pass.
-
-    A plain class, not a dataclass: torchmetrics squeezes the one-element tensors
-    of a dataclass that ``Metric.compute`` returns, and a one-expert model would
-    lose its expert axis.
-
-    Args:
-        tasks: task names, row order of ``utilisation``.
-        expert_kinds: ``(E,)`` kinds: ``"shared"``, ``"group:<g>"``, ``"task:<t>"``.
-        utilisation: (G, E) mean gate weight of task g on expert e (rows sum to 1).
-        allowed: (G, E) bool, experts task g's gate can route to (weight ever > 0).
-        zero_frac: (E,) fraction of near-zero activations per expert, or None.
-        output_scale: (E,) mean ``|y|`` per expert, or None.
-        tasks_using: (E,) number of tasks whose mean weight exceeds ``1 / E_allowed``.
-        tasks_allowed: (E,) number of tasks whose gate can reach the expert.
-        own_share: ``{task: share of gate weight on its own task:<t> experts}`` (NaN if none).
-
-    Example:
-        >>> d = ExpertDiagnostics(tasks=["a", "b"], expert_kinds=["shared", "shared"],
-        ...     utilisation=torch.tensor([[0.9, 0.1], [0.8, 0.2]]),
-        ...     allowed=torch.ones(2, 2, dtype=torch.bool), zero_frac=None, output_scale=None,
-        ...     tasks_using=torch.tensor([2, 0]), tasks_allowed=torch.tensor([2, 2]),
-        ...     own_share={"a": float("nan"), "b": float("nan")})
-        >>> d.degraded.tolist(), d.num_degraded_shared
-        ([False, True], 1)
-    """
+class _Level:
+    """Where one level's gates and experts sit in the accumulator's concatenated states."""
 
     def __init__(
-        self,
-        *,
-        tasks: list[str],
-        expert_kinds: list[str],
-        utilisation: Tensor,
-        allowed: Tensor,
-        zero_frac: Tensor | None,
-        output_scale: Tensor | None,
-        tasks_using: Tensor,
-        tasks_allowed: Tensor,
-        own_share: dict[str, float],
+        self, name: str, gates: list[str], kinds: list[str], activation: str | None
     ) -> None:
-        self.tasks = tasks
-        self.expert_kinds = expert_kinds
-        self.utilisation = utilisation
-        self.allowed = allowed
-        self.zero_frac = zero_frac
-        self.output_scale = output_scale
-        self.tasks_using = tasks_using
-        self.tasks_allowed = tasks_allowed
-        self.own_share = own_share
-
-    def __repr__(self) -> str:
-        return f"ExpertDiagnostics({self.to_dict()})"
+        self.name, self.gates, self.kinds, self.activation = name, gates, kinds, activation
+        self.row0 = self.col0 = 0
 
     @property
-    def shared_mask(self) -> Tensor:
-        """(E,) bool: experts meant to be shared by several tasks (global or group)."""
-        shared = [not k.startswith("task:") for k in self.expert_kinds]
-        return torch.tensor(shared, dtype=torch.bool) & (self.tasks_allowed >= 2)
+    def rows(self) -> slice:
+        return slice(self.row0, self.row0 + len(self.gates))
 
     @property
-    def degraded(self) -> Tensor:
-        """(E,) bool: shared experts used by at most one task (unused ones included)."""
-        return self.shared_mask & (self.tasks_using <= 1)
-
-    @property
-    def num_degraded_shared(self) -> int:
-        return int(self.degraded.sum())
-
-    @property
-    def scale_cv(self) -> float:
-        """Std / mean of the experts' mean ``|y|``: 0 when all experts have one scale."""
-        if self.output_scale is None or self.output_scale.numel() < 2:
-            return math.nan
-        mean = float(self.output_scale.mean())
-        return float(self.output_scale.std(unbiased=False)) / mean if mean > 0 else math.nan
-
-    def scalars(self) -> dict[str, float]:
-        """Flat scalars for a logger (keys without the ``val/`` prefix).
-
-        Example keys: ``collapse_zero_frac_max``, ``degraded_shared_experts``,
-        ``own_expert_share/<task>``.
-        """
-        out: dict[str, float] = {}
-        if self.zero_frac is not None:
-            out["collapse_zero_frac_max"] = float(self.zero_frac.max())
-            out["collapse_zero_frac_mean"] = float(self.zero_frac.mean())
-            out["expert_scale_cv"] = self.scale_cv
-        if self.utilisation.numel():
-            out["degraded_shared_experts"] = float(self.num_degraded_shared)
-            out["shared_experts"] = float(self.shared_mask.sum())
-            for task, share in self.own_share.items():
-                if not math.isnan(share):
-                    out[f"own_expert_share/{task}"] = share
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (lists and floats; NaN stays NaN)."""
-
-        def lst(t: Tensor | None) -> list[Any] | None:
-            return None if t is None else t.tolist()
-
-        return {
-            "tasks": list(self.tasks),
-            "expert_kinds": list(self.expert_kinds),
-            "utilisation": lst(self.utilisation),
-            "allowed": lst(self.allowed),
-            "zero_frac": lst(self.zero_frac),
-            "output_scale": lst(self.output_scale),
-            "scale_cv": self.scale_cv,
-            "tasks_using": lst(self.tasks_using),
-            "tasks_allowed": lst(self.tasks_allowed),
-            "shared": lst(self.shared_mask),
-            "degraded": lst(self.degraded),
-            "num_degraded_shared": self.num_degraded_shared,
-            "own_share": dict(self.own_share),
-        }
+    def cols(self) -> slice:
+        return slice(self.col0, self.col0 + len(self.kinds))
 
 
 class DiagnosticsAccumulator(Metric):
@@ -160,14 +80,15 @@ class DiagnosticsAccumulator(Metric):
 
     A torchmetrics ``Metric`` whose states are sums, counts and a running maximum
     on the module's device, so ``update`` does not sync with the host and a
-    distributed run's ``compute`` reduces them over every process. The expert
-    count is read from the first batch; in a distributed run every process must
-    have seen at least one batch before ``compute``.
+    distributed run's ``compute`` reduces them over every process. Every level's
+    gates and experts are concatenated into one (gates x experts) block-diagonal
+    state; the layout is read from the first batch, and in a distributed run every
+    process must have seen at least one batch before ``compute``.
 
     Args:
-        tasks: task names (the rows of the utilisation matrix).
+        tasks: task names (the rows of the final level's utilisation).
         zero_eps: activations below this magnitude count as zero.
-        usage_factor: an expert is "used" by task g when its mean weight exceeds
+        usage_factor: an expert is "used" by gate g when its mean weight exceeds
             ``usage_factor / E_allowed(g)``; 1.0 means "more than a uniform share".
         **kwargs: torchmetrics ``Metric`` options (``sync_on_compute``,
             ``process_group``, ...).
@@ -178,7 +99,7 @@ class DiagnosticsAccumulator(Metric):
         >>> acc.update(MultiTaskOutput(logits={"a": torch.zeros(4)},
         ...     gate_weights={"a": torch.tensor([[1.0, 0.0]]).repeat(4, 1)},
         ...     expert_outputs=torch.stack([torch.ones(4, 3), torch.zeros(4, 3)]),
-        ...     expert_kinds=["shared", "shared"]))
+        ...     expert_kinds=["shared", "shared"], expert_activation="relu"))
         >>> acc.compute().zero_frac.tolist()
         [0.0, 1.0]
     """
@@ -189,7 +110,9 @@ class DiagnosticsAccumulator(Metric):
     rows: Tensor
     zero_count_E: Tensor
     abs_sum_E: Tensor
-    elements: Tensor
+    sum_E: Tensor
+    sumsq_E: Tensor
+    elements_E: Tensor
 
     def __init__(
         self,
@@ -204,131 +127,155 @@ class DiagnosticsAccumulator(Metric):
         self.zero_eps = zero_eps
         self.usage_factor = usage_factor
         self.expert_kinds: list[str] = []
-        """The kinds of the last batch that named them."""
-        # Empty until the first batch gives E; float64 sums stay exact over long passes.
+        """The final level's kinds, from the last batch that named them."""
+        self.levels: list[_Level] = []
+        """The layout of the states, from the first batch (final level last)."""
+        # Empty until the first batch gives the layout; float64 sums stay exact over long passes.
         self.add_state("weight_sum_GE", torch.zeros(0, dtype=torch.float64), "sum")
         self.add_state("weight_max_GE", torch.zeros(0), "max")
         self.add_state("rows", torch.zeros((), dtype=torch.long), "sum")
         self.add_state("zero_count_E", torch.zeros(0, dtype=torch.long), "sum")
         self.add_state("abs_sum_E", torch.zeros(0, dtype=torch.float64), "sum")
-        self.add_state("elements", torch.zeros((), dtype=torch.long), "sum")
+        self.add_state("sum_E", torch.zeros(0, dtype=torch.float64), "sum")
+        self.add_state("sumsq_E", torch.zeros(0, dtype=torch.float64), "sum")
+        self.add_state("elements_E", torch.zeros(0, dtype=torch.long), "sum")
 
     def reset(self) -> None:
         """Forget everything accumulated."""
         super().reset()
         self.expert_kinds = []
+        self.levels = []
 
     @property
     def has_data(self) -> bool:
         """Whether a batch brought gate weights or expert outputs (no host sync)."""
-        return self.weight_sum_GE.numel() > 0 or self.zero_count_E.numel() > 0
+        return self.weight_sum_GE.numel() > 0 or self.elements_E.numel() > 0
 
-    def _accumulate(self, name: str, value: Tensor, combine: Any = torch.add) -> None:
-        current = getattr(self, name)
-        setattr(self, name, value if current.numel() == 0 else combine(current, value))
+    def _layout(self, output: MultiTaskOutput) -> list[tuple[_Level, dict[str, Tensor], Any]]:
+        """Each level with its gate weights and expert outputs; the layout on first sight."""
+        parts = [
+            (lv.name, lv.gate_weights, lv.expert_outputs, lv.expert_kinds, lv.activation)
+            for lv in getattr(output, "lower_levels", ())
+        ]
+        top_gates = {t: output.gate_weights[t] for t in self.tasks if t in output.gate_weights}
+        top_name = f"level {len(parts) + 1} of {len(parts) + 1} (top)" if parts else ""
+        activation = getattr(output, "expert_activation", None)
+        parts.append((top_name, top_gates, output.expert_outputs, output.expert_kinds, activation))
+        if not self.levels:
+            row = col = 0
+            for name, gates, experts, kinds, act in parts:
+                E = experts.shape[0] if experts is not None else 0
+                E = next(iter(gates.values())).shape[1] if gates else E
+                level = _Level(name, list(gates), list(kinds) if len(kinds) == E else [], act)
+                level.kinds = level.kinds or ["shared"] * E
+                level.row0, level.col0 = row, col
+                row, col = row + len(level.gates), col + E
+                self.levels.append(level)
+        return [(lv, p[1], p[2]) for lv, p in zip(self.levels, parts, strict=True)]
 
     def update(self, output: MultiTaskOutput) -> None:
-        """Add one batch's gate weights ``{task: (B, E)}`` and expert outputs ``(E, B, H)``."""
+        """Add one batch: every level's gate weights ``{gate: (B, E)}`` and outputs ``(E, B, H)``."""
         if output.expert_kinds:
             self.expert_kinds = list(output.expert_kinds)
-        gates = output.gate_weights
-        gated = [t for t in self.tasks if t in gates]
-        if gated:
-            some_BE = gates[gated[0]].detach().float()
-            # Tasks without a gate (none in practice) keep zero rows.
-            w_GBE = torch.stack(
-                [
-                    gates[t].detach().float() if t in gates else torch.zeros_like(some_BE)
-                    for t in self.tasks
-                ]
+        levels = self._layout(output)
+        G = sum(len(lv.gates) for lv, _, _ in levels)
+        E = sum(len(lv.kinds) for lv, _, _ in levels)
+        if G:
+            some = next(w for _, gates, _ in levels for w in gates.values())
+            B, device = some.shape[0], some.device
+            sum_GE = torch.zeros(G, E, dtype=torch.float64, device=device)
+            max_GE = torch.zeros(G, E, device=device)
+            for lv, gates, _ in levels:
+                if not lv.gates:
+                    continue
+                w_GBE = torch.stack([gates[g].detach().float() for g in lv.gates])
+                sum_GE[lv.rows, lv.cols] = w_GBE.sum(1).double()
+                max_GE[lv.rows, lv.cols] = w_GBE.amax(1)
+            self.weight_sum_GE = (
+                sum_GE if self.weight_sum_GE.numel() == 0 else self.weight_sum_GE + sum_GE
             )
-            self._accumulate("weight_sum_GE", w_GBE.sum(1).double())
-            self._accumulate("weight_max_GE", w_GBE.amax(1), torch.maximum)
-            self.rows += w_GBE.shape[1]
-        if output.expert_outputs is not None:
-            abs_EN = output.expert_outputs.detach().float().flatten(1).abs()  # N = B * H
-            self._accumulate("zero_count_E", (abs_EN < self.zero_eps).sum(1))
-            self._accumulate("abs_sum_E", abs_EN.sum(1).double())
-            self.elements += abs_EN.shape[1]
+            self.weight_max_GE = (
+                max_GE
+                if self.weight_max_GE.numel() == 0
+                else torch.maximum(self.weight_max_GE, max_GE)
+            )
+            self.rows += B
+        if E and any(y is not None for _, _, y in levels):
+            device = next(y for _, _, y in levels if y is not None).device
+            stats = torch.zeros(5, E, dtype=torch.float64, device=device)
+            for lv, _, y_EBH in levels:
+                if y_EBH is None:
+                    continue
+                y_EN = y_EBH.detach().float().flatten(1)  # N = B * H
+                stats[0, lv.cols] = (y_EN.abs() < self.zero_eps).sum(1).double()
+                stats[1, lv.cols] = y_EN.abs().sum(1).double()
+                stats[2, lv.cols] = y_EN.sum(1).double()
+                stats[3, lv.cols] = y_EN.double().square().sum(1)
+                stats[4, lv.cols] = float(y_EN.shape[1])
+            for i, name in enumerate(
+                ("zero_count_E", "abs_sum_E", "sum_E", "sumsq_E", "elements_E")
+            ):
+                value = stats[i].long() if name in ("zero_count_E", "elements_E") else stats[i]
+                current = getattr(self, name)
+                setattr(self, name, value if current.numel() == 0 else current + value)
 
     def compute(self) -> ExpertDiagnostics:
         """Statistics over everything seen since the last :meth:`reset`, as CPU tensors."""
-        G = len(self.tasks)
-        if self.weight_sum_GE.numel():
-            util_GE = (self.weight_sum_GE / self.rows.clamp_min(1)).float().cpu()
-            allowed_GE = (self.weight_max_GE > 0).cpu()
-        else:  # no gates (shared-bottom): empty utilisation
-            util_GE = torch.zeros(G, 0)
-            allowed_GE = torch.zeros(G, 0, dtype=torch.bool)
-        E = util_GE.shape[1] if util_GE.numel() else self.abs_sum_E.numel()
-        kinds = self.expert_kinds if len(self.expert_kinds) == E else ["shared"] * E
+        levels = self.levels or [_Level("", [t for t in self.tasks], [], None)]
+        if not self.levels:  # nothing seen
+            levels[0].gates = []
+        diags = [self._level(lv) for lv in levels]
+        top = diags[-1]
+        top.lower_levels = diags[:-1]
+        return top
 
+    def _level(self, lv: _Level) -> ExpertDiagnostics:
+        final = lv is (self.levels[-1] if self.levels else lv)
+        gates = list(self.tasks) if final else lv.gates
+        E = len(lv.kinds)
+        util_GE = torch.zeros(len(gates), E)
+        allowed_GE = torch.zeros(len(gates), E, dtype=torch.bool)
+        if self.weight_sum_GE.numel() and lv.gates:
+            block = (self.weight_sum_GE[lv.rows, lv.cols] / self.rows.clamp_min(1)).float().cpu()
+            seen = (self.weight_max_GE[lv.rows, lv.cols] > 0).cpu()
+            for i, g in enumerate(lv.gates):  # tasks without a gate keep zero rows
+                j = gates.index(g)
+                util_GE[j], allowed_GE[j] = block[i], seen[i]
+        if not lv.gates:  # no gates (shared-bottom): empty utilisation
+            util_GE = torch.zeros(len(gates), 0)
+            allowed_GE = torch.zeros(len(gates), 0, dtype=torch.bool)
+            E = 0 if not self.elements_E.numel() else E
         n_allowed_G1 = allowed_GE.sum(1, keepdim=True).clamp_min(1).float()
         using_GE = (util_GE > self.usage_factor / n_allowed_G1) & allowed_GE
+        # The shared unit's gate (PLE, HoME's meta level) feeds no task: not a consumer.
+        consumer_G1 = torch.tensor([g != SHARED_UNIT for g in gates], dtype=torch.bool)[:, None]
         own_share: dict[str, float] = {}
-        for g, task in enumerate(self.tasks):
-            own_E = torch.tensor([k == f"task:{task}" for k in kinds], dtype=torch.bool)
-            own_share[task] = (
-                float(util_GE[g, own_E].sum()) if own_E.any() and util_GE.numel() else math.nan
-            )
+        for g, gate in enumerate(gates):
+            own = {f"task:{gate}", f"group:{gate}"} if not final else {f"task:{gate}"}
+            own_share[gate] = share_of(util_GE[g], [k in own for k in lv.kinds]) if E else math.nan
 
-        zero_frac_E = scale_E = None
-        if self.zero_count_E.numel() and int(self.elements) > 0:
-            elements = int(self.elements)
-            zero_frac_E = (self.zero_count_E.double() / elements).float().cpu()
-            scale_E = (self.abs_sum_E / elements).float().cpu()
+        zero_frac_E = scale_E = mean_E = std_E = None
+        if self.elements_E.numel() and E:
+            n_E = self.elements_E[lv.cols].double()
+            if bool((n_E > 0).all()):
+                scale_E = (self.abs_sum_E[lv.cols] / n_E).float().cpu()
+                mean = self.sum_E[lv.cols] / n_E
+                var = (self.sumsq_E[lv.cols] / n_E - mean.square()).clamp_min(0.0)
+                mean_E, std_E = mean.float().cpu(), var.sqrt().float().cpu()
+                if zero_fraction_applies(lv.activation):
+                    zero_frac_E = (self.zero_count_E[lv.cols].double() / n_E).float().cpu()
         return ExpertDiagnostics(
-            tasks=list(self.tasks),
-            expert_kinds=list(kinds),
+            tasks=gates,
+            expert_kinds=list(lv.kinds) if E else [],
             utilisation=util_GE,
             allowed=allowed_GE,
             zero_frac=zero_frac_E,
             output_scale=scale_E,
-            tasks_using=using_GE.sum(0).long(),
-            tasks_allowed=allowed_GE.sum(0).long(),
+            tasks_using=(using_GE & consumer_G1).sum(0).long(),
+            tasks_allowed=(allowed_GE & consumer_G1).sum(0).long(),
             own_share=own_share,
+            out_mean=mean_E,
+            out_std=std_E,
+            activation=lv.activation,
+            level=lv.name,
         )
-
-
-def mean_diagnostics(diags: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """Element-wise mean over runs (seeds) of :meth:`ExpertDiagnostics.to_dict` results.
-
-    Lists are averaged when every run has the same shape (same model config);
-    ``tasks_using`` and ``num_degraded_shared`` become fractional means. NaN and
-    None entries (e.g. own-expert share of a model without task experts) are skipped.
-
-    Example:
-        >>> d = {"tasks": ["a"], "expert_kinds": ["shared"], "utilisation": [[1.0]], "zero_frac": [0.25],
-        ...      "output_scale": [1.0], "scale_cv": None, "tasks_using": [1], "shared": [False],
-        ...      "num_degraded_shared": 0, "own_share": {"a": None}}
-        >>> mean_diagnostics([d, {**d, "zero_frac": [0.75]}])["zero_frac"]
-        [0.5]
-    """
-    if not diags:
-        return None
-
-    def mean(values: Sequence[Any]) -> Any:
-        values = [v for v in values if v is not None]
-        if not values:
-            return None
-        t = torch.tensor(values, dtype=torch.float64)
-        if t.ndim == 1:  # scalars: skip NaN (no value for that run)
-            t = t[~t.isnan()]
-            return float(t.mean()) if t.numel() else None
-        return t.mean(0).tolist()
-
-    def mean_list(key: str) -> Any:
-        values = [d.get(key) for d in diags]
-        shapes = {len(v) if v is not None else -1 for v in values}
-        return mean(values) if len(shapes) == 1 and -1 not in shapes and values[0] else values[0]
-
-    first = diags[0]
-    return {
-        "tasks": first["tasks"],
-        "expert_kinds": first["expert_kinds"],
-        "shared": first.get("shared") or [],
-        **{k: mean_list(k) for k in ("utilisation", "zero_frac", "output_scale", "tasks_using")},
-        "scale_cv": mean([d.get("scale_cv") for d in diags]),
-        "num_degraded_shared": mean([float(d["num_degraded_shared"]) for d in diags]),
-        "own_share": {t: mean([d["own_share"].get(t) for d in diags]) for t in first["own_share"]},
-    }

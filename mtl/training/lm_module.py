@@ -11,6 +11,15 @@ mean over layers); ``val_load`` keeps each layer's per-expert load. Training
 values are logged on the steps that the logger writes or the progress bar shows
 (:func:`~mtl.training.step_logging.step_metrics_due`), not on every step.
 
+Distributed runs (``trainer=ddp``): every logged value covers every rank's tokens.
+A training step's losses are the means over the ranks (equal batches: the global
+batch's loss) and its routing statistics those of the global batch
+(:func:`~mtl.training.routing_totals.sum_over_ranks`); the validation loss is a
+token-weighted torchmetrics mean, and the validation routing statistics and loads
+are those of the whole pass over all ranks
+(:class:`~mtl.training.routing_totals.RoutingTotals`): ``dropped_tokens`` is the
+pass's total and ``load_max_over_mean`` comes from the pass's summed load.
+
 Checkpoints carry the tokenizer (state + fingerprint); resuming with data whose
 vocabulary differs raises :class:`VocabularyMismatchError` before any weight is
 loaded.
@@ -18,12 +27,14 @@ loaded.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -31,9 +42,14 @@ from mtl.data.tokenizers import Tokenizer
 from mtl.models.lm.generate import generate as generate_ids
 from mtl.models.lm.transformer import LMOutput, TransformerLM
 from mtl.moe import RoutingStats, SigmoidBiasGate
-from mtl.training.expert_load import ExpertLoad
+from mtl.moe.expert_parallel import ExpertShard, gather_expert_rows, gather_experts
+from mtl.moe.expert_parallel_plan import ExpertParallelPlan, set_ddp_ignore
+from mtl.training.expert_load import ExpertLoad, log_load_histograms
+from mtl.training.routing_totals import RoutingTotals, sum_over_ranks
 from mtl.training.schedules import OptimizerFactory, SchedulerFactory, optimizers_with_schedule
 from mtl.training.step_logging import step_metrics_due
+
+log = logging.getLogger(__name__)
 
 
 class VocabularyMismatchError(ValueError):
@@ -103,7 +119,10 @@ class LMModule(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.val_load = ExpertLoad()
         """Per MoE layer, the token slots each expert computed in the last validation."""
+        self.val_routing = RoutingTotals()
         self._step_start: float | None = None
+        self.expert_plan: ExpertParallelPlan | None = None
+        """Set in :meth:`configure_model` when ``net.expert_parallel > 1``."""
 
     default_monitor = "val/loss"
     """The key checkpoints watch unless the config names another."""
@@ -115,8 +134,14 @@ class LMModule(pl.LightningModule):
         return ["val/loss", "val/ppl"]
 
     # ------------------------------------------------------------------ model
-    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None) -> LMOutput:
-        return self.net(idx_BT, targets_BT)
+    def forward(
+        self, idx_BT: Tensor, targets_BT: Tensor | None = None, domain_B: Tensor | None = None
+    ) -> LMOutput:
+        # Domain ids (DomainTextDataModule's batches) go to a model that routes on them;
+        # any other model trains on the same batches without them (a baseline).
+        if domain_B is None or getattr(self.net, "domain_embed", None) is None:
+            return self.net(idx_BT, targets_BT)
+        return self.net(idx_BT, targets_BT, domain_B=domain_B)
 
     def _log_routing(self, stats: Mapping[int, RoutingStats], split: str, batch_size: int) -> None:
         if not stats:
@@ -143,27 +168,56 @@ class LMModule(pl.LightningModule):
                 batch_size=batch_size,
             )
 
+    def _world_size(self) -> int:
+        try:
+            return int(self.trainer.world_size)
+        except RuntimeError:  # not attached to a trainer
+            return 1
+
+    def _sum_over_ranks(self, x: Tensor) -> Tensor:
+        # Lightning's strategy reduces in place: hand it a tensor nobody else holds.
+        return self.trainer.strategy.reduce(x.clone(), reduce_op="sum")
+
+    def configure_model(self) -> None:
+        # trainer=fsdp (mtl.training.fsdp.FSDPStrategy): shard each transformer block
+        # over the ranks; other strategies have no `shard` and leave the model whole.
+        shard = getattr(self._trainer.strategy, "shard", None) if self._trainer else None
+        self._configure_expert_parallel(fsdp=shard is not None)
+        if shard is not None:
+            shard(self.net)
+
     # --------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
-        inputs_BT, targets_BT = batch
-        out = self(inputs_BT, targets_BT)
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Any]:
+        inputs_BT, targets_BT, *domain_B = batch  # a third field: the domain ids
+        out = self(inputs_BT, targets_BT, *domain_B)
         assert out.loss is not None
         ce = out.loss
         loss = ce + out.aux_loss
         B = inputs_BT.shape[0]
+        losses = {"train/loss": ce.detach()}
+        if out.aux_losses:
+            losses["train/aux_loss"] = out.aux_loss.detach()
+            losses |= {f"train/aux/{k}": v.detach() for k, v in out.aux_losses.items()}
+        layer_stats = out.layer_stats
+        world_size = self._world_size()
+        if world_size > 1:
+            # Every step on every rank, logged or not: whether a step logs can differ
+            # between ranks (the progress bar runs on rank 0 only) and a collective
+            # that one rank skips would hang the others. One small vector per step.
+            mean = self._sum_over_ranks(torch.stack(list(losses.values())).float()) / world_size
+            losses = dict(zip(losses, mean.unbind(), strict=True))
+            layer_stats = sum_over_ranks(layer_stats, self._sum_over_ranks)
         # Step values only where the logger or the progress bar reads them: a step logs
         # about 20 keys (routing statistics per layer), ~0.25 ms each on CPU.
         if step_metrics_due(self, batch_idx):
-            self.log("train/loss", ce, prog_bar=True, batch_size=B)
-            self.log("train/ppl", torch.exp(ce.detach()), batch_size=B)
-            if out.aux_losses:
-                self.log("train/aux_loss", out.aux_loss, batch_size=B)
-                for name, value in out.aux_losses.items():
-                    self.log(f"train/aux/{name}", value, batch_size=B)
-            self._log_routing(out.layer_stats, "train", B)
+            for key, value in losses.items():
+                self.log(key, value, prog_bar=key == "train/loss", batch_size=B)
+                if key == "train/loss":
+                    self.log("train/ppl", torch.exp(value), batch_size=B)
+            self._log_routing(layer_stats, "train", B)
         return {"loss": loss, "layer_stats": out.layer_stats}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -172,7 +226,7 @@ class LMModule(pl.LightningModule):
         if self.device.type == "cuda":  # kernels run asynchronously: wait for the step
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - self._step_start
-        tokens = batch[0].numel()
+        tokens = batch[0].numel() * self._world_size()  # the global batch's tokens
         self.log(
             "train/tokens_per_s",
             tokens / max(seconds, 1e-9),
@@ -181,39 +235,147 @@ class LMModule(pl.LightningModule):
         )
 
     # ------------------------------------------------------------- evaluation
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        inputs_BT, targets_BT = batch
-        out = self(inputs_BT, targets_BT)
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        inputs_BT, targets_BT, *domain_B = batch
+        out = self(inputs_BT, targets_BT, *domain_B)
         assert out.loss is not None
         ce = out.loss
         self.val_loss.update(ce, weight=targets_BT.numel())
-        self._log_routing(out.layer_stats, "val", inputs_BT.shape[0])
-        self.val_load.update(out.layer_stats)
+        self.val_routing.update(out.layer_stats)
         return ce
 
     def on_validation_epoch_start(self) -> None:
         self.val_load.reset()
+        self.val_routing.reset()
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
+        loss = self.val_loss.compute()  # torchmetrics: summed over the ranks
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
+        if self._world_size() > 1:
+            experts = {i: int(layer.num_experts) for i, layer in self.net.moe_layers().items()}
+            self.val_routing.reduce(self._sum_over_ranks, experts, self.device)
+        stats = self.val_routing.stats()  # the whole pass, every rank's tokens
+        self.val_load.update(stats)
+        self._log_routing(stats, "val", batch_size=1)
+        log_load_histograms(self.loggers, self.val_load.as_dict("val/moe/"), self.global_step)
+
+    # ------------------------------------------------------ expert parallelism
+    def _configure_expert_parallel(self, *, fsdp: bool) -> None:
+        """Shard the routed experts over ``net.expert_parallel`` ranks (once the processes exist).
+
+        The shards are rank-specific: DDP is told to ignore them, and their
+        gradients are reduced by the plan (:meth:`on_before_optimizer_step`).
+        """
+        if self.net.expert_parallel <= 1 or self.expert_plan is not None:
+            return
+        if fsdp:
+            raise ValueError(
+                f"model.moe.expert_parallel={self.net.expert_parallel} runs with trainer=ddp, "
+                "not trainer=fsdp"
+            )
+        self.expert_plan = ExpertParallelPlan(expert_parallel=self.net.expert_parallel)
+        set_ddp_ignore(self, [f"net.{name}" for name in self.expert_plan.apply(self.net)])
+        shards = list(self._shards().values())
+        if shards:
+            first, L = shards[0].first_expert, shards[0].local.num_experts
+            log.info(
+                f"expert parallel: rank {self.expert_plan.mesh.get_rank()} holds experts "
+                f"[{first}, {first + L}) of {shards[0].num_experts} in {len(shards)} MoE layers "
+                f"(mesh dp x ep = {self.expert_plan.mesh.shape[0]} x {self.expert_plan.mesh.shape[1]})"
+            )
+
+    def on_validation_start(self) -> None:
+        if self.expert_plan is None:
+            return
+        # every forward is a collective under expert parallelism: a rank with one more
+        # batch than the others would wait for them forever
+        n = torch.tensor([float(sum(self.trainer.num_val_batches))], device=self.device)
+        low, high = n.clone(), n.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if low.item() != high.item():
+            raise RuntimeError(
+                f"expert parallelism needs the same number of validation batches on every "
+                f"rank, got {int(low.item())} to {int(high.item())}: choose data.val_batch_size "
+                "or data.block_size so that the validation blocks split evenly"
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.expert_plan is not None:
+            self.expert_plan.reduce_expert_grads_(self.net)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.expert_plan is None or not gradient_clip_val or gradient_clip_algorithm == "value":
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        # the norm of the whole model: every rank's shards count
+        self.expert_plan.clip_grad_norm_(self.net, float(gradient_clip_val))
+
+    def _shards(self) -> dict[str, ExpertShard]:
+        return {
+            f"net.{name}.": module
+            for name, module in self.net.named_modules()
+            if isinstance(module, ExpertShard)
+        }
+
+    def _reshard_optimizer_states(self, states: list[dict[str, Any]], *, gather: bool) -> None:
+        """The shards' optimiser moments: gathered into whole banks (save) or sliced (load)."""
+        assert self.expert_plan is not None
+        owners = {id(p): s for s in self._shards().values() for p in s.parameters()}
+        # the optimiser's parameter order (torch numbers them across groups); on load
+        # the optimiser does not exist yet, but configure_optimizers builds this order
+        params = [p for group in self._param_groups() for p in group["params"]]
+        for saved in states[:1]:
+            for i, p in enumerate(params):
+                shard = owners.get(id(p))
+                if shard is None or i not in saved["state"]:
+                    continue
+                lo, L = shard.first_expert, shard.local.num_experts
+                # a new dict: optimizer.state_dict() shares the live per-parameter state
+                state = saved["state"][i] = dict(saved["state"][i])
+                for key, value in state.items():
+                    if not isinstance(value, Tensor) or value.dim() == 0:
+                        continue
+                    if gather and value.shape[0] == L:
+                        state[key] = gather_expert_rows(value, self.expert_plan.mesh["ep"])
+                    elif not gather and value.shape[0] == shard.num_experts:
+                        state[key] = value[lo : lo + L]
 
     # --------------------------------------------------------------- optimiser
-    def configure_optimizers(self) -> dict[str, Any]:
+    def _param_groups(self) -> list[dict[str, Any]]:
         params = [p for p in self.net.parameters() if p.requires_grad]
         # Decay the matrices only: biases and norm gains are not weights to shrink.
-        groups = [
+        return [
             {"params": [p for p in params if p.dim() >= 2]},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self._param_groups()
         if self.optimizer is None:
             return {"optimizer": torch.optim.AdamW(groups, lr=3e-3)}
         return optimizers_with_schedule(self.optimizer(groups), self.scheduler)
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.expert_plan is not None:
+            # every rank gathers; the file holds the whole banks under the unsharded names
+            state = checkpoint["state_dict"]
+            for prefix, shard in self._shards().items():
+                full = gather_experts(shard, self.expert_plan.mesh["ep"])
+                for key in [k for k in state if k.startswith(prefix + "local.")]:
+                    del state[key]
+                state.update({prefix + k: v for k, v in full.state_dict().items()})
+            self._reshard_optimizer_states(checkpoint.get("optimizer_states", []), gather=True)
         if self.tokenizer is not None:
             checkpoint["lm_tokenizer"] = {
                 "state": self.tokenizer.state_dict(),
@@ -222,6 +384,14 @@ class LMModule(pl.LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.expert_plan is not None:
+            # whole banks in the file: keep this rank's experts
+            state = checkpoint["state_dict"]
+            for prefix, shard in self._shards().items():
+                lo, L = shard.first_expert, shard.local.num_experts
+                for name in shard.local.state_dict():
+                    state[f"{prefix}local.{name}"] = state.pop(prefix + name)[lo : lo + L]
+            self._reshard_optimizer_states(checkpoint.get("optimizer_states", []), gather=False)
         saved = checkpoint.get("lm_tokenizer")
         if saved is None:
             return

@@ -4,7 +4,9 @@ Losses follow what the model predicts: BCE-with-logits for binary tasks in
 ``logits``, BCE on clamped probabilities for tasks in ``probs`` (ESMM's ctcvr), MSE
 for regression; the total is the weighted sum of task losses plus the model's
 ``aux_loss``. Validation and test compute per-task AUC, log loss and (with user ids)
-GAUC, plus the expert-health diagnostics of :mod:`mtl.training.diagnostics`.
+GAUC, plus the expert-health diagnostics of :mod:`mtl.training.diagnostics` and the
+per-expert load of each multi-gate level (:mod:`mtl.training.expert_load`: in
+``eval_loads`` and drawn in TensorBoard).
 Training logs ``train/loss_step`` on the steps that the logger writes or the
 progress bar shows, and the batch-size-weighted epoch means ``train/loss_epoch``,
 ``train/loss/<task>`` and ``train/aux_loss`` once per epoch
@@ -14,6 +16,7 @@ progress bar shows, and the batch-size-weighted epoch means ``train/loss_epoch``
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +29,7 @@ from mtl.data.tabular import RecBatch
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.ranker import Ranker
 from mtl.training.diagnostics import DiagnosticsAccumulator, ExpertDiagnostics
+from mtl.training.expert_load import ExpertLoad, log_load_histograms
 from mtl.training.metrics import LOG_LOSS_EPS, BinaryTaskMetrics, RegressionTaskMetrics
 from mtl.training.schedules import OptimizerFactory, SchedulerFactory, optimizers_with_schedule
 from mtl.training.step_logging import EpochMeans, step_metrics_due
@@ -112,6 +116,15 @@ class RecModule(pl.LightningModule):
         """Per task, ``(predictions, labels)`` of the last test, ``(N,)`` each in row order."""
         self._test_rows: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self._train_means = EpochMeans()
+        self.eval_load = ExpertLoad()
+        self.eval_loads: dict[str, dict[str, list[float]]] = {}
+        """Per split, ``{"<split>/moe/layer{i}/tokens_per_expert": load}`` of the last
+        evaluation: the (row, gate) slots each expert of multi-gate level ``i`` received,
+        summed over the batches and over the ranks, each row counted once (every rank
+        evaluates every row of an unsharded loader)."""
+        self.epoch_times_s: list[float] = []
+        """Wall time of each training epoch of this process (its validation included)."""
+        self._epoch_start = 0.0
 
     monitor_prefixes: tuple[str, ...] = (
         "val/collapse_",
@@ -210,6 +223,7 @@ class RecModule(pl.LightningModule):
         # from an end-of-epoch checkpoint then replays the uninterrupted run exactly.
         torch.manual_seed((self.seed * 1_000_003 + self.current_epoch) % (2**63))
         self._train_means.reset()
+        self._epoch_start = time.perf_counter()
 
     def training_step(self, batch: RecBatch, batch_idx: int) -> Tensor:
         out = self(batch)
@@ -227,6 +241,8 @@ class RecModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        # Lightning runs the epoch's validation before this hook: the time includes it.
+        self.epoch_times_s.append(time.perf_counter() - self._epoch_start)
         for key, value in self._train_means.compute().items():
             self.log(key, value, prog_bar=key == "train/loss_epoch")
 
@@ -251,6 +267,7 @@ class RecModule(pl.LightningModule):
                 self._test_rows.setdefault(task, []).append(rows)
         if self.diag is not None:
             self.diag.update(out)
+        self.eval_load.add(out.expert_load)
 
     def _eval_epoch_end(self, split: str) -> None:
         flat: dict[str, float] = {}
@@ -271,12 +288,37 @@ class RecModule(pl.LightningModule):
         for key, value in flat.items():
             self.log(f"{split}/{key}", value, prog_bar=key == "auc_mean")
         self.eval_results[split] = flat
+        if self.eval_load.has_data:
+            if self._world_size() > 1:
+                replicas = self._eval_replicas(split)
+                # the strategy reduces in place: hand it a tensor nobody else holds
+                self.eval_load.reduce(
+                    lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum") / replicas
+                )
+            self.eval_loads[split] = self.eval_load.as_dict(f"{split}/moe/")
+            log_load_histograms(self.loggers, self.eval_loads[split], self.global_step)
+            self.eval_load.reset()
+
+    def _world_size(self) -> int:
+        try:
+            return int(self.trainer.world_size)
+        except RuntimeError:  # not attached to a trainer
+            return 1
+
+    def _eval_replicas(self, split: str) -> int:
+        """How many ranks evaluate each row: every rank when the loader is not sharded
+        (:class:`~mtl.data.datamodule.RecDataModule`'s evaluation), one when it is."""
+        trainer = self.trainer
+        loader = trainer.val_dataloaders if split == "val" else trainer.test_dataloaders
+        shards = getattr(loader, "num_shards", None)
+        return max(1, self._world_size() // shards) if shards else 1
 
     def _eval_epoch_start(self) -> None:
         for metrics in self.eval_metrics.values():
             metrics.reset()
         if self.diag is not None:
             self.diag.reset()
+        self.eval_load.reset()
 
     def on_validation_epoch_start(self) -> None:
         self._eval_epoch_start()

@@ -4,10 +4,11 @@ Input is the list of per-run results of :func:`mtl.training.train.train`
 (one per model x seed). The first table gives each binary task's test AUC with its
 95% interval per model and a paired test for every pair of models, from the runs'
 saved test scores (:func:`significance`, :mod:`mtl.training.significance`). Metrics
-are aggregated per model as mean ± sample std over seeds; diagnostics as the mean
-over seeds. Plots are drawn on
-:class:`matplotlib.figure.Figure` objects, which render to PNG without a display
-and leave pyplot's global state (and backend) alone.
+are aggregated per model as mean ± sample std over seeds; expert diagnostics are
+computed per seed and combined without matching experts by index
+(:mod:`mtl.training.diagnostics_summary`); training time as the median epoch time
+of each run, with the machine's load average (:mod:`mtl.training.timing`). The plots
+are in :mod:`mtl.training.report_plots`.
 """
 
 from __future__ import annotations
@@ -18,41 +19,35 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
-
 from mtl.data.data_record import summary_markdown
-from mtl.training.diagnostics import mean_diagnostics
-from mtl.training.results import TEST_SCORES_FILE, read_test_scores, write_json
-from mtl.training.significance import seed_mean_auc, seed_paired_test
+from mtl.training.diagnostics_summary import summarise_diagnostics
+from mtl.training.report_plots import write_plots
+from mtl.training.report_significance import SIGNIFICANCE_NOTES, significance, significance_table
+from mtl.training.results import write_json
+from mtl.training.timing import median_epoch_time, timing_summary
 
 METRICS_SHOWN = ("auc", "gauc", "logloss", "mse")
-LEVEL = 0.95
-"""Confidence level of the AUC intervals."""
-ALPHA = 0.05
-"""Significance level of the paired tests."""
-SIGNIFICANCE_NOTES = """\
-AUC intervals and paired tests use DeLong's variance on the test rows, which every run shares.
-With several seeds the AUC is the mean over seeds and the difference the mean of the per-seed
-paired differences; their variance adds the between-seed variance over the number of seeds
-(training randomness), with a t reference (Welch-Satterthwaite degrees of freedom). With one
-seed it is DeLong's paired z test. Per-seed DeLong tests are in results.json
-(`significance.tasks.<task>.pairs[].per_seed`)."""
-KIND_COLOURS = {"shared": "tab:blue", "group": "tab:orange", "task": "tab:green"}
 DIAGNOSTICS_NOTES = """\
-- zero-act: fraction of expert activations with |y| < 1e-6 (max / mean over experts); values near 1
-  mean a collapsed (dead) expert.
-- scale CV: std / mean of the experts' mean |y|; large = experts on very different scales.
-- degraded shared: shared (global or group) experts that at most one task weights above 1/E_allowed
-  (E_allowed: experts the task's gate can reach), out of all shared experts. With near-uniform gates
-  (see the heatmaps) this count is noise around the threshold.
-- own share: gate weight a task puts on its own task-specific experts (n/a: the model has none)."""
+Every statistic is computed within one seed (experts are interchangeable between seeds, so none
+is averaged by expert index), then given as mean ± std over seeds; one row per gated level.
+- collapse (HoME): each expert's output mean and std over the test rows and units. std min/max:
+  smallest over largest expert std (1 = one scale; near 0 = an expert collapsed to a constant);
+  std CV: std / mean of the experts' stds; mean spread: std of the experts' means over their mean std.
+- zero-act max: largest fraction of activations with |y| < 1e-6, for ReLU-type experts only
+  (dead units); Swish/GELU experts are never exactly zero, so it is n/a for them.
+- degraded shared, per seed: shared (global or group) experts that at most one consumer gate (task,
+  or category at HoME's meta level; not PLE's shared-unit gate) weights above 1/E_allowed, out of
+  all shared experts. With near-uniform gates (see the heatmaps) this count is noise around the
+  threshold.
+- own share: weight a gate puts on its own experts (task-specific; a category's at HoME's meta
+  level); n/a: the model has none. A sparse task leaning on shared experts has a low own share."""
 
 
 SIZES_NOTES = """\
 Parameters of each model's network without embeddings (every model shares the embedding
-tables), with the sizes its runs used (its config after overrides). A width scale other than 1:
+tables), with the sizes its runs used (its config after overrides). Sized by: the dataset
+experiment the model was composed with (`sizes_from`, e.g. census_home for data=census_income),
+or its own model config. A width scale other than 1:
 `match_params=true` multiplied every width of the model by it, to reach the reference count
 within 5% (the first model's, or `match_params_to`)."""
 
@@ -64,20 +59,19 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
-def _kind_group(kind: str) -> str:
-    return kind.split(":", 1)[0]
-
-
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per model: metric mean/std over seeds, params, time, and mean diagnostics.
+    """Per model: metric mean/std over seeds, params, times, and per-seed diagnostics.
 
     Args:
         runs: results of ``train``, each with ``model``, ``seed``, ``test``,
-            ``params``, ``train_time_s``, ``epochs``, ``diagnostics``.
+            ``params``, ``train_time_s``, ``epochs``, ``diagnostics`` (and
+            ``epoch_times_s`` for the median epoch time).
 
     Returns:
         ``{model: {"seeds", "tasks", "metrics": {"auc/click": (mean, std)}, "params",
-        "train_time_s": (mean, std), "epochs", "diagnostics": {...} | None}}``.
+        "train_time_s": (mean, std), "epoch_time_s": (mean, std) over seeds of each
+        run's median epoch time, "epochs", "diagnostics": see
+        :func:`~mtl.training.diagnostics_summary.summarise_diagnostics`}}``.
 
     Example:
         >>> runs = [{"model": "m", "seed": s, "tasks": {"a": "binary"}, "test": {"auc/a": v},
@@ -100,9 +94,11 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "metrics": metrics,
             "params": items[0]["params"],
             "train_time_s": _mean_std([r["train_time_s"] for r in items]),
+            "epoch_time_s": _mean_std([median_epoch_time(r) for r in items]),
             "epochs": _mean_std([float(r["epochs"]) for r in items])[0],
-            "diagnostics": mean_diagnostics(
-                [r["diagnostics"] for r in items if r.get("diagnostics")]
+            "diagnostics": summarise_diagnostics(
+                [r["diagnostics"] for r in items if r.get("diagnostics")],
+                [r["seed"] for r in items if r.get("diagnostics")],
             ),
         }
     return out
@@ -129,17 +125,19 @@ def _count(n: int) -> str:
 
 
 def models_table(summary: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """Header + one row per model: parameters, train time, epochs, mean AUC (GAUC) over tasks."""
+    """Header + one row per model: parameters, median epoch time, train time, epochs,
+    mean AUC (GAUC) over tasks."""
     means = [
         k for k in ("auc_mean", "gauc_mean") if any(k in s["metrics"] for s in summary.values())
     ]
-    header = ["model", "params (model / total)", "train time s", "epochs"]
-    rows = [header + [f"mean {k.split('_')[0].upper()}" for k in means]]
+    header = ["model", "params (model / total)", "epoch time s (median)", "train time s"]
+    rows = [[*header, "epochs", *[f"mean {k.split('_')[0].upper()}" for k in means]]]
     for model, s in summary.items():
         p = s["params"]
         row = [
             model,
             f"{_count(p['model'])} / {_count(p['total'])}",
+            _fmt(*s.get("epoch_time_s", (math.nan, math.nan)), digits=2),
             _fmt(*s["train_time_s"], digits=1),
         ]
         rows.append([*row, f"{s['epochs']:.1f}", *[_stat(s, k) for k in means]])
@@ -184,140 +182,60 @@ def task_table(summary: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def _run_scores(run: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
-    """The run's test scores per task, or None when it kept none (runs from older versions)."""
-    path = Path(str(run.get("output_dir", ""))) / str(run.get("test_scores", TEST_SCORES_FILE))
-    return read_test_scores(path) if run.get("output_dir") and path.is_file() else None
-
-
-def _p(p: float) -> str:
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.1 else f"p={p:.2f}"
-
-
-def _verdict(a: str, b: str, task: str, diff: float, p: float) -> str:
-    """``"home > mmoe on income: +0.0031, p=0.020, significant"`` (the larger AUC first)."""
-    first, second, gap = (a, b, diff) if diff >= 0 else (b, a, -diff)
-    if p < ALPHA:
-        return f"{first} > {second} on {task}: +{gap:.4f}, {_p(p)}, significant"
-    return f"{first} vs {second} on {task}: +{gap:.4f}, {_p(p)}, not significant at {ALPHA:.0%}"
-
-
-def significance(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per binary task: each model's test AUC with its interval, and every pair's paired test.
-
-    Reads each run's ``test_scores.npz``. A model's AUC is :func:`seed_mean_auc` over
-    its seeds; a pair is tested by :func:`seed_paired_test` on the seeds both have.
-
-    Returns:
-        ``{"level", "alpha", "tasks": {task: {"auc": {model: {...}}, "pairs": [...]}},
-        "notes": [...]}``; ``notes`` says what could not be tested and why.
-    """
-    by_model: dict[str, dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]] = {}
-    notes: list[str] = []
-    for run in runs:
-        scores = _run_scores(run)
-        if scores is None:
-            notes.append(f"{run['model']} seed {run['seed']}: no test scores saved")
-            continue
-        by_model.setdefault(run["model"], {})[int(run["seed"])] = scores
-    kinds = {t: k for run in runs for t, k in run.get("tasks", {}).items()}
-    tasks: dict[str, Any] = {}
-    for task in [t for t, k in kinds.items() if k == "binary"]:
-        seeds = {m: {s: v[task] for s, v in d.items() if task in v} for m, d in by_model.items()}
-        seeds = {m: d for m, d in seeds.items() if d}
-        labels = next((y for d in seeds.values() for _, y in d.values()), None)
-        if labels is None:
-            continue
-        if any(not np.array_equal(y, labels) for d in seeds.values() for _, y in d.values()):
-            notes.append(f"{task}: the runs' test rows differ, no paired test")
-            continue
-        if len(np.unique(labels)) < 2:
-            notes.append(f"{task}: the test split holds one class, no AUC")
-            continue
-        auc = {}
-        for model, d in seeds.items():
-            r = seed_mean_auc([p for p, _ in d.values()], labels, level=LEVEL)
-            auc[model] = {"auc": r.auc, "low": r.low, "high": r.high, "se": r.se}
-            auc[model] |= {"df": r.df, "seeds": sorted(d)}
-        pairs = []
-        models = list(seeds)
-        for i, a in enumerate(models):
-            for b in models[i + 1 :]:
-                common = sorted(set(seeds[a]) & set(seeds[b]))
-                if not common:
-                    notes.append(f"{task}: {a} and {b} share no seed, no paired test")
-                    continue
-                t = seed_paired_test(
-                    [seeds[a][s][0] for s in common], [seeds[b][s][0] for s in common], labels
-                )
-                pairs.append(
-                    {
-                        "a": a,
-                        "b": b,
-                        "diff": t.diff,
-                        "low": t.low,
-                        "high": t.high,
-                        "z": t.z,
-                        "p_value": t.p_value,
-                        "df": t.df,
-                        "significant": t.significant(ALPHA),
-                        "seeds": common,
-                        "verdict": _verdict(a, b, task, t.diff, t.p_value),
-                        "per_seed": [
-                            {"seed": s, "diff": u.diff, "p_value": u.p_value, "z": u.z}
-                            for s, u in zip(common, t.per_seed, strict=True)
-                        ],
-                    }
-                )
-        tasks[task] = {"n_rows": len(labels), "n_pos": int(labels.sum()), "auc": auc}
-        tasks[task]["pairs"] = pairs
-    return {"level": LEVEL, "alpha": ALPHA, "tasks": tasks, "notes": notes}
-
-
-def significance_table(sig: dict[str, Any]) -> list[list[str]]:
-    """Header + per task: a row per model (AUC, interval), then a row per pair (Δ, p, verdict)."""
-    pct = f"{sig['level']:.0%}"
-    rows = [["task", "model or pair", "test AUC / Δ AUC", f"{pct} interval", "p", "verdict"]]
-    for task, t in sig["tasks"].items():
-        for model, r in t["auc"].items():
-            interval = f"[{r['low']:.4f}, {r['high']:.4f}]"
-            rows.append([task, model, f"{r['auc']:.4f}", interval, "", ""])
-        for q in t["pairs"]:
-            interval = f"[{q['low']:+.4f}, {q['high']:+.4f}]"
-            pair, diff, p = f"{q['a']} − {q['b']}", f"{q['diff']:+.4f}", _p(q["p_value"])
-            rows.append([task, pair, diff, interval, p, q["verdict"]])
-    return rows
+def _ms(value: list[float] | None, digits: int = 3) -> str:
+    return "n/a" if value is None else _fmt(value[0], value[1], digits)
 
 
 def diagnostics_table(summary: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """Header + one row per model with gates: collapse, degradation and underfitting numbers."""
-    tasks = _tasks(summary)
-    header = ["model", "experts (shared/group/task)", "zero-act max", "zero-act mean", "scale CV"]
-    header += ["degraded shared", *[f"own share {t}" for t in tasks]]
-    rows = [header]
+    """Header + one row per model and gated level: collapse, degradation, underfitting.
+
+    Each number is computed per seed, then mean ± std over seeds
+    (:func:`~mtl.training.diagnostics_summary.summarise_diagnostics`); the degraded
+    count is listed seed by seed.
+    """
+    header = ["model", "level", "experts (shared/group/task)", "activation", "std min/max"]
+    header += ["std CV", "mean spread", "zero-act max (ReLU only)", "degraded shared per seed"]
+    rows = [[*header, "own share per gate"]]
     for model, s in summary.items():
         d = s["diagnostics"]
         if d is None:
-            rows.append([model, "no gates", *["n/a"] * (len(header) - 2)])
+            rows.append([model, "", "no gates", *["n/a"] * (len(header) - 2)])
             continue
-        kinds = [_kind_group(k) for k in d["expert_kinds"]]
-        zf = d["zero_frac"] or [math.nan]
-        counts = f"{kinds.count('shared')}/{kinds.count('group')}/{kinds.count('task')}"
-        row = [model, counts, _fmt(max(zf), digits=3), _fmt(float(np.mean(zf)), digits=3)]
-        row += [
-            _fmt(d["scale_cv"], digits=3),
-            f"{d['num_degraded_shared']:.1f} / {sum(d['shared'])}",
-        ]
-        rows.append(row + [_fmt(d["own_share"].get(t), digits=3) for t in tasks])
+        for lv in d["levels"]:
+            st, n = lv["stats"], lv["experts"]
+            act = lv["activation"] or "unknown"
+            relu = st["zero_frac_max"] is not None
+            own = [
+                f"{'shared unit' if g == '__shared__' else g} {_ms(v['own'])}"
+                for g, v in lv["shares"].items()
+                if v["own"] is not None
+            ]
+            degraded = ", ".join(f"{x['degraded']}/{x['shared']}" for x in lv["per_seed"])
+            rows.append(
+                [
+                    model,
+                    lv["level"] or "experts",
+                    f"{n['shared']}/{n['group']}/{n['task']}",
+                    act,
+                    _ms(st["std_min_max"]),
+                    _ms(st["std_cv"]),
+                    _ms(st["mean_spread"]),
+                    _ms(st["zero_frac_max"]) if relu else f"n/a ({act})",
+                    degraded if any(x["shared"] for x in lv["per_seed"]) else "no shared",
+                    "; ".join(own) or "n/a",
+                ]
+            )
     return rows
 
 
 def sizes_table(sizes: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """Header + one row per model: parameters without embeddings, width scale, sizes used."""
-    rows = [["model", "params (model)", "width scale", "sizes"]]
+    """Header + one row per model: parameters without embeddings, the experiment that set
+    its sizes (``sizes_from``), width scale, sizes used."""
+    rows = [["model", "params (model)", "sized by", "width scale", "sizes"]]
     for model, s in sizes.items():
         used = ", ".join(f"{k}={v}" for k, v in s["sizes"].items())
-        rows.append([model, str(s["params"]), f"{s['scale']:.3g}", used])
+        source = f"experiment={s['experiment']}" if s.get("experiment") else "its model config"
+        rows.append([model, str(s["params"]), source, f"{s['scale']:.3g}", used])
     return rows
 
 
@@ -336,158 +254,6 @@ def to_text(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------- plots
-def _kind_colours(kinds: Sequence[str]) -> list[str]:
-    return [KIND_COLOURS.get(_kind_group(k), "tab:gray") for k in kinds]
-
-
-def _save(fig: Figure, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def plot_gates(model: str, diag: dict[str, Any], path: Path) -> None:
-    """Heatmap of mean gate weight, tasks x experts, experts labelled (and coloured) by kind."""
-    util = np.asarray(diag["utilisation"])
-    tasks, kinds = diag["tasks"], diag["expert_kinds"]
-    fig = Figure(figsize=(max(4.5, 0.8 * len(kinds) + 2.5), 0.7 * len(tasks) + 2.4))
-    ax = fig.subplots()
-    top = max(float(util.max()), 1e-9)
-    im = ax.imshow(util, cmap="viridis", vmin=0.0, vmax=top, aspect="auto")
-    for (i, j), v in np.ndenumerate(util):
-        colour = "white" if v < 0.6 * top else "black"
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
-    # "group:watch" -> "group:\nwatch": two short lines fit under narrow columns.
-    ax.set_xticks(
-        range(len(kinds)), [f"{e}\n" + k.replace(":", ":\n") for e, k in enumerate(kinds)]
-    )
-    for tick, colour in zip(ax.get_xticklabels(), _kind_colours(kinds), strict=True):
-        tick.set(color=colour, fontsize=7)
-    ax.set_yticks(range(len(tasks)), tasks)
-    ax.set_xlabel("expert (index, kind)")
-    ax.set_title(f"{model}: mean gate weight per task (test split)")
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    _save(fig, path)
-
-
-def _expert_bars(
-    summary: dict[str, dict[str, Any]],
-    *,
-    key: str,
-    path: Path,
-    title: str,
-    ylabel: str,
-    ylim: float,
-    only_shared: bool = False,
-    hline: float | None = None,
-    fmt: str = "{:.2f}",
-) -> bool:
-    """One panel per model: a bar per expert (coloured by kind) of diagnostics ``key``."""
-    panels = []
-    for model, s in summary.items():
-        d = s["diagnostics"]
-        if d is not None and d.get(key) is not None:
-            idx = [e for e in range(len(d[key])) if not only_shared or d["shared"][e]]
-            if idx:
-                panels.append((model, d, idx))
-    if not panels:
-        return False
-    width = max(5.0, 0.55 * max(len(p[2]) for p in panels) + 2.5)
-    fig = Figure(figsize=(width, 2.4 * len(panels) + 0.6))
-    axes = fig.subplots(len(panels), 1, squeeze=False)
-    for ax, (model, d, idx) in zip(axes[:, 0], panels, strict=True):
-        kinds, values = [d["expert_kinds"][e] for e in idx], [d[key][e] for e in idx]
-        ax.bar(range(len(idx)), values, color=_kind_colours(kinds))
-        for x, v in enumerate(values):
-            ax.text(x, v + 0.02 * ylim, fmt.format(v), ha="center", va="bottom", fontsize=7)
-        ax.set_ylim(0.0, ylim * 1.18)  # a fixed scale: 1e-5 must not look like a dead expert
-        ax.set_xticks(range(len(idx)), [str(e) for e in idx], fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.set_title(model, fontsize=9, loc="left")
-        if hline is not None:
-            ax.axhline(hline, color="tab:red", linestyle="--", linewidth=1)
-        groups = list(dict.fromkeys(_kind_group(k) for k in kinds))
-        handles = [Rectangle((0, 0), 1, 1, color=KIND_COLOURS[g]) for g in groups]
-        labels = [f"{g} expert" for g in groups]
-        ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axes[-1, 0].set_xlabel("expert index")
-    fig.suptitle(title, fontsize=10)
-    _save(fig, path)
-    return True
-
-
-def plot_task_metric(summary: dict[str, dict[str, Any]], metric: str, path: Path) -> bool:
-    """Grouped bars: per task, one bar per model with the std over seeds as error bar."""
-    keys = {k for s in summary.values() for k in s["metrics"]}
-    tasks = [t for t in _tasks(summary) if f"{metric}/{t}" in keys]
-    if not tasks:
-        return False
-    models = list(summary)
-    width = 0.8 / len(models)
-    fig = Figure(figsize=(max(5.0, 1.6 * len(tasks) * max(1, len(models) / 2)), 3.6))
-    ax = fig.subplots()
-    ends: list[float] = []
-    for m, model in enumerate(models):
-        stats = [summary[model]["metrics"].get(f"{metric}/{t}", (math.nan,) * 2) for t in tasks]
-        means = [mu for mu, _ in stats]
-        errs = [0.0 if math.isnan(sd) else sd for _, sd in stats]
-        xs = np.arange(len(tasks)) + (m - (len(models) - 1) / 2) * width
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=model)
-        for x, v, e in zip(xs, means, errs, strict=True):
-            if not math.isnan(v):
-                ax.text(
-                    x, v + e, f"{v:.3f}\n", ha="center", va="bottom", fontsize=7, linespacing=0.6
-                )
-                ends += [v - e, v + e]
-    if metric in ("auc", "gauc") and ends:
-        # AUC differences live near the top; a 0-based axis would hide them.
-        lo, hi = min(ends), max(ends)
-        ax.set_ylim(max(0.0, lo - 0.3 * (hi - lo) - 0.01), min(1.0, hi + 0.25 * (hi - lo) + 0.01))
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel(f"test {metric.upper()}")
-    ax.set_title(f"test {metric.upper()} per task (mean ± std over seeds)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _save(fig, path)
-    return True
-
-
-def write_plots(out_dir: Path, summary: dict[str, dict[str, Any]]) -> list[str]:
-    """All comparison plots into ``out_dir``; returns the file names written."""
-    written = [
-        f"{m}.png"
-        for m in ("auc", "gauc", "mse")
-        if plot_task_metric(summary, m, out_dir / f"{m}.png")
-    ]
-    for model, s in summary.items():
-        d = s["diagnostics"]
-        if d is not None and d.get("utilisation") and np.asarray(d["utilisation"]).size:
-            plot_gates(model, d, out_dir / f"gates_{model}.png")
-            written.append(f"gates_{model}.png")
-    n_tasks = max((len(s["tasks"]) for s in summary.values()), default=0)
-    bars = {
-        "collapse.png": dict(
-            key="zero_frac",
-            ylabel="zero-activation fraction",
-            ylim=1.0,
-            title="Expert collapse: fraction of activations with |y| < 1e-6 (test split)",
-        ),
-        "degradation.png": dict(
-            key="tasks_using",
-            ylabel="tasks using it",
-            ylim=float(n_tasks),
-            only_shared=True,
-            hline=1.0,
-            fmt="{:.1f}",
-            title=f"Expert degradation: tasks (of {n_tasks}) giving a shared expert weight > "
-            "1/E_allowed\n(mean over seeds; at or below the red line = degraded)",
-        ),
-    }
-    for name, kwargs in bars.items():
-        if _expert_bars(summary, path=out_dir / name, **kwargs):  # type: ignore[arg-type]
-            written.append(name)
-    return written
-
-
 def write_report(
     out_dir: Path,
     runs: Sequence[dict[str, Any]],
@@ -500,7 +266,7 @@ def write_report(
 
     Returns:
         The ``results.json`` content: ``{"summary", "significance", "runs", "plots",
-        "config", "sizes", "data"}`` (``significance``: see :func:`significance`; ``sizes``:
+        "config", "sizes", "data", "timing"}`` (``timing``: :func:`~mtl.training.timing.timing_summary`) (``significance``: see :func:`significance`; ``sizes``:
         :func:`mtl.training.param_match.fair_sizes`, empty when not given; ``data``: what
         the runs trained on, :meth:`~mtl.data.datamodule.RecDataModule.split_summary`).
     """
@@ -511,6 +277,7 @@ def write_report(
     plots = write_plots(out_dir, summary)
     model_rows, task_rows = models_table(summary), task_table(summary)
     diag_rows = diagnostics_table(summary)
+    timing = timing_summary(runs, (config or {}).get("run_order"))
     seeds = sorted({r["seed"] for r in runs})
     tested = (
         "checkpoint with the best validation score"
@@ -532,11 +299,13 @@ def write_report(
         *(["## Data", summary_markdown(data_record)] if data_record else []),
         "## Models",
         to_markdown(model_rows),
+        "Epoch time: median over each run's epochs (validation included), mean ± std over "
+        "seeds; train time: the whole fit. " + " ".join(timing["notes"]),
         *(["## Sizes", to_markdown(sizes_table(sizes)), SIZES_NOTES] if sizes else []),
         "## Test metrics per task",
         to_markdown(task_rows),
         "Δ: mean ± std over seeds of the per-seed difference to the first model (same split and seed).",
-        "## Expert diagnostics (test split, mean over seeds)",
+        "## Expert diagnostics (test split, per seed, then over seeds)",
         to_markdown(diag_rows),
         DIAGNOSTICS_NOTES,
         "## Plots",
@@ -551,6 +320,7 @@ def write_report(
         "plots": plots,
         "config": config,
         "sizes": sizes or {},
+        "timing": timing,
     }
     write_json(out_dir / "results.json", results)
     if echo:

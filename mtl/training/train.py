@@ -257,7 +257,10 @@ def _test_rec(
         "test": dict(module.eval_results.get("test", {})),
         "last_val": last_val,
         "params": module.num_params,
+        "epoch_times_s": list(module.epoch_times_s),
         "diagnostics": None if diag is None else diag.to_dict(),
+        # per multi-gate level, the last validation's and the test's expert load vectors
+        "routing": {**module.eval_loads.get("val", {}), **module.eval_loads.get("test", {})},
     }
 
 

@@ -115,6 +115,8 @@ def test_two_process_ddp_run_equals_one_process_and_resumes_in_one(
     for split in ("test", "last_val"):
         for key, value in single[split].items():
             assert ddp[split][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (split, key)
+    # Expert load vectors summed over both ranks' rows.
+    assert ddp["routing"] == single["routing"] and single["routing"]
 
     # Checkpoints and logs written once, by rank 0: the same files as one process writes.
     names = sorted(p.name for p in (ddp_dir / "checkpoints").iterdir())
@@ -126,10 +128,14 @@ def test_two_process_ddp_run_equals_one_process_and_resumes_in_one(
     # The DDP checkpoint resumes in one process: one more epoch from it equals one more
     # epoch of the single-process run.
     more = ["trainer.max_epochs=3", "resume=last", f"data.batch_size={GLOBAL_BATCH}"]
-    for out_dir in (ddp_dir, single_dir):
+    resumed = [
         train(compose_config("train", [*RUN, *model, *more, f"output_dir={out_dir}"]))
-    want = _weights(single_dir / "checkpoints" / "last.ckpt")
-    got = _weights(ddp_dir / "checkpoints" / "last.ckpt")
+        for out_dir in (ddp_dir, single_dir)
+    ]
+    # The resumed run overwrites last.ckpt (no last-v1.ckpt beside a stale one).
+    assert [r["global_step"] for r in resumed] == [3 * math.ceil(3200 / GLOBAL_BATCH)] * 2
+    assert [Path(r["last_ckpt"]).name for r in resumed] == ["last.ckpt"] * 2
+    got, want = (_weights(Path(r["last_ckpt"])) for r in resumed)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
 

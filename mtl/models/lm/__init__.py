@@ -9,7 +9,9 @@ Parts:
     upcycling   -- LLaMA-MoE neuron splitting, sparse upcycling
     finetune    -- freeze everything but the experts / freeze the experts
     generate    -- sampling
-    hf          -- weights from HF ``MixtralSparseMoeBlock``
+    mla         -- multi-head latent attention (DeepSeek-V2/V3); rope_scaling -- YaRN
+    hf          -- transformers MoE checkpoints (Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3) in and out
+    generate_cli -- ``mtl generate``: sampling from a checkpoint or a transformers directory
 
 Presets (``conf/model/lm_*.yaml``, trained by ``mtl train experiment=lm_*``):
 ``lm_dense`` (baseline with lm_mixtral's active parameters), ``lm_mixtral`` (8 experts,

@@ -59,6 +59,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+        self.base = base
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -96,6 +97,10 @@ class CausalSelfAttention(nn.Module):
         n_kv_heads: key/value heads (grouped-query attention); None = ``H``.
         rope_base: rotary frequency base.
         dropout: attention dropout (training only).
+        qkv_bias: learn biases on the query/key/value projections (Qwen2).
+        qk_norm: RMSNorm over the whole query and key projections before the
+            rotation (OLMoE), with epsilon ``norm_eps``.
+        norm_eps: epsilon of the query/key norms.
 
     Shapes:
         ``(B, T, D) -> (B, T, D)``.
@@ -114,6 +119,9 @@ class CausalSelfAttention(nn.Module):
         n_kv_heads: int | None = None,
         rope_base: float = 10000.0,
         dropout: float = 0.0,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
@@ -125,17 +133,22 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_heads = n_kv_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.rope = RotaryEmbedding(head_dim=self.head_dim, base=rope_base)
+        self.q_norm = RMSNorm(dim=n_heads * self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(dim=n_kv_heads * self.head_dim, eps=norm_eps) if qk_norm else None
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         B, T, _ = x_BTD.shape
         d = self.head_dim
-        q_BHTd = self.q_proj(x_BTD).view(B, T, self.n_heads, d).transpose(1, 2)
-        k_BGTd = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, d).transpose(1, 2)
+        q_BTO, k_BTO = self.q_proj(x_BTD), self.k_proj(x_BTD)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BTO, k_BTO = self.q_norm(q_BTO), self.k_norm(k_BTO)
+        q_BHTd = q_BTO.view(B, T, self.n_heads, d).transpose(1, 2)
+        k_BGTd = k_BTO.view(B, T, self.n_kv_heads, d).transpose(1, 2)
         v_BGTd = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, d).transpose(1, 2)
         q_BHTd, k_BGTd = self.rope(q_BHTd, k_BGTd)
         if self.n_kv_heads != self.n_heads:

@@ -63,14 +63,17 @@ def _expert_modules(model: nn.Module, *, include_shared: bool) -> list[nn.Module
 
 
 def freeze_all_but_experts(
-    model: nn.Module, *, include_shared: bool = True, include_router: bool = False
+    model: nn.Module, *, include_shared: bool = True, include_router: bool = True
 ) -> ParamCounts:
-    """Train only the experts of every MoE layer (optionally also the routers).
+    """Train only the experts of every MoE layer and, by default, their routers.
+
+    The routers stay trainable unless ``include_router=False``: after upcycling
+    the router is new (random), and a frozen random router is rarely wanted.
 
     Args:
         model: any module containing :class:`~mtl.moe.MoELayer`s.
         include_shared: keep shared (always-on) experts trainable too.
-        include_router: keep the gates trainable too.
+        include_router: keep the gates trainable (default); False freezes them.
 
     Returns:
         The counts after freezing.
@@ -80,7 +83,9 @@ def freeze_all_but_experts(
         >>> from mtl.models.lm.upcycling import copy_ffn, upcycle_transformer
         >>> lm = TransformerLM(vocab_size=20, d_model=8, n_layers=1, n_heads=2, d_ff=16)
         >>> _ = upcycle_transformer(lm, make_moe=lambda f, i: copy_ffn(f, num_experts=2, k=1))
-        >>> freeze_all_but_experts(lm).trainable  # 2 experts x 3 matrices x 8 x 16
+        >>> freeze_all_but_experts(lm).trainable  # 2 experts x 3 x 8 x 16, router 8 x 2
+        784
+        >>> freeze_all_but_experts(lm, include_router=False).trainable
         768
     """
     keep = _expert_modules(model, include_shared=include_shared)

@@ -54,6 +54,15 @@ class MoEFFN:
             only (it sets its own expert count); None for none.
         aux_loss_weights: ``{name: weight}`` of the router losses (see :class:`~mtl.moe.MoELayer`).
         output_scale: multiplies the routed output.
+        expert_parallel: ``N`` ranks to shard the routed experts over in a
+            multi-process run (:class:`~mtl.moe.expert_parallel_plan.ExpertParallelPlan`;
+            the layers are built whole and sharded when training starts); 1: not sharded.
+        route_on: what the gates see: ``"input"``, the token's hidden state; ``"domain"``,
+            a learned embedding of its sequence's domain id (condition routing; the LM
+            holds the embedding, see :mod:`mtl.models.lm.domain_routing`).
+        num_domains: domain ids ``0 .. num_domains - 1`` (``route_on="domain"``).
+        domain_dim: width of the domain embedding, the gates' input width.
+        default_domain: the domain of sequences given without an id (sampling); None: required.
 
     Example:
         >>> from functools import partial
@@ -75,9 +84,26 @@ class MoEFFN:
         shared: PartFactory | None = None,
         aux_loss_weights: Mapping[str, float] | None = None,
         output_scale: float = 1.0,
+        expert_parallel: int = 1,
+        route_on: str = "input",
+        num_domains: int = 0,
+        domain_dim: int = 16,
+        default_domain: int | None = None,
     ) -> None:
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if expert_parallel < 1 or num_experts % expert_parallel != 0:
+            raise ValueError(
+                f"expert_parallel={expert_parallel} must be >= 1 and divide num_experts={num_experts}"
+            )
+        self.expert_parallel = int(expert_parallel)
+        if route_on not in ("input", "domain") or (route_on == "domain" and num_domains < 1):
+            raise ValueError(
+                f"route_on must be 'input' or 'domain' (with num_domains >= 1), got "
+                f"route_on={route_on!r}, num_domains={num_domains}"
+            )
+        self.route_on, self.num_domains, self.domain_dim = route_on, num_domains, domain_dim
+        self.default_domain = default_domain
         self.num_experts = num_experts
         self.gate = gate
         self.experts = experts
@@ -89,7 +115,10 @@ class MoEFFN:
     def __call__(self, layer_index: int, d_model: int) -> MoELayer:
         """A new MoE layer of width ``d_model`` (``layer_index`` is not used: all layers alike)."""
         return MoELayer(
-            gate=self.gate(d_model=d_model, num_experts=self.num_experts),
+            gate=self.gate(
+                d_model=self.domain_dim if self.route_on == "domain" else d_model,
+                num_experts=self.num_experts,
+            ),
             experts=self.experts(d_model=d_model, num_experts=self.num_experts),
             dispatch=self.dispatch(),
             shared=None if self.shared is None else self.shared(d_model=d_model),

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from mtl.models.lm.aux_pooling import AuxLossPooling, check_pooling, pooled_aux_losses
 from mtl.models.lm.blocks import CausalSelfAttention, RMSNorm, SwiGLU
+from mtl.models.lm.domain_routing import DomainEmbedding, domain_condition
 from mtl.models.lm.init import init_module_, residual_std
 from mtl.models.lm.moe_ffn import active_experts_per_token
 from mtl.moe import MoELayer, MoEOutput, RoutingResult, RoutingStats
@@ -65,6 +66,8 @@ class TransformerBlock(nn.Module):
         rope_base: rotary frequency base.
         dropout: residual and attention dropout.
         norm_eps: RMSNorm epsilon.
+        attn: the attention module (``(B, T, D) -> (B, T, D)``); None builds a
+            :class:`CausalSelfAttention` from the arguments above.
 
     Shapes:
         ``(B, T, D) -> (B, T, D)``, plus the MoE output (or None).
@@ -85,10 +88,11 @@ class TransformerBlock(nn.Module):
         rope_base: float = 10000.0,
         dropout: float = 0.0,
         norm_eps: float = 1e-5,
+        attn: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim=d_model, eps=norm_eps)
-        self.attn = CausalSelfAttention(
+        self.attn = attn or CausalSelfAttention(
             d_model=d_model,
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
@@ -103,11 +107,18 @@ class TransformerBlock(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEOutput | None]:
+    def forward(
+        self, x_BTD: Tensor, gate_input_BTC: Tensor | None = None
+    ) -> tuple[Tensor, MoEOutput | None]:
         h_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD)))
         z_BTD = self.ffn_norm(h_BTD)
         if self.is_moe:
-            moe_out = self.ffn(z_BTD)
+            # gate_input: a condition the gate routes on instead of z (domain routing)
+            moe_out = (
+                self.ffn(z_BTD)
+                if gate_input_BTC is None
+                else self.ffn(z_BTD, gate_input=gate_input_BTC)
+            )
             return h_BTD + self.drop(moe_out.output), moe_out
         return h_BTD + self.drop(self.ffn(z_BTD)), None
 
@@ -147,6 +158,9 @@ class TransformerLM(nn.Module):
             ``load_balancing_loss_func`` (then HF's ``router_aux_loss_coef`` is
             ``load_balance: coef * k`` exactly; needs equal ``aux_loss_weights``
             in every MoE layer).
+        attention: a factory ``layer_index -> attention module`` (e.g. latent
+            attention, or attention with query/key norms); None: the
+            :class:`CausalSelfAttention` the arguments above describe.
 
     Initialisation: the LM initialises the parts it builds itself (embedding,
     attention, dense FFNs, head; :mod:`mtl.models.lm.init`). The MoE layers are
@@ -191,6 +205,7 @@ class TransformerLM(nn.Module):
         norm_eps: float = 1e-5,
         init_std: float = 0.02,
         aux_loss_pooling: AuxLossPooling = "sum_over_layers",
+        attention: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("n_layers", n_layers)):
@@ -227,12 +242,17 @@ class TransformerLM(nn.Module):
                 rope_base=rope_base,
                 dropout=dropout,
                 norm_eps=norm_eps,
+                attn=None if attention is None else attention(i),
             )
             for i in range(n_layers)
         )
         self.norm = RMSNorm(dim=d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self._moe_reset: MoEReset | None = getattr(moe, "reset_layer", None)
+        # ranks to shard the routed experts over when training starts (LMModule.configure_model)
+        self.expert_parallel = int(getattr(moe, "expert_parallel", 1))
+        # the gates' input when they route on the sequence's domain (moe.route_on=domain)
+        self.domain_embed = DomainEmbedding.for_factory(moe)
         self.reset_parameters()
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -262,7 +282,12 @@ class TransformerLM(nn.Module):
         return {i: blk.ffn for i, blk in enumerate(self.layers) if blk.is_moe}
 
     def forward(
-        self, idx_BT: Tensor, targets_BT: Tensor | None = None, *, return_routing: bool = False
+        self,
+        idx_BT: Tensor,
+        targets_BT: Tensor | None = None,
+        *,
+        return_routing: bool = False,
+        domain_B: Tensor | None = None,
     ) -> LMOutput:
         """Logits for every position, plus router losses and statistics.
 
@@ -271,6 +296,8 @@ class TransformerLM(nn.Module):
             targets_BT: ``(B, T)`` next-token ids; when given, ``loss`` is their
                 mean cross-entropy (ids ``-100`` are ignored).
             return_routing: keep every MoE layer's :class:`~mtl.moe.RoutingResult`.
+            domain_B: ``(B,)`` domain id of each sequence, required by (and only by)
+                a model built with ``moe.route_on=domain``.
         """
         if idx_BT.dim() != 2:
             raise ValueError(f"expected token ids of shape (B, T), got {tuple(idx_BT.shape)}")
@@ -278,6 +305,7 @@ class TransformerLM(nn.Module):
         if self.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_seq_len}")
         x_BTD = self.drop(self.embed(idx_BT))
+        cond_BTC = domain_condition(self.domain_embed, domain_B, idx_BT)
         aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
         aux_losses: dict[str, Tensor] = {}
         stats: dict[int, RoutingStats] = {}
@@ -285,7 +313,7 @@ class TransformerLM(nn.Module):
         pooled = self.aux_loss_pooling == "pooled"
         pool: list[tuple[RoutingResult, dict[str, float]]] = []
         for i, block in enumerate(self.layers):
-            x_BTD, moe_out = block(x_BTD)
+            x_BTD, moe_out = block(x_BTD, cond_BTC)
             if moe_out is None:
                 continue
             if pooled and moe_out.routing is not None:
@@ -324,12 +352,15 @@ class TransformerLM(nn.Module):
 
         ``active`` counts a routed expert bank at ``k / E`` of its size (the
         expected share for expert choice, the whole bank for top-p, whose count
-        varies). Tied embeddings are counted once.
+        varies). Tied embeddings are counted once. Experts sharded over ranks
+        (expert parallelism) count whole: this rank holds ``1 / num_shards`` of them.
         """
         total = sum(p.numel() for p in self.parameters())
         inactive = 0.0
         for layer in self.moe_layers().values():
-            bank = sum(p.numel() for p in layer.experts.parameters())
+            held = sum(p.numel() for p in layer.experts.parameters())
+            bank = held * getattr(layer.experts, "num_shards", 1)
+            total += bank - held
             k = active_experts_per_token(layer.gate)
             if k is not None:
                 inactive += bank * (1.0 - min(k, layer.num_experts) / layer.num_experts)

@@ -1,15 +1,37 @@
-"""Build MoE layers from a trained dense SwiGLU FFN: neuron splitting and sparse upcycling.
+"""Build MoE layers from a trained dense SwiGLU FFN that compute what the FFN computed.
 
-* :func:`split_ffn` (LLaMA-MoE, Zhu et al. 2024): partition the FFN's hidden
-  neurons into ``E`` disjoint groups, one expert each. SwiGLU is neuron-wise
-  separable, so the experts' outputs *sum* to the dense output: with every
-  expert active at weight 1 the MoE reproduces the FFN exactly. With only
-  ``k`` active, the routed output is rescaled by ``E / k`` (MoELayer's
-  ``output_scale``), as LLaMA-MoE does, to keep the output's scale.
-* :func:`copy_ffn` (sparse upcycling, Komatsuzaki et al. 2023): every expert is
-  a copy of the FFN and the router is new; with combine weights that sum to 1
-  (renormalised top-k) the MoE equals the FFN at initialisation.
-* :func:`upcycle_transformer` swaps the dense FFNs of a :class:`TransformerLM`.
+An upcycled layer outputs ``y = s * sum_{j in chosen} w_j f_j(x)``: ``f_j`` the
+experts, ``w_j`` the gate's combine weights, ``s`` the layer's ``output_scale``.
+Let ``W = sum_{j in chosen} w_j`` be the gate's total combine weight per token:
+1 for renormalised top-k (Mixtral) and for softmax over the ``k`` chosen logits;
+``k / E`` for the plain softmax-then-top-k gate (Switch, OLMoE) at a uniform
+router; ``E * weight`` for :class:`~mtl.moe.gates.ConstantGate`
+(:func:`gate_total_weight`).
+
+* :func:`copy_ffn` (sparse upcycling, Komatsuzaki et al. 2023): every expert
+  is the FFN, ``f_j = y_dense``, so ``y = s W y_dense`` and **s = 1 / W**:
+  1 for renormalised weights (exact for any router), ``E / k`` for the
+  softmax-then-top-k gate (exact at a uniform router).
+* :func:`split_ffn` (LLaMA-MoE, Zhu et al. 2024): the FFN's hidden neurons are
+  split into ``E`` groups; SwiGLU is neuron-wise separable, so
+  ``y_dense = sum_e f_e`` over *all* experts. Each expert needs an effective
+  weight ``s w_e = 1`` when all ``E`` are on, and ``E / k`` (the inverse of its
+  chance ``k / E`` of being chosen) when ``k`` are: both give **s = E / W**:
+  ``E`` for renormalised weights, ``E^2 / k`` for softmax-then-top-k, 1 for a
+  constant gate of weight 1. ``E / k``, the factor LLaMA-MoE's released configs
+  put on renormalised weights (``score_scale_factor``), is right only for unit
+  weights (``W = k``); on weights that sum to 1 it shrinks the output ``k``-fold.
+  With ``k < E`` only the *expected* output over the choice of experts is the
+  dense one: a token sees ``k / E`` of the neurons, so the loss rises at step 0
+  however the output is scaled. :func:`split_ffn` refuses ``k < E`` unless
+  ``preserve="expectation"`` says that this is wanted (LLaMA-MoE's recipe:
+  sparse experts, recovered by continual pre-training).
+
+The default gates are new routers whose projection is drawn ``N(0, router_std)``
+with a small std (1e-3): the weights start near uniform, where the rules above
+are exact, while the choice of experts, which does not depend on the logits'
+scale, still differs between tokens.
+:func:`upcycle_transformer` swaps the dense FFNs of a :class:`TransformerLM`.
 """
 
 from __future__ import annotations
@@ -22,9 +44,12 @@ from torch import Tensor, nn
 
 from mtl.models.lm.blocks import SwiGLU
 from mtl.models.lm.transformer import TransformerLM
-from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
+from mtl.moe import DroplessDispatch, MoELayer, SigmoidBiasGate, SwiGLUExperts, TopKGate
+from mtl.moe.gates import ConstantGate, NoisyTopKGate
 
 SplitMethod = Literal["random", "contiguous"]
+UpcycleMethod = Literal["copy", "split"]
+Preserve = Literal["exact", "expectation"]
 
 
 def split_indices(
@@ -59,8 +84,129 @@ def split_indices(
     return [g.sort().values for g in torch.split(order, sizes)]
 
 
-def _gate_k(gate: nn.Module, num_experts: int) -> int:
-    return int(getattr(gate, "k", num_experts))
+def gate_total_weight(gate: nn.Module) -> float:
+    """Total combine weight ``W`` the gate gives a token, at a uniform router.
+
+    Args:
+        gate: a :class:`~mtl.moe.TopKGate`, :class:`~mtl.moe.NoisyTopKGate`,
+            :class:`~mtl.moe.SigmoidBiasGate` or :class:`~mtl.moe.gates.ConstantGate`.
+
+    Raises:
+        ValueError: another gate (top-p, expert choice, ...), whose total weight
+            varies with the input: pass ``output_scale`` yourself.
+
+    Example:
+        >>> gate_total_weight(TopKGate(d_model=4, num_experts=8, k=2, renormalize=True))
+        1.0
+        >>> gate_total_weight(TopKGate(d_model=4, num_experts=8, k=2))
+        0.25
+    """
+    if isinstance(gate, ConstantGate):
+        return gate.num_experts * gate.weight
+    if isinstance(gate, TopKGate):
+        if gate.renormalize or gate.softmax_after_topk:
+            return 1.0
+        return gate.k / gate.num_experts  # softmax over E, k kept: k / E at a uniform router
+    if isinstance(gate, NoisyTopKGate):
+        return 1.0  # softmax over the k chosen logits
+    if isinstance(gate, SigmoidBiasGate):
+        # sigmoid(0) = 1/2 per chosen expert unless normalised to sum 1
+        return gate.route_scale * (1.0 if gate.normalize else 0.5 * gate.k)
+    raise ValueError(
+        f"cannot tell the total combine weight of a {type(gate).__name__} at initialisation: "
+        "pass output_scale explicitly"
+    )
+
+
+def preserving_scale(
+    *, method: UpcycleMethod, gate: nn.Module, preserve: Preserve = "exact"
+) -> float:
+    """The ``output_scale`` that keeps the dense FFN's output (see the module docstring).
+
+    ``copy``: ``1 / W``. ``split``: ``E / W``; with ``k < E`` experts per token
+    only the expected output is kept, which ``preserve="expectation"`` must accept.
+
+    Args:
+        method: ``"copy"`` (every expert a copy) or ``"split"`` (neurons split).
+        gate: the router (its ``k``, ``E`` and weighting, :func:`gate_total_weight`).
+        preserve: ``"exact"`` refuses split with ``k < E``; ``"expectation"`` allows it.
+
+    Raises:
+        ValueError: naming the combination that cannot keep the dense output.
+
+    Example:
+        >>> gate = TopKGate(d_model=4, num_experts=8, k=8, renormalize=True)
+        >>> preserving_scale(method="split", gate=gate)
+        8.0
+        >>> preserving_scale(method="copy", gate=TopKGate(d_model=4, num_experts=8, k=2))
+        4.0
+    """
+    if preserve not in ("exact", "expectation"):
+        raise ValueError(f"preserve must be 'exact' or 'expectation', got {preserve!r}")
+    total = gate_total_weight(gate)
+    if method == "copy":
+        return 1.0 / total
+    if method != "split":
+        raise ValueError(f"method must be 'copy' or 'split', got {method!r}")
+    E = int(gate.num_experts)
+    k = int(getattr(gate, "k", E))
+    if k < E and preserve == "exact":
+        raise ValueError(
+            f"split-upcycling with k={k} of E={E} experts ({type(gate).__name__}) cannot keep the "
+            f"dense output: each token gets {k}/{E} of the FFN's neurons, so only the expected "
+            "output over the choice of experts is the dense one and the loss rises at step 0. "
+            "Use k=E, copy-upcycling, or preserve='expectation' to accept it (then the output "
+            f"is scaled by E/W = {E / total:g})"
+        )
+    return E / total
+
+
+def new_router(
+    *, d_model: int, num_experts: int, k: int, renormalize: bool = True, router_std: float = 1e-3
+) -> TopKGate:
+    """A :class:`~mtl.moe.TopKGate` whose projection is drawn ``N(0, router_std)``.
+
+    Small logits give near-uniform weights, for which :func:`preserving_scale`
+    is exact also when the weights are not renormalised.
+
+    Args:
+        d_model: gate input width ``D``.
+        num_experts: ``E``.
+        k: experts per token.
+        renormalize: the chosen weights sum to 1.
+        router_std: std of the projection's entries.
+
+    Example:
+        >>> new_router(d_model=8, num_experts=4, k=2).proj.weight.std().item() < 0.01
+        True
+    """
+    gate = TopKGate(d_model=d_model, num_experts=num_experts, k=k, renormalize=renormalize)
+    with torch.no_grad():
+        gate.proj.weight.normal_(0.0, router_std)
+    return gate
+
+
+def _default_gate(
+    gate: nn.Module | None,
+    *,
+    d_model: int,
+    num_experts: int,
+    k: int | None,
+    renormalize: bool,
+    router_std: float,
+    caller: str,
+) -> nn.Module:
+    if gate is not None:
+        return gate
+    if k is None:
+        raise ValueError(f"{caller} needs a gate or k (for the default TopKGate)")
+    return new_router(
+        d_model=d_model,
+        num_experts=num_experts,
+        k=k,
+        renormalize=renormalize,
+        router_std=router_std,
+    )
 
 
 def split_ffn(
@@ -69,6 +215,9 @@ def split_ffn(
     num_experts: int,
     gate: nn.Module | None = None,
     k: int | None = None,
+    renormalize: bool = True,
+    preserve: Preserve = "exact",
+    router_std: float = 1e-3,
     method: SplitMethod = "random",
     seed: int = 0,
     groups: Sequence[Tensor] | None = None,
@@ -81,29 +230,50 @@ def split_ffn(
     Args:
         ffn: the trained dense FFN (its weights are copied, not shared).
         num_experts: ``E``.
-        gate: the router; default a new ``TopKGate(k, renormalize=True)``.
+        gate: the router; default :func:`new_router` with ``k`` and ``renormalize``.
         k: experts per token for the default gate (required without ``gate``).
+        renormalize: the default gate's weights sum to 1 over the chosen experts.
+        preserve: ``"exact"`` (default) refuses ``k < E``, which keeps the dense
+            output only in expectation; ``"expectation"`` accepts it.
+        router_std: std of the default gate's projection.
         method: ``"random"`` or ``"contiguous"`` neuron split.
         seed: seed of the random split.
         groups: explicit neuron groups (overrides ``method``), e.g. from clustering.
         dispatch: default :class:`~mtl.moe.DroplessDispatch`.
         aux_loss_weights: the MoE layer's auxiliary losses.
-        output_scale: default ``E / k`` with ``k`` read from the gate (1 for a
-            gate that uses every expert).
+        output_scale: default :func:`preserving_scale` (``E / W``).
 
     Returns:
         An :class:`~mtl.moe.MoELayer`; expert ``e`` holds neurons ``groups[e]``
         (unequal groups are padded and masked with ``hidden_sizes``).
 
+    Raises:
+        ValueError: bad groups, or ``k < E`` with ``preserve="exact"``.
+
     Example:
-        >>> from mtl.moe.gates import ConstantGate
         >>> ffn = SwiGLU(d_model=8, d_hidden=32)
         >>> moe = split_ffn(ffn, num_experts=4, gate=ConstantGate(num_experts=4))
         >>> x = torch.randn(5, 8)
         >>> torch.allclose(moe(x).output, ffn(x), atol=1e-6)
         True
+        >>> split_ffn(ffn, num_experts=4, k=4).output_scale  # renormalised: E / 1
+        4.0
     """
     D, H = ffn.d_model, ffn.d_hidden
+    gate = _default_gate(
+        gate,
+        d_model=D,
+        num_experts=num_experts,
+        k=k,
+        renormalize=renormalize,
+        router_std=router_std,
+        caller="split_ffn",
+    )
+    scale = (
+        preserving_scale(method="split", gate=gate, preserve=preserve)
+        if output_scale is None
+        else output_scale
+    )
     groups = (
         list(groups)
         if groups is not None
@@ -132,11 +302,6 @@ def split_ffn(
             bank.w_gate[e, :, :n].copy_(w_gate_DH[:, idx])
             bank.w_up[e, :, :n].copy_(w_up_DH[:, idx])
             bank.w_down[e, :n, :].copy_(w_down_HD[idx, :])
-    if gate is None:
-        if k is None:
-            raise ValueError("split_ffn needs a gate or k (for the default TopKGate)")
-        gate = TopKGate(d_model=D, num_experts=num_experts, k=k, renormalize=True)
-    scale = num_experts / _gate_k(gate, num_experts) if output_scale is None else output_scale
     return MoELayer(
         gate=gate,
         experts=bank.to(ffn.down_proj.weight),
@@ -152,24 +317,31 @@ def copy_ffn(
     num_experts: int,
     gate: nn.Module | None = None,
     k: int | None = None,
+    renormalize: bool = True,
+    router_std: float = 1e-3,
     dispatch: nn.Module | None = None,
     aux_loss_weights: Mapping[str, float] | None = None,
     noise_std: float = 0.0,
     seed: int = 0,
+    output_scale: float | None = None,
 ) -> MoELayer:
     """Sparse upcycling: every expert starts as a copy of the dense FFN.
 
     Args:
         ffn: the trained dense FFN.
         num_experts: ``E``.
-        gate: the router; default a new ``TopKGate(k, renormalize=True)``, whose
-            weights sum to 1, so the layer equals the FFN at initialisation.
+        gate: the router; default :func:`new_router` with ``k`` and ``renormalize``.
         k: experts per token for the default gate.
+        renormalize: the default gate's weights sum to 1 over the chosen experts
+            (then the layer equals the FFN whatever the router); without, the
+            output is rescaled by ``E / k``.
+        router_std: std of the default gate's projection.
         dispatch: default :class:`~mtl.moe.DroplessDispatch`.
         aux_loss_weights: the MoE layer's auxiliary losses.
         noise_std: relative std of Gaussian noise added to the copies
             (breaks the experts' symmetry; 0 keeps exact copies).
         seed: seed of that noise.
+        output_scale: default :func:`preserving_scale` (``1 / W``).
 
     Example:
         >>> ffn = SwiGLU(d_model=8, d_hidden=16)
@@ -179,6 +351,16 @@ def copy_ffn(
         True
     """
     D, H = ffn.d_model, ffn.d_hidden
+    gate = _default_gate(
+        gate,
+        d_model=D,
+        num_experts=num_experts,
+        k=k,
+        renormalize=renormalize,
+        router_std=router_std,
+        caller="copy_ffn",
+    )
+    scale = preserving_scale(method="copy", gate=gate) if output_scale is None else output_scale
     bank = SwiGLUExperts(num_experts=num_experts, d_model=D, d_hidden=H)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -191,15 +373,12 @@ def copy_ffn(
             if noise_std > 0:
                 noise = torch.randn(dst.shape, generator=gen) * noise_std * src.std()
                 dst.add_(noise.to(dst))
-    if gate is None:
-        if k is None:
-            raise ValueError("copy_ffn needs a gate or k (for the default TopKGate)")
-        gate = TopKGate(d_model=D, num_experts=num_experts, k=k, renormalize=True)
     return MoELayer(
         gate=gate,
         experts=bank.to(ffn.down_proj.weight),
         dispatch=dispatch or DroplessDispatch(),
         aux_loss_weights=aux_loss_weights,
+        output_scale=scale,
     )
 
 

@@ -1,4 +1,4 @@
-"""Multi-task ranking models: shared-bottom, OMoE, MMoE, PLE, ESMM and HoME.
+"""Multi-task ranking models: shared-bottom, OMoE, MMoE, PLE, ESMM, HoME and task-routed MoE.
 
 Every model takes the already-embedded input ``x (B, d_in)`` and returns a
 :class:`MultiTaskOutput`; a :class:`Ranker` puts the feature embedding in front.
@@ -13,6 +13,7 @@ from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.ple import PLE
 from mtl.models.rec.ranker import Ranker
 from mtl.models.rec.shared_bottom import SharedBottom
+from mtl.models.rec.task_routed import TaskRoutedMoE
 from mtl.models.rec.towers import TaskTowers, Tower, make_mlp
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "OMoE",
     "Ranker",
     "SharedBottom",
+    "TaskRoutedMoE",
     "TaskTowers",
     "Tower",
     "check_task_groups",

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mtl.moe.experts import ExpertBank
 from mtl.moe.losses import AUX_LOSSES, aux_losses
+from mtl.moe.masked_routing import restrict_to_allowed
 from mtl.moe.routing import RoutingResult
 
 SHARED_UNIT = "__shared__"
@@ -113,22 +114,9 @@ def gate_aux_loss(
 
 
 def _restricted(r: RoutingResult) -> RoutingResult:
-    # Only a dense gate's invalid slots are an expert mask (the same for every
-    # token); top-p and expert-choice slots vary per token and mask nothing.
-    if r.valid_TK is None or r.dense_TE is None:
-        return r
-    keep_E = r.valid_TK[0]
-    if bool(keep_E.all()):
-        return r
-    w_TN = r.dense_weights()[:, keep_E]
-    T, N = w_TN.shape
-    return RoutingResult(
-        weights_TK=w_TN,
-        experts_TK=torch.arange(N, device=w_TN.device).expand(T, N),
-        logits_TE=r.logits_TE[:, keep_E],
-        probs_TE=r.probs_TE[:, keep_E],
-        load_estimate_E=None if r.load_estimate_E is None else r.load_estimate_E[keep_E],
-    )
+    # A dense gate's mask is its invalid slots (the same for every token); a masked
+    # ranking gate's rides in the routing (top-p and expert-choice slots mask nothing).
+    return restrict_to_allowed(r)
 
 
 def representation_bank(

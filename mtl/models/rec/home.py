@@ -18,7 +18,7 @@ from mtl.models.rec.common import (
     gate_aux_loss,
     representation_bank,
 )
-from mtl.models.rec.output import MultiTaskOutput
+from mtl.models.rec.output import GateLevel, MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
 from mtl.moe import DenseSoftmaxGate, MultiGateMixture, combine_dense
 from mtl.moe.gates import SelfGate
@@ -172,6 +172,10 @@ class HoME(nn.Module):
             top-p, sigmoid + bias) are masked through their logits; expert choice
             needs ``hierarchy_mask=False``. The self gates stay :class:`~mtl.moe.gates.SelfGate`.
         aux_loss_weights: ``{loss name: weight}`` over the level-1 and task gates.
+        sparse_compute: with sparse gates, run each expert on its routed rows
+            only (None: unless ``expert_norm``; False: dense, for A/B runs); see
+            :class:`~mtl.moe.MultiGateMixture`. With ``self_gate`` the meta level
+            stays dense: the self gates read every meta expert on every row.
 
     Shapes:
         ``x (B, d_in) ->`` logits ``{task: (B,)}``; gate weights ``{task: (B, E)}``
@@ -205,6 +209,7 @@ class HoME(nn.Module):
         self_gate: bool = True,
         gate: GateFactory = DenseSoftmaxGate,
         aux_loss_weights: Mapping[str, float] | None = None,
+        sparse_compute: bool | None = None,
     ) -> None:
         super().__init__()
         self.d_in = check_dim("d_in", d_in)
@@ -226,6 +231,7 @@ class HoME(nn.Module):
         E1, E2 = len(kinds1), len(kinds2)
         rank = check_dim("lora_rank", lora_rank)
         activation = "swish" if expert_norm else "relu"
+        self.expert_activation = activation
 
         def allowed(kinds: list[str], keep: set[str]) -> list[int] | None:
             return [e for e, k in enumerate(kinds) if k in keep] if hierarchy_mask else None
@@ -247,6 +253,7 @@ class HoME(nn.Module):
                 num_experts=E1, dims=[d_in, *widths], activation=activation, expert_norm=expert_norm
             ),
             gates=gates1,
+            sparse_compute=False if self_gate else sparse_compute,
         )
         # Level 2 (tasks): experts read unit 0 (m_shared) or unit 1 + i (category i's m_c).
         unit = {g: i + 1 for i, g in enumerate(self.groups)}
@@ -267,6 +274,7 @@ class HoME(nn.Module):
                 num_experts=E2, dims=[H, *widths], activation=activation, expert_norm=expert_norm
             ),
             gates=gates2,
+            sparse_compute=sparse_compute,
         )
         # Self gates: each task's gated residual from its category's meta experts.
         self.self_gates = (
@@ -306,6 +314,17 @@ class HoME(nn.Module):
             gate_weights={t: top.routing[t].dense_weights() for t in self.tasks},
             expert_outputs=top.expert_outputs_ETD,
             expert_kinds=list(self.expert_kinds),
+            expert_load={0: meta.expert_load(), 1: top.expert_load()},
+            expert_activation=self.expert_activation,
+            lower_levels=[
+                GateLevel(
+                    name="level 1 of 2 (meta)",
+                    gate_weights={g: r.dense_weights() for g, r in meta.routing.items()},
+                    expert_outputs=meta.expert_outputs_ETD,
+                    expert_kinds=list(self.meta_expert_kinds),
+                    activation=self.expert_activation,
+                )
+            ],
         )
 
 

@@ -53,6 +53,9 @@ class MMoE(nn.Module):
             and ``temperature``, which only the dense gate takes.
         aux_loss_weights: ``{loss name: weight}`` over :mod:`mtl.moe.losses`
             (``importance``, ``z_loss``, ``entropy``...), averaged over gates.
+        sparse_compute: with sparse gates, run each expert on its routed rows
+            only (None: unless ``expert_norm``; False: dense, for A/B runs);
+            see :class:`~mtl.moe.MultiGateMixture`.
 
     Shapes:
         ``x (B, d_in) ->`` logits ``{task: (B,)}``, gate weights ``{task: (B, E)}``,
@@ -83,6 +86,7 @@ class MMoE(nn.Module):
         gate_temperature: float = 1.0,
         gate: GateFactory = DenseSoftmaxGate,
         aux_loss_weights: Mapping[str, float] | None = None,
+        sparse_compute: bool | None = None,
     ) -> None:
         super().__init__()
         self.d_in = check_dim("d_in", d_in)
@@ -98,6 +102,7 @@ class MMoE(nn.Module):
             dropout=expert_dropout,
         )
         self.expert_kinds = ["shared"] * num_experts
+        self.expert_activation = expert_activation
         # Only settings away from their defaults are passed: any gate takes the defaults.
         options: dict[str, object] = {}
         if gate_temperature != 1.0:
@@ -110,7 +115,7 @@ class MMoE(nn.Module):
             )
             for name in self._gate_names()
         }
-        self.mixture = MultiGateMixture(experts=bank, gates=gates)
+        self.mixture = MultiGateMixture(experts=bank, gates=gates, sparse_compute=sparse_compute)
         self.towers = TaskTowers(
             tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout, norm=tower_norm
         )
@@ -133,13 +138,15 @@ class MMoE(nn.Module):
     def _towers(self, mix: MultiGateOutput) -> MultiTaskOutput:
         """Each task's tower on its gate's mixture, with the gates' diagnostics."""
         w_BE = {name: r.dense_weights() for name, r in mix.routing.items()}
-        device = mix.expert_outputs_ETD.device
+        device = next(iter(mix.outputs.values())).device
         return MultiTaskOutput(
             logits=self.towers({t: mix.outputs[self._gate_of(t)] for t in self.tasks}),
             aux_loss=gate_aux_loss(list(mix.routing.values()), self.aux_loss_weights, device),
             gate_weights={t: w_BE[self._gate_of(t)] for t in self.tasks},
             expert_outputs=mix.expert_outputs_ETD,
             expert_kinds=list(self.expert_kinds),
+            expert_load={0: mix.expert_load()},
+            expert_activation=self.expert_activation,
         )
 
     def _gate_names(self) -> list[str]:

@@ -13,6 +13,32 @@ def _zero() -> Tensor:
 
 
 @dataclass
+class GateLevel:
+    """One gated level below a model's final one, for its diagnostics (PLE, HoME).
+
+    Attributes:
+        name: the level's label, e.g. ``"level 1 (meta)"``.
+        gate_weights: ``{gate: (B, E)}`` every gate of the level, named by the unit
+            it feeds: a task, a category, or ``"__shared__"`` (the shared unit).
+        expert_outputs: ``(E, B, H)`` the level's expert outputs, or None.
+        expert_kinds: length ``E``, as :attr:`MultiTaskOutput.expert_kinds`.
+        activation: the experts' activation (``"relu"``, ``"swish"``...).
+
+    Example:
+        >>> level = GateLevel(name="level 1", gate_weights={"a": torch.ones(2, 1)},
+        ...     expert_outputs=None, expert_kinds=["shared"], activation="relu")
+        >>> level.name, list(level.gate_weights)
+        ('level 1', ['a'])
+    """
+
+    name: str
+    gate_weights: dict[str, Tensor]
+    expert_outputs: Tensor | None
+    expert_kinds: list[str]
+    activation: str | None = None
+
+
+@dataclass
 class MultiTaskOutput:
     """Predictions and diagnostics of one forward pass of a multi-task model.
 
@@ -33,6 +59,12 @@ class MultiTaskOutput:
             (collapse diagnostics: zero-activation fraction, output scale), or None.
         expert_kinds: length ``E``: ``"shared"``, ``"group:<name>"`` or
             ``"task:<name>"`` for each final-level expert.
+        expert_load: ``{level: (E_level,)}`` (row, gate) slots each expert of a
+            multi-gate level received in this batch, levels numbered from the input.
+        expert_activation: the final-level experts' activation (``"relu"``,
+            ``"swish"``...); None when unknown. Only ReLU-type experts output exact zeros.
+        lower_levels: the gated levels below the final one, from the input up
+            (PLE's lower CGC levels, HoME's meta level); empty for one-level models.
 
     Example:
         >>> out = MultiTaskOutput(logits={"click": torch.zeros(4)})
@@ -46,6 +78,9 @@ class MultiTaskOutput:
     gate_weights: dict[str, Tensor] = field(default_factory=dict)
     expert_outputs: Tensor | None = None
     expert_kinds: list[str] = field(default_factory=list)
+    expert_load: dict[int, Tensor] = field(default_factory=dict)
+    expert_activation: str | None = None
+    lower_levels: list[GateLevel] = field(default_factory=list)
 
     @property
     def tasks(self) -> list[str]:

@@ -16,7 +16,7 @@ from mtl.models.rec.common import (
     gate_aux_loss,
     representation_bank,
 )
-from mtl.models.rec.output import MultiTaskOutput
+from mtl.models.rec.output import GateLevel, MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
 from mtl.moe import DenseSoftmaxGate, MultiGateMixture, MultiGateOutput
 from mtl.moe.multi_gate import GateFactory, make_gate
@@ -56,6 +56,9 @@ class PLE(nn.Module):
             logits (:class:`~mtl.moe.multi_gate.MaskedGate`); expert choice is refused.
         aux_loss_weights: ``{loss name: weight}``, over every gate of every level,
             each restricted to the experts it may use.
+        sparse_compute: with sparse gates, run each expert on its routed rows
+            only (None: unless ``expert_norm``; False: dense, for A/B runs);
+            see :class:`~mtl.moe.MultiGateMixture`.
 
     Shapes:
         ``x (B, d_in) ->`` logits ``{task: (B,)}``; gate weights ``{task: (B, E)}``
@@ -87,6 +90,7 @@ class PLE(nn.Module):
         tower_norm: bool = False,
         gate: GateFactory = DenseSoftmaxGate,
         aux_loss_weights: Mapping[str, float] | None = None,
+        sparse_compute: bool | None = None,
     ) -> None:
         super().__init__()
         self.d_in = check_dim("d_in", d_in)
@@ -101,6 +105,7 @@ class PLE(nn.Module):
 
         # Unit 0 is the shared representation, unit i + 1 is task i's.
         self.expert_kinds = ["shared"] * S + [f"task:{t}" for t in self.tasks for _ in range(K)]
+        self.expert_activation = expert_activation
         owner = [0] * S + [i + 1 for i in range(len(self.tasks)) for _ in range(K)]
         self.register_buffer("owner_E", torch.tensor(owner, dtype=torch.long), persistent=False)
         E = len(owner)
@@ -130,7 +135,9 @@ class PLE(nn.Module):
                 gates[SHARED_UNIT] = make_gate(
                     gate, d_model=d_level, num_experts=E, name=f"level {level} shared gate"
                 )
-            levels.append(MultiGateMixture(experts=bank, gates=gates))
+            levels.append(
+                MultiGateMixture(experts=bank, gates=gates, sparse_compute=sparse_compute)
+            )
             d_level = widths[-1]
         self.levels = nn.ModuleList(levels)
         self.towers = TaskTowers(
@@ -155,7 +162,10 @@ class PLE(nn.Module):
     def _upper_levels(self, mix: MultiGateOutput) -> MultiTaskOutput:
         """Levels ``1..`` on the first level's output, then the towers."""
         routings = list(mix.routing.values())
-        for level in self.levels[1:]:
+        load = {0: mix.expert_load()}
+        lower: list[GateLevel] = []
+        for i, level in enumerate(self.levels[1:], start=1):
+            lower.append(self._gate_level(i, mix))
             reps = mix.outputs
             # unit 0 is a placeholder when there are no shared experts (never indexed)
             shared = reps.get(SHARED_UNIT, reps[self.tasks[0]])
@@ -164,10 +174,26 @@ class PLE(nn.Module):
             gate_inputs = {name: reps[name] for name in level.gates}
             mix = level(x_EBH, gate_inputs=gate_inputs)
             routings += mix.routing.values()
+            load[i] = mix.expert_load()
         return MultiTaskOutput(
             logits=self.towers({t: mix.outputs[t] for t in self.tasks}),
-            aux_loss=gate_aux_loss(routings, self.aux_loss_weights, mix.expert_outputs_ETD.device),
+            aux_loss=gate_aux_loss(
+                routings, self.aux_loss_weights, mix.outputs[self.tasks[0]].device
+            ),
             gate_weights={t: mix.routing[t].dense_weights() for t in self.tasks},
             expert_outputs=mix.expert_outputs_ETD,
             expert_kinds=list(self.expert_kinds),
+            expert_load=load,
+            expert_activation=self.expert_activation,
+            lower_levels=lower,
+        )
+
+    def _gate_level(self, number: int, mix: MultiGateOutput) -> GateLevel:
+        """Level ``number`` (from 1) of ``num_levels`` below the top, for the diagnostics."""
+        return GateLevel(
+            name=f"level {number} of {self.num_levels}",
+            gate_weights={name: r.dense_weights() for name, r in mix.routing.items()},
+            expert_outputs=mix.expert_outputs_ETD,
+            expert_kinds=list(self.expert_kinds),
+            activation=self.expert_activation,
         )

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from mtl.moe.gates.base import Router, check_k
+from mtl.moe.gates.group_limited import check_groups, group_limited_mask
 from mtl.moe.routing import RoutingResult
 
 
@@ -26,6 +27,10 @@ class SigmoidBiasGate(Router):
         route_scale: factor on the normalised weights.
         bias_update_rate: ``gamma`` of the update rule (DeepSeek-V3 uses 1e-3).
         normalize: normalise the chosen scores to sum 1.
+        n_group: group-limited routing (DeepSeek-V3): the experts form
+            ``n_group`` equal groups; 1 disables it.
+        topk_group: groups a token may choose from, ranked by the sum of their
+            two best ``score + bias`` (:func:`group_limited_mask`); None: all.
 
     Example:
         >>> gate = SigmoidBiasGate(d_model=8, num_experts=4, k=2)
@@ -44,6 +49,8 @@ class SigmoidBiasGate(Router):
         route_scale: float = 1.0,
         bias_update_rate: float = 1e-3,
         normalize: bool = True,
+        n_group: int = 1,
+        topk_group: int | None = None,
     ) -> None:
         super().__init__(d_model=d_model, num_experts=num_experts)
         self.k = check_k(k, num_experts)
@@ -52,11 +59,20 @@ class SigmoidBiasGate(Router):
         self.route_scale = route_scale
         self.bias_update_rate = bias_update_rate
         self.normalize = normalize
+        self.n_group = n_group
+        self.topk_group = n_group if topk_group is None else topk_group
+        check_groups(num_experts=num_experts, k=k, n_group=n_group, topk_group=self.topk_group)
         self.register_buffer("expert_bias_E", torch.zeros(num_experts))
 
     def route(self, logits_TE: Tensor, x_TD: Tensor) -> RoutingResult:
         scores_TE = torch.sigmoid(logits_TE)
-        experts_TK = torch.topk(scores_TE + self.expert_bias_E, self.k, dim=-1).indices
+        select_TE = scores_TE + self.expert_bias_E
+        if self.topk_group < self.n_group:
+            keep_TE = group_limited_mask(
+                select_TE, n_group=self.n_group, topk_group=self.topk_group
+            )
+            select_TE = select_TE.masked_fill(~keep_TE, float("-inf"))
+        experts_TK = torch.topk(select_TE, self.k, dim=-1).indices
         weights_TK = scores_TE.gather(1, experts_TK)
         if self.normalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)

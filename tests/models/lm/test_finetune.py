@@ -24,19 +24,34 @@ def _expert_numel(model: TransformerLM, *, shared: bool) -> int:
     return total
 
 
+def _router_numel(model: TransformerLM) -> int:
+    return sum(
+        sum(p.numel() for p in layer.gate.parameters()) for layer in model.moe_layers().values()
+    )
+
+
 def test_freeze_all_but_experts_counts(build_preset: Callable[..., TransformerLM]) -> None:
     model = build_preset("lm_deepseekmoe")  # has shared experts and a dense first layer
     total = count_parameters(model).total
-    counts = freeze_all_but_experts(model)
+    counts = freeze_all_but_experts(model, include_router=False)
     assert counts.trainable == _expert_numel(model, shared=True)
     assert counts.total == total
     assert not model.embed.weight.requires_grad
     assert not any(p.requires_grad for p in model.layers[0].parameters())  # the dense layer
-    routed_only = freeze_all_but_experts(model, include_shared=False)
+    routed_only = freeze_all_but_experts(model, include_shared=False, include_router=False)
     assert routed_only.trainable == _expert_numel(model, shared=False) < counts.trainable
-    with_router = freeze_all_but_experts(model, include_router=True)
-    routers = sum(layer.gate.proj.weight.numel() for layer in model.moe_layers().values())
-    assert with_router.trainable == counts.trainable + routers
+
+
+def test_routers_train_by_default_with_the_experts(
+    build_preset: Callable[..., TransformerLM],
+) -> None:
+    """After upcycling the router is new: expert-only fine-tuning keeps it trainable."""
+    model = build_preset("lm_deepseekmoe")
+    counts = freeze_all_but_experts(model)
+    assert _router_numel(model) > 0
+    assert counts.trainable == _expert_numel(model, shared=True) + _router_numel(model)
+    assert all(layer.gate.proj.weight.requires_grad for layer in model.moe_layers().values())
+    assert not model.embed.weight.requires_grad
 
 
 def test_freeze_experts_counts(build_preset: Callable[..., TransformerLM]) -> None:

@@ -6,12 +6,21 @@ import pytest
 import torch
 from hydra.utils import get_class, instantiate
 
-from mtl.models.rec import ESMM, PLE, HoME, MMoE, MultiTaskOutput, OMoE, SharedBottom
+from mtl.models.rec import (
+    ESMM,
+    PLE,
+    HoME,
+    MMoE,
+    MultiTaskOutput,
+    OMoE,
+    SharedBottom,
+    TaskRoutedMoE,
+)
 from mtl.training.gate_config import model_config
 
 CONF = Path(__file__).resolve().parents[3] / "conf" / "model"
 REC_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml") if not p.stem.startswith("lm_"))
-MODELS = [ESMM, HoME, MMoE, OMoE, PLE, SharedBottom]
+MODELS = [ESMM, HoME, MMoE, OMoE, PLE, SharedBottom, TaskRoutedMoE]
 
 
 def test_every_model_class_has_a_config() -> None:

@@ -12,7 +12,9 @@ chosen experts; experts ``W2 (silu(W1 x) * (W3 x))``. Two weight layouts exist:
   ``(router_logits, weights, indices)``.
 
 The equivalent mtl layer is ``TopKGate(renormalize=True)`` +
-``SwiGLUExperts`` + ``DroplessDispatch``; nothing here imports transformers.
+``SwiGLUExperts`` + ``DroplessDispatch``, built and filled as every architecture's
+block is (:func:`~mtl.models.lm.hf.moe_layer_from_hf_block`); nothing here imports
+transformers.
 """
 
 from __future__ import annotations
@@ -20,26 +22,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
-
-
-def _mixtral_weights(block: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(E, D)`` router, ``(E, D, H)`` gate, ``(E, D, H)`` up, ``(E, H, D)`` down."""
-    experts = block.experts
-    if hasattr(experts, "gate_up_proj"):  # transformers >= 5: fused 3-D tensors
-        gate_up_EhD = experts.gate_up_proj
-        H = gate_up_EhD.shape[1] // 2
-        w_gate = gate_up_EhD[:, :H, :].transpose(1, 2)
-        w_up = gate_up_EhD[:, H:, :].transpose(1, 2)
-        w_down = experts.down_proj.transpose(1, 2)
-    else:  # transformers 4.x: a ModuleList of w1 / w2 / w3 Linears
-        w_gate = torch.stack([e.w1.weight.T for e in experts])
-        w_up = torch.stack([e.w3.weight.T for e in experts])
-        w_down = torch.stack([e.w2.weight.T for e in experts])
-    return block.gate.weight, w_gate, w_up, w_down
+from mtl.models.lm.hf.checkpoint import moe_layer_from_hf_block
+from mtl.moe import MoELayer
 
 
 def moe_layer_from_hf_mixtral(
@@ -68,23 +54,28 @@ def moe_layer_from_hf_mixtral(
         >>> cfg = MixtralConfig(hidden_size=16, intermediate_size=32)  # doctest: +SKIP
         >>> layer = moe_layer_from_hf_mixtral(MixtralSparseMoeBlock(cfg))  # doctest: +SKIP
     """
-    w_router_ED, w_gate, w_up, w_down = _mixtral_weights(block)
-    E, D = w_router_ED.shape
-    H = w_gate.shape[-1]
-    k = int(getattr(block, "top_k", None) or block.gate.top_k)
-    if getattr(block, "jitter_noise", 0.0):
-        raise ValueError("router_jitter_noise > 0 has no exact mtl equivalent; set it to 0")
-    gate = TopKGate(d_model=D, num_experts=E, k=k, renormalize=True)
-    experts = SwiGLUExperts(num_experts=E, d_model=D, d_hidden=H)
-    with torch.no_grad():
-        gate.proj.weight.copy_(w_router_ED)
-        experts.w_gate.copy_(w_gate)
-        experts.w_up.copy_(w_up)
-        experts.w_down.copy_(w_down)
-    layer = MoELayer(
-        gate=gate, experts=experts, dispatch=DroplessDispatch(), aux_loss_weights=aux_loss_weights
+    E, D = block.gate.weight.shape
+    experts = block.experts
+    H = (
+        experts.down_proj.shape[-1]
+        if hasattr(experts, "down_proj")
+        else experts[0].w1.weight.shape[0]
     )
-    return layer.to(w_router_ED)
+    config = {
+        "model_type": "mixtral",
+        "hidden_size": D,
+        "intermediate_size": H,
+        "num_local_experts": E,
+        "num_experts_per_tok": int(getattr(block, "top_k", None) or block.gate.top_k),
+        "router_jitter_noise": getattr(block, "jitter_noise", 0.0),
+    }
+    layer = moe_layer_from_hf_block(block, config)
+    return MoELayer(
+        gate=layer.gate,
+        experts=layer.experts,
+        dispatch=layer.dispatch,
+        aux_loss_weights=aux_loss_weights,
+    )
 
 
 def hf_mixtral_forward(block: nn.Module, x_BTD: Tensor) -> tuple[Tensor, Tensor]:

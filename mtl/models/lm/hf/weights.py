@@ -1,0 +1,213 @@
+"""Parameter names and layouts: transformers checkpoints <-> :class:`TransformerLM` state dicts.
+
+Names shared by both sides (attention projections, norms, dense MLPs) map one
+to one; routed experts differ in layout: on disk transformers stores one
+``(H, D)`` / ``(D, H)`` Linear weight per expert (``experts.{e}.{gate,up,down}``;
+Mixtral names them ``w1, w3, w2``), in memory transformers >= 5 fuses them to
+``experts.gate_up_proj (E, 2H, D)`` and ``experts.down_proj (E, D, H)``, and
+mtl's :class:`~mtl.moe.SwiGLUExperts` holds ``w_gate, w_up (E, D, H)`` and
+``w_down (E, H, D)``. Reading accepts both transformers layouts; writing
+produces the on-disk one, which every transformers version loads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from mtl.models.lm.hf.spec import Architecture
+from mtl.models.lm.transformer import TransformerLM
+
+_EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
+
+
+class TensorSource(Protocol):
+    """Named tensors, read on demand (a safetensors directory or a state dict)."""
+
+    def keys(self) -> Iterable[str]: ...
+
+    def __getitem__(self, name: str) -> Tensor: ...
+
+
+def _layer_name(key: str) -> tuple[int, str] | None:
+    m = re.match(r"layers\.(\d+)\.(.*)", key)
+    return None if m is None else (int(m.group(1)), m.group(2))
+
+
+def _beyond(name: str, n_layers: int) -> bool:
+    """A tensor of a layer after the last decoder layer: DeepSeek-V3's multi-token
+    prediction module (``num_nextn_predict_layers``), which transformers does not load either."""
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return m is not None and int(m.group(1)) >= n_layers
+
+
+def hf_name(key: str, arch: Architecture, moe: set[int]) -> str:
+    """The transformers name of a non-expert mtl parameter ``key``.
+
+    Example:
+        >>> from mtl.models.lm.hf.mixtral import ARCH
+        >>> hf_name("layers.0.ffn.gate.proj.weight", ARCH, {0})
+        'model.layers.0.block_sparse_moe.gate.weight'
+    """
+    top = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if key in top:
+        return top[key]
+    if key == "lm_head.weight":
+        return key
+    parsed = _layer_name(key)
+    if parsed is None:
+        raise KeyError(key)
+    i, rest = parsed
+    base = f"model.layers.{i}."
+    for mtl_prefix, hf_prefix in (
+        ("attn_norm.", "input_layernorm."),
+        ("ffn_norm.", "post_attention_layernorm."),
+        ("attn.", "self_attn."),
+    ):
+        if rest.startswith(mtl_prefix):
+            return base + hf_prefix + rest[len(mtl_prefix) :]
+    if not rest.startswith("ffn."):
+        raise KeyError(key)
+    rest = rest[len("ffn.") :]
+    if i not in moe:
+        return f"{base}mlp.{rest}"
+    return base + arch.moe_prefix + "." + moe_block_name(rest, arch)
+
+
+def moe_block_name(rest: str, arch: Architecture) -> str:
+    """Name inside a transformers MoE block of an mtl ``MoELayer`` parameter (non-expert)."""
+    if rest == "gate.proj.weight":
+        return "gate.weight"
+    if rest == "gate.expert_bias_E":
+        return "gate.e_score_correction_bias"
+    for mtl_prefix, hf_prefix in arch.shared_names:
+        if rest.startswith(mtl_prefix):
+            return hf_prefix + rest[len(mtl_prefix) :]
+    raise KeyError(rest)
+
+
+def read_experts(
+    src: TensorSource, prefix: str, arch: Architecture, num_experts: int
+) -> dict[str, Tensor]:
+    """``w_gate, w_up (E, D, H)`` and ``w_down (E, H, D)`` of the block at ``prefix`` (ends in ``.``)."""
+    names = set(src.keys())
+    fused = f"{prefix}experts.gate_up_proj"
+    if fused in names:  # transformers >= 5 in memory
+        gate_up_EhD = src[fused]
+        H = gate_up_EhD.shape[1] // 2
+        return {
+            "w_gate": gate_up_EhD[:, :H].transpose(1, 2),
+            "w_up": gate_up_EhD[:, H:].transpose(1, 2),
+            "w_down": src[f"{prefix}experts.down_proj"].transpose(1, 2),
+        }
+    out: dict[str, list[Tensor]] = {p: [] for p in _EXPERT_PARAMS}
+    for e in range(num_experts):
+        for param, hf in zip(_EXPERT_PARAMS, arch.expert_names, strict=True):
+            name = f"{prefix}experts.{e}.{hf}.weight"
+            if name not in names:
+                raise KeyError(f"checkpoint lacks {name!r} (expected {num_experts} experts)")
+            out[param].append(src[name].T)
+    return {p: torch.stack(ws) for p, ws in out.items()}
+
+
+def load_lm_state(lm: TransformerLM, src: TensorSource, arch: Architecture) -> None:
+    """Copy a transformers checkpoint's tensors into ``lm`` (built for its config), strictly.
+
+    Raises:
+        KeyError: a parameter of ``lm`` has no tensor in ``src``, or ``src``
+            holds tensors ``lm`` has no place for.
+        ValueError: a tensor's shape differs from the parameter's.
+    """
+    moe = set(lm.moe_layers())
+    state = lm.state_dict()
+    used: set[str] = set()
+    new: dict[str, Tensor] = {}
+    expert_cache: dict[int, dict[str, Tensor]] = {}
+    names = set(src.keys())
+    for key, param in state.items():
+        parsed = _layer_name(key)
+        if parsed is not None and parsed[0] in moe and parsed[1].startswith("ffn.experts."):
+            i, param_name = parsed[0], parsed[1].rsplit(".", 1)[-1]
+            if i not in expert_cache:
+                prefix = f"model.layers.{i}.{arch.moe_prefix}."
+                expert_cache[i] = read_experts(src, prefix, arch, lm.layers[i].ffn.num_experts)
+                used |= {n for n in names if n.startswith(prefix + "experts.")}
+            value = expert_cache[i][param_name]
+        else:
+            name = hf_name(key, arch, moe)
+            if (
+                key == "lm_head.weight"
+                and name not in names
+                and lm.lm_head.weight is lm.embed.weight
+            ):
+                continue  # tied: the embedding is the head
+            if name not in names:
+                raise KeyError(f"checkpoint lacks {name!r} (for mtl parameter {key!r})")
+            value = src[name]
+            used.add(name)
+        if value.shape != param.shape:
+            raise ValueError(
+                f"{key}: checkpoint shape {tuple(value.shape)}, model shape {tuple(param.shape)}"
+            )
+        new[key] = value.to(param.dtype)
+    left = sorted(
+        n
+        for n in names - used
+        if not n.endswith("rotary_emb.inv_freq") and not _beyond(n, lm.n_layers)
+    )
+    if lm.lm_head.weight is lm.embed.weight:
+        left = [n for n in left if n != "lm_head.weight"]
+    if left:
+        raise KeyError(
+            f"checkpoint tensors with no place in the {arch.model_type} model: {left[:5]}"
+        )
+    lm.load_state_dict(new, strict=False)
+    missing = (
+        set(state)
+        - set(new)
+        - ({"lm_head.weight"} if lm.lm_head.weight is lm.embed.weight else set())
+    )
+    if missing:
+        raise KeyError(f"parameters not loaded: {sorted(missing)[:5]}")
+
+
+def hf_state(lm: TransformerLM, arch: Architecture) -> dict[str, Tensor]:
+    """``lm``'s parameters under transformers' on-disk names and layouts (contiguous copies)."""
+    moe = set(lm.moe_layers())
+    tied = lm.lm_head.weight is lm.embed.weight
+    out: dict[str, Tensor] = {}
+    for key, value in lm.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue
+        parsed = _layer_name(key)
+        if parsed is not None and parsed[0] in moe and parsed[1].startswith("ffn.experts."):
+            i, param = parsed[0], parsed[1].rsplit(".", 1)[-1]
+            hf = arch.expert_names[_EXPERT_PARAMS.index(param)]
+            for e in range(value.shape[0]):
+                out[f"model.layers.{i}.{arch.moe_prefix}.experts.{e}.{hf}.weight"] = value[e].T
+            continue
+        out[hf_name(key, arch, moe)] = value
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+class StateDictSource:
+    """A :class:`TensorSource` over an in-memory mapping (e.g. a module's ``state_dict()``).
+
+    Example:
+        >>> src = StateDictSource({"w": torch.ones(2)})
+        >>> list(src.keys()), src["w"].tolist()
+        (['w'], [1.0, 1.0])
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        self.tensors = dict(tensors)
+
+    def keys(self) -> Iterable[str]:
+        return self.tensors.keys()
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.tensors[name]

@@ -1,0 +1,368 @@
+"""Expert parallelism: the routed experts of a :class:`~mtl.moe.MoELayer` sharded over ranks.
+
+Each of the ``R`` ranks of a process group holds ``L = E / R`` consecutive
+experts (rank ``r`` owns experts ``[r L, (r + 1) L)``, torchtitan's and
+Megatron's layout) in an :class:`ExpertShard`; gate, attention and everything
+else stay replicated. :class:`ExpertParallelDispatch` is the dropless dispatch
+(:class:`~mtl.moe.DroplessDispatch`: same slot sort and combine) whose grouped
+step goes through the group:
+
+1. the slots, sorted by expert, are already grouped by the rank that owns the expert;
+2. ``all_to_all`` of the per-expert counts: each rank learns how many rows it receives;
+3. ``all_to_all`` of the rows (uneven splits), regrouped by local expert;
+4. the local bank's grouped matmul (``forward_grouped``, the ``_grouped_mm`` seam);
+5. the reverse ``all_to_all`` of the outputs, then the dropless combine.
+
+The exchanges are differentiable (:mod:`mtl.moe.expert_exchange`): a shard's
+weight gradient sums the contributions of every rank's tokens. The counts are
+also summed over the group and recorded in ``routing.extras["group_counts_E"]``,
+so the load-balancing loss uses the group's assignment fractions ``f``
+(:func:`~mtl.moe.load_balance_loss`); :func:`reduce_routing_stats` gives the
+group's routing statistics.
+
+Training with data parallelism for the rest of the model: :class:`ExpertParallelPlan`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mtl.moe.dispatch import DispatchResult, DroplessDispatch
+from mtl.moe.expert_exchange import (
+    GroupLike,
+    all_to_all_rows,
+    exchange_counts,
+    resolve_group,
+)
+from mtl.moe.experts import ExpertList
+from mtl.moe.layer import MoELayer
+from mtl.moe.routing import RoutingResult, RoutingStats
+
+
+class ExpertShard(nn.Module):
+    """This rank's ``L`` experts of an expert bank of ``E`` sharded over ``E / L`` ranks.
+
+    Reports ``num_experts = E`` (what the gate routes to) and computes only
+    through :class:`ExpertParallelDispatch`. Build it from a full bank with
+    :func:`shard_experts`.
+
+    Args:
+        local: a bank (``SwiGLUExperts``, ``ExpertBank``, ``ExpertList``) of ``L`` experts.
+        num_experts: ``E``, a multiple of ``L``.
+        shard: this shard's index ``r``: it holds experts ``[r L, (r + 1) L)``.
+
+    Example:
+        >>> from mtl.moe import SwiGLUExperts
+        >>> shard = shard_experts(SwiGLUExperts(num_experts=8, d_model=4, d_hidden=8),
+        ...                       shard=1, num_shards=4)
+        >>> shard.num_experts, shard.local.num_experts, shard.first_expert
+        (8, 2, 2)
+    """
+
+    def __init__(self, *, local: nn.Module, num_experts: int, shard: int) -> None:
+        super().__init__()
+        L = int(local.num_experts)
+        if num_experts % L != 0 or not 0 <= shard < num_experts // L:
+            raise ValueError(
+                f"a shard of {L} experts cannot be shard {shard} of num_experts={num_experts}"
+            )
+        self.local = local
+        self.num_experts = num_experts
+        self.num_shards = num_experts // L
+        self.shard = shard
+
+    @property
+    def first_expert(self) -> int:
+        return self.shard * self.local.num_experts
+
+    def forward_all(self, x: Tensor) -> Tensor:
+        raise ValueError("sharded experts compute through ExpertParallelDispatch only")
+
+    def forward_grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        raise ValueError("sharded experts compute through ExpertParallelDispatch only")
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, shard={self.shard}/{self.num_shards}"
+
+
+def shard_experts(bank: nn.Module, *, shard: int, num_shards: int) -> ExpertShard:
+    """Shard ``shard`` of ``num_shards`` of a full expert bank: a copy of its experts ``[r L, (r+1) L)``.
+
+    Every parameter and buffer of a stacked bank leads with the expert
+    dimension ``E``; the shard keeps its slice (copied, so the full bank can be
+    freed). Banks with per-expert batch norm (statistics over all experts at
+    once) cannot be sharded.
+
+    Args:
+        bank: ``SwiGLUExperts``, ``ExpertBank`` or ``ExpertList`` of ``E`` experts.
+        shard: index ``r`` of the shard to keep (the rank in the expert-parallel group).
+        num_shards: ``R``, dividing ``E``.
+
+    Example:
+        >>> from mtl.moe import SwiGLUExperts
+        >>> bank = SwiGLUExperts(num_experts=4, d_model=4, d_hidden=8)
+        >>> part = shard_experts(bank, shard=1, num_shards=2)
+        >>> torch.equal(part.local.w_up, bank.w_up[2:])
+        True
+    """
+    E = int(bank.num_experts)
+    if num_shards < 1 or E % num_shards != 0:
+        raise ValueError(f"num_experts={E} cannot be split into {num_shards} equal shards")
+    if getattr(bank, "norms", None):
+        raise ValueError("experts with norm='batch' cannot be sharded (one norm over all experts)")
+    L = E // num_shards
+    lo = shard * L
+    if isinstance(bank, ExpertList):
+        local: nn.Module = ExpertList(copy.deepcopy(list(bank.experts)[lo : lo + L]))
+        return ExpertShard(local=local, num_experts=E, shard=shard)
+    local = copy.deepcopy(bank)
+    for module in local.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if p.dim() == 0 or p.shape[0] != E:
+                raise ValueError(
+                    f"parameter {name} of shape {tuple(p.shape)} has no expert dim {E}"
+                )
+            module._parameters[name] = nn.Parameter(
+                p.detach()[lo : lo + L].clone(), requires_grad=p.requires_grad
+            )
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.dim() > 0 and b.shape[0] == E:
+                module._buffers[name] = b[lo : lo + L].clone()
+    local.num_experts = L
+    return ExpertShard(local=local, num_experts=E, shard=shard)
+
+
+@torch.no_grad()
+def gather_experts(shard: ExpertShard, group: GroupLike = None) -> nn.Module:
+    """The full bank of ``E`` experts, gathered from every rank's shard (for checkpoints).
+
+    Collective: every rank of ``group`` calls it; each gets the full bank.
+
+    Args:
+        shard: this rank's shard (a stacked bank: ``SwiGLUExperts`` or ``ExpertBank``).
+        group: the expert-parallel group the shards are spread over.
+
+    Example:
+        >>> full = gather_experts(layer.experts, group)  # doctest: +SKIP
+    """
+    pg = resolve_group(group)
+    if pg.size() != shard.num_shards:
+        raise ValueError(f"group has {pg.size()} ranks but the bank has {shard.num_shards} shards")
+    if isinstance(shard.local, ExpertList):
+        raise ValueError("gather_experts needs a stacked bank (SwiGLUExperts or ExpertBank)")
+    full = copy.deepcopy(shard.local)
+    for module in full.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(
+                    gather_expert_rows(p.detach(), pg), requires_grad=p.requires_grad
+                )
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.dim() > 0 and b.shape[0] == shard.local.num_experts:
+                module._buffers[name] = gather_expert_rows(b, pg)
+    full.num_experts = shard.num_experts
+    return full
+
+
+@torch.no_grad()
+def gather_expert_rows(t: Tensor, group: GroupLike = None) -> Tensor:
+    """Every rank's ``(L, ...)`` shard tensor stacked in shard order: ``(R L, ...)`` (collective).
+
+    For tensors shaped like a shard's weights, e.g. an optimiser's moments.
+
+    Example:
+        >>> full_E = gather_expert_rows(exp_avg_L, group)  # doctest: +SKIP
+    """
+    pg = resolve_group(group)
+    parts = [torch.empty_like(t) for _ in range(pg.size())]
+    dist.all_gather(parts, t.contiguous(), group=pg)
+    return torch.cat(parts)  # group-rank order = shard order
+
+
+class _ExchangedExperts:
+    """A shard seen by the dropless dispatch as the full bank: its grouped step exchanges rows."""
+
+    def __init__(
+        self,
+        shard: ExpertShard,
+        pg: dist.ProcessGroup,
+        count_pg: dist.ProcessGroup,
+        routing: RoutingResult,
+    ) -> None:
+        self.shard, self.pg, self.count_pg, self.routing = shard, pg, count_pg, routing
+        self.num_experts = shard.num_experts
+
+    def forward_all(self, x: Tensor) -> Tensor:
+        raise ValueError("expert parallelism is dropless only (no dense computation)")
+
+    def forward_grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        R, L = self.shard.num_shards, self.shard.local.num_experts
+        group_counts_E = counts_E.clone()
+        dist.all_reduce(group_counts_E, group=self.count_pg)
+        self.routing.extras["group_counts_E"] = group_counts_E
+        # rows sorted by expert are grouped by owner rank: rank r's block is its experts' rows
+        recv_RL = exchange_counts(counts_E.view(R, L), self.pg)
+        send = counts_E.view(R, L).sum(1).tolist()
+        recv = recv_RL.sum(1).tolist()
+        x_MD = all_to_all_rows(x_ND, send, recv, self.pg)
+        # arrived grouped by source rank, then local expert: regroup by local expert
+        M = x_MD.shape[0]
+        local_M = torch.arange(L, device=x_ND.device).repeat(R)
+        local_M = local_M.repeat_interleave(recv_RL.reshape(-1), output_size=M)
+        order_M = torch.sort(local_M.view(1, -1), dim=-1, stable=True).indices.view(-1)
+        y_MD = self.shard.local.forward_grouped(x_MD.index_select(0, order_M), recv_RL.sum(0))
+        y_MD = y_MD.new_zeros(M, y_MD.shape[-1]).index_copy(0, order_M, y_MD)
+        return all_to_all_rows(y_MD, recv, send, self.pg)
+
+
+class ExpertParallelDispatch(DroplessDispatch):
+    """The dropless dispatch over experts sharded across a process group.
+
+    Same slot sort and combine as :class:`~mtl.moe.DroplessDispatch`; the
+    grouped step sends each row to the rank owning its expert and brings the
+    output back (module docstring). Every rank of the group must call the
+    layer, each with its own tokens (an empty batch included). The gate and
+    the combine are local; only rows cross ranks.
+
+    Args:
+        group: the expert-parallel group, a ``ProcessGroup`` or a 1-D
+            ``DeviceMesh`` (e.g. ``mesh["ep"]``); None: the world group.
+        count_group: the ranks whose summed per-expert counts give the
+            load-balance loss its ``f`` (``routing.extras["group_counts_E"]``):
+            all ranks whose losses are averaged (under data parallelism too,
+            the world); None: ``group``.
+
+    Shapes:
+        ``forward(x_TD (T, D), routing, experts: ExpertShard) -> DispatchResult (T, D_out)``.
+
+    Example:
+        >>> import torch.distributed as dist
+        >>> from mtl.moe import MoELayer, SwiGLUExperts, TopKGate
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> bank = SwiGLUExperts(num_experts=4, d_model=8, d_hidden=16)
+        >>> layer = MoELayer(
+        ...     gate=TopKGate(d_model=8, num_experts=4, k=2),
+        ...     experts=shard_experts(bank, shard=dist.get_rank(), num_shards=dist.get_world_size()),
+        ...     dispatch=ExpertParallelDispatch())
+        >>> layer(torch.randn(5, 8)).output.shape
+        torch.Size([5, 8])
+        >>> dist.destroy_process_group()
+    """
+
+    def __init__(self, *, group: GroupLike = None, count_group: GroupLike = None) -> None:
+        super().__init__()
+        self.group = group
+        self.count_group = count_group
+
+    @torch.compiler.disable
+    def forward(self, x_TD: Tensor, routing: RoutingResult, experts: nn.Module) -> DispatchResult:
+        if not isinstance(experts, ExpertShard):
+            raise ValueError(
+                f"ExpertParallelDispatch needs an ExpertShard (shard_experts), got {type(experts).__name__}"
+            )
+        pg = resolve_group(self.group)
+        if pg.size() != experts.num_shards or pg.rank() != experts.shard:
+            raise ValueError(
+                f"rank {pg.rank()} of a {pg.size()}-rank group holds shard "
+                f"{experts.shard} of {experts.num_shards}: the shard must be the rank's"
+            )
+        count_pg = pg if self.count_group is None else resolve_group(self.count_group)
+        exchanged = _ExchangedExperts(experts, pg, count_pg, routing)
+        return super().forward(x_TD, routing, exchanged)  # type: ignore[arg-type]
+
+
+def reduce_routing_stats(stats: RoutingStats, group: GroupLike = None) -> RoutingStats:
+    """The routing statistics of every rank's tokens together (one ``all_reduce``).
+
+    Counts (tokens per expert, dropped and valid slots, dropped tokens, tokens)
+    are summed; the per-token means (router entropy, mean weight per expert,
+    experts per token) are re-weighted by each rank's token count, so the
+    result equals :func:`~mtl.moe.routing_stats` on the concatenated batch.
+
+    Example:
+        >>> global_stats = reduce_routing_stats(out.stats, group)  # doctest: +SKIP
+    """
+    pg = resolve_group(group)
+    T = stats.num_tokens
+
+    def weighted(mean: Tensor) -> Tensor:
+        # a rank without tokens has NaN means (of nothing): it contributes nothing
+        return torch.where(T > 0, mean * T, torch.zeros_like(mean))
+
+    parts = [
+        stats.tokens_per_expert_E,
+        weighted(stats.mean_weight_E),
+        torch.stack(
+            [
+                stats.dropped_slots,
+                stats.dropped_tokens,
+                stats.valid_slots,
+                T,
+                weighted(stats.entropy),
+                weighted(stats.experts_per_token),
+            ]
+        ),
+    ]
+    flat = torch.cat([p.float().reshape(-1) for p in parts])
+    dist.all_reduce(flat, group=pg)
+    E = stats.tokens_per_expert_E.numel()
+    load_E, weight_E, scalars = flat[:E], flat[E : 2 * E], flat[2 * E :]
+    total = scalars[3].clamp_min(1.0)
+    return RoutingStats(
+        tokens_per_expert_E=load_E,
+        dropped_slots=scalars[0],
+        dropped_tokens=scalars[1],
+        valid_slots=scalars[2],
+        num_tokens=scalars[3],
+        entropy=scalars[4] / total,
+        mean_weight_E=weight_E / total,
+        experts_per_token=scalars[5] / total,
+    )
+
+
+def parallelize_experts(
+    net: nn.Module, *, group: GroupLike = None, count_group: GroupLike = None
+) -> list[str]:
+    """Shard the routed experts of every :class:`~mtl.moe.MoELayer` of ``net`` over ``group``, in place.
+
+    Each layer keeps this rank's slice of its bank (:func:`shard_experts`) and
+    dispatches with :class:`ExpertParallelDispatch`. Every rank must start from
+    the same full weights (same seed, or a loaded checkpoint). Only dropless
+    layers can be sharded. ``count_group``: see :class:`ExpertParallelDispatch`.
+
+    Returns:
+        the qualified names (in ``net``) of the sharded parameters and buffers.
+
+    Example:
+        >>> names = parallelize_experts(lm, group=mesh["ep"])  # doctest: +SKIP
+    """
+    pg = resolve_group(group)
+    names: list[str] = []
+    for name, layer in net.named_modules():
+        if not isinstance(layer, MoELayer) or isinstance(layer.experts, ExpertShard):
+            continue
+        if type(layer.dispatch) is not DroplessDispatch:
+            raise ValueError(
+                f"layer {name!r} uses {type(layer.dispatch).__name__}: only a dropless "
+                "dispatch (DroplessDispatch) can be made expert-parallel"
+            )
+        layer.experts = shard_experts(layer.experts, shard=pg.rank(), num_shards=pg.size())
+        layer.dispatch = ExpertParallelDispatch(group=group, count_group=count_group)
+        prefix = f"{name}.experts." if name else "experts."
+        names += [prefix + n for n, _ in layer.experts.named_parameters()]
+        names += [prefix + n for n, _ in layer.experts.named_buffers()]
+    return names
+
+
+def sharded_parameters(net: nn.Module) -> Iterable[nn.Parameter]:
+    """The parameters of every :class:`ExpertShard` in ``net`` (rank-specific weights)."""
+    for module in net.modules():
+        if isinstance(module, ExpertShard):
+            yield from module.parameters()

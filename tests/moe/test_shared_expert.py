@@ -1,0 +1,54 @@
+"""The sigmoid-gated shared expert (Qwen2-MoE) inside MoELayer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mtl.moe import DroplessDispatch, MoELayer, SigmoidGatedSharedExpert, SwiGLUExperts, TopKGate
+
+
+def _layer(shared: torch.nn.Module | None) -> MoELayer:
+    torch.manual_seed(0)
+    return MoELayer(
+        gate=TopKGate(d_model=8, num_experts=4, k=2, renormalize=True),
+        experts=SwiGLUExperts(num_experts=4, d_model=8, d_hidden=16),
+        dispatch=DroplessDispatch(),
+        shared=shared,
+    )
+
+
+def _shared() -> SigmoidGatedSharedExpert:
+    torch.manual_seed(1)
+    return SigmoidGatedSharedExpert(
+        d_model=8, expert=SwiGLUExperts(num_experts=1, d_model=8, d_hidden=12)
+    )
+
+
+def test_output_is_routed_plus_gated_shared() -> None:
+    shared = _shared()
+    with_shared, without = _layer(shared), _layer(None)
+    x = torch.randn(3, 5, 8)
+    bank = shared.expert
+    x_TD = x.reshape(-1, 8)
+    expert_TD = (F.silu(x_TD @ bank.w_gate[0]) * (x_TD @ bank.w_up[0])) @ bank.w_down[0]
+    expected_TD = (
+        without(x).output.reshape(-1, 8) + torch.sigmoid(x_TD @ shared.gate.weight.T) * expert_TD
+    )
+    torch.testing.assert_close(with_shared(x).output.reshape(-1, 8), expected_TD)
+    # negative control: the gate matters (ungated sum is far off)
+    ungated = without(x).output.reshape(-1, 8) + expert_TD
+    assert (ungated - expected_TD).abs().max() > 0.05
+
+
+def test_factory_form_and_gradients() -> None:
+    from functools import partial
+
+    shared = SigmoidGatedSharedExpert(
+        d_model=8, expert=partial(SwiGLUExperts, num_experts=1, d_hidden=12)
+    )
+    assert shared.expert.d_model == 8
+    y = shared(torch.randn(6, 8))
+    y.pow(2).sum().backward()
+    assert shared.gate.weight.grad is not None and shared.gate.weight.grad.abs().sum() > 0
+    assert shared.expert.w_down.grad is not None

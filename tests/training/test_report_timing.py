@@ -1,0 +1,62 @@
+"""Training time that compares: each epoch's time recorded by a run, its median reported,
+the load average and the run order noted."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from mtl.cli import main
+from mtl.training.report import models_table, summarise
+from mtl.training.timing import median_epoch_time, timing_summary
+
+TINY = [
+    "data.source_kwargs.n=1500",
+    "data.source_kwargs.n_users=40",
+    "data.source_kwargs.n_items=30",
+    "data.batch_size=256",
+    "model.num_experts=2",
+    "model.expert_hidden=[8]",
+    "model.tower_hidden=[4]",
+    "trainer.enable_progress_bar=false",
+    "num_threads=1",
+]
+
+
+def _run(model: str, seed: int, epoch_times: list[float], load: float) -> dict:
+    return {
+        "model": model,
+        "seed": seed,
+        "tasks": {"a": "binary"},
+        "test": {"auc/a": 0.7},
+        "params": {"total": 10, "model": 8},
+        "train_time_s": sum(epoch_times),
+        "epoch_times_s": epoch_times,
+        "epochs": len(epoch_times),
+        "diagnostics": None,
+        "load_avg": {"start": [load, 1.0, 1.0], "end": [load + 1, 1.0, 1.0]},
+    }
+
+
+def test_a_run_records_the_time_of_each_epoch(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "trainer.max_epochs=2", f"output_dir={out}"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    times = m["epoch_times_s"]
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert sum(times) <= m["train_time_s"]  # the fit also holds the sanity check and setup
+
+
+def test_epoch_time_is_the_median_and_unordered_runs_are_noted() -> None:
+    runs = [_run("mmoe", 0, [6.0, 2.0, 2.0], 1.0), _run("mmoe", 1, [6.0, 3.0, 3.0], 2.0)]
+    assert [median_epoch_time(r) for r in runs] == [2.0, 3.0]
+    row = models_table(summarise(runs))[1]
+    assert row[2] == "2.50 ± 0.71"  # medians 2 and 3 over seeds: the slow first epoch is out
+    assert row[3] == "11.0 ± 1.4"  # the whole fit (10 and 12 s), for comparison
+    sequential = timing_summary(runs, None)
+    assert any("not interleaved" in n for n in sequential["notes"])
+    assert sequential["load_avg_1m"] == [1.0, 3.0]
+    interleaved = timing_summary(runs, "interleaved by seed")
+    assert not any("not interleaved" in n for n in interleaved["notes"])
+    assert math.isnan(median_epoch_time({"epochs": 1}))
