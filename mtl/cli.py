@@ -29,7 +29,17 @@ EXIT_RUN_FAILED = 1
 # Sub-commands with their own argument parser: name -> ("module:function", help).
 # The function takes the remaining arguments and returns the exit status; it is
 # imported only when its sub-command runs.
-TOOLS: dict[str, tuple[str, str]] = {}
+TOOLS: dict[str, tuple[str, str]] = {
+    "prepare": (
+        "mtl.data.shards.prepare:main",
+        "encode a data=table config into Parquet shards for data=shards (data larger than memory)",
+    ),
+    "generate": (
+        "mtl.models.lm.generate_cli:main",
+        "sample text from an LM checkpoint or a transformers MoE checkpoint directory",
+    ),
+    "merge": ("mtl.training.merge:main", "average same-architecture checkpoints (LM-Cocktail)"),
+}
 
 _EPILOG = """examples:
   mtl train                                        # MMoE on synthetic CTR data, CPU
@@ -147,8 +157,14 @@ def cmd_tool(name: str, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mtl`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] in TOOLS:
+        # A tool parses its own arguments (``mtl generate --help`` included): argparse's
+        # REMAINDER would refuse a leading option.
+        args = argparse.Namespace(command=argv[0], args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

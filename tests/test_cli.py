@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl.cli import main
+from mtl.cli import TOOLS, main
 from mtl.training.config import conf_dir
 
 
@@ -139,3 +139,21 @@ def test_conf_dir_can_be_overridden(
     assert "tiny_mmoe" in capsys.readouterr().out
     assert main(["train", "--print-config", "model=tiny_mmoe"]) == 0
     assert "num_experts: 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_every_tool_shows_its_own_help(tool: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([tool, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mtl {tool}")
+
+
+def test_a_tool_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    TOOLS["failing"] = ("ipaddress:ip_address", "a tool that refuses its argument")
+    try:
+        assert main(["failing", "not an address"]) == 2
+    finally:
+        del TOOLS["failing"]
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1

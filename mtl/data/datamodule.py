@@ -78,6 +78,7 @@ class RecDataModule(L.LightningDataModule):
             ``min(max_embed_dim, 6 * vocab**0.25)`` rule.
         max_embed_dim: cap of that rule.
         min_count: categories seen fewer times in train map to OOV.
+        max_vocab: keep at most this many categories per column (the most frequent), or None.
         task_weights: loss weight per task name (default 1.0).
 
     Example:
@@ -110,6 +111,7 @@ class RecDataModule(L.LightningDataModule):
         max_embed_dim: int = 16,
         min_count: int = 1,
         task_weights: Mapping[str, float] | None = None,
+        max_vocab: int | None = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -143,6 +145,7 @@ class RecDataModule(L.LightningDataModule):
             "embed_dim": embed_dim,
             "max_embed_dim": max_embed_dim,
             "min_count": min_count,
+            "max_vocab": max_vocab,
             "task_weights": None if task_weights is None else dict(task_weights),
         }
         self._fitted: FittedFeatures | None = None

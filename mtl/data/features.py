@@ -38,10 +38,14 @@ __all__ = [
     "NumericFeature",
     "TaskKind",
     "TaskSpec",
+    "assemble_fitted",
     "build_feature_spec",
+    "category_counts",
     "default_embed_dim",
     "fit_features",
     "infer_roles",
+    "numeric_feature",
+    "vocabulary_from_counts",
 ]
 
 # Integer columns with at most this many distinct train values are treated as
@@ -151,15 +155,64 @@ def infer_roles(
     )
 
 
-def _fit_vocabulary(col: pl.Series, min_count: int) -> pl.Series:
-    # Strings give one code path for every dtype; sorting makes the index of each
-    # category independent of row order, so the same train split gives the same spec.
-    values = (
-        col.cast(pl.String).drop_nulls().rename("value")
-    )  # fixed names: a column may be called "count"
-    counts = values.value_counts(name="n")
-    known = counts.filter(pl.col("n") >= min_count).get_column("value")
-    return known.sort().rename(col.name)
+def vocabulary_from_counts(
+    counts: pl.DataFrame, name: str, *, min_count: int = 1, max_vocab: int | None = None
+) -> pl.Series:
+    """The vocabulary of one column from its category counts: the rule both data paths share.
+
+    Categories seen fewer than ``min_count`` times are dropped; of the rest, at most
+    ``max_vocab`` are kept, the most frequent first (ties: the smaller string). The
+    result is sorted, so a category's index does not depend on row order.
+
+    Args:
+        counts: one row per distinct non-null category, columns ``value`` (the
+            category as text) and ``n`` (its count in the train split).
+        name: the column's name, given to the returned series.
+        min_count: the least count a kept category has.
+        max_vocab: the most categories kept, or None for no cap.
+
+    Example:
+        >>> counts = pl.DataFrame({"value": ["a", "b", "c", "d"], "n": [5, 1, 3, 3]})
+        >>> vocabulary_from_counts(counts, "c", min_count=2, max_vocab=2).to_list()
+        ['a', 'c']
+    """
+    known = counts.filter(pl.col("n") >= min_count)
+    if max_vocab is not None and known.height > max_vocab:
+        known = known.sort(["n", "value"], descending=[True, False]).head(max_vocab)
+    return known.get_column("value").sort().rename(name)
+
+
+def category_counts(col: pl.Series) -> pl.DataFrame:
+    """Counts of the non-null categories of ``col`` as text: the ``value``/``n`` frame of
+    :func:`vocabulary_from_counts`.
+
+    Example:
+        >>> category_counts(pl.Series("c", [1, 1, None])).rows()
+        [('1', 2)]
+    """
+    # Strings give one code path for every dtype; fixed names: a column may be called "count".
+    values = col.cast(pl.String).drop_nulls().rename("value")
+    return values.value_counts(name="n")
+
+
+def _fit_vocabulary(col: pl.Series, min_count: int, max_vocab: int | None = None) -> pl.Series:
+    return vocabulary_from_counts(
+        category_counts(col), col.name, min_count=min_count, max_vocab=max_vocab
+    )
+
+
+def numeric_feature(name: str, mean: float, std: float) -> NumericFeature:
+    """The standardisation of one numeric column from its train mean and std (ddof 0).
+
+    A constant column (std 0, or not finite) is left unscaled: it maps to 0 everywhere.
+
+    Example:
+        >>> numeric_feature("x", 3.0, 0.0)
+        NumericFeature(name='x', mean=3.0, std=1.0)
+    """
+    if not math.isfinite(std) or std < 1e-12:
+        std = 1.0
+    return NumericFeature(name=name, mean=float(mean), std=float(std))
 
 
 def _fit_numeric(col: pl.Series) -> NumericFeature:
@@ -173,10 +226,7 @@ def _fit_numeric(col: pl.Series) -> NumericFeature:
     values = col.cast(pl.Float64)
     mean = float(values.mean())  # type: ignore[arg-type]
     std = float(values.std(ddof=0))  # type: ignore[arg-type]
-    # A constant column would divide by zero; leaving it unscaled maps it to 0 everywhere.
-    if not math.isfinite(std) or std < 1e-12:
-        std = 1.0
-    return NumericFeature(name=col.name, mean=mean, std=std)
+    return numeric_feature(col.name, mean, std)
 
 
 def fit_features(
@@ -191,6 +241,7 @@ def fit_features(
     min_count: int = 1,
     task_weights: Mapping[str, float] | None = None,
     max_int_categories: int = DEFAULT_MAX_INT_CATEGORIES,
+    max_vocab: int | None = None,
 ) -> FittedFeatures:
     """Fit vocabularies, numeric statistics and embedding widths on the TRAIN split.
 
@@ -208,6 +259,8 @@ def fit_features(
         min_count: categories seen fewer times in train are mapped to OOV (0).
         task_weights: optional loss weight per task (default 1.0).
         max_int_categories: see :func:`infer_roles`.
+        max_vocab: keep at most this many categories per column, the most frequent
+            (see :func:`vocabulary_from_counts`); None keeps all.
 
     Returns:
         A :class:`FittedFeatures` holding the :class:`FeatureSpec` and the vocabularies.
@@ -222,6 +275,8 @@ def fit_features(
         raise ValueError("fit_features needs at least one label column")
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if max_vocab is not None and max_vocab < 1:
+        raise ValueError(f"max_vocab must be >= 1 or null, got {max_vocab}")
     check_embed_dim(embed_dim)
     check_embed_dim(max_embed_dim, key="max_embed_dim", allow_none=False)
     if categorical is None and numeric is None:
@@ -240,11 +295,40 @@ def fit_features(
             f"columns {sorted(overlap)} are given more than one role (feature and label, or both feature kinds)"
         )
 
-    vocabularies: dict[str, pl.Series] = {}
+    vocabularies = {name: _fit_vocabulary(train[name], min_count, max_vocab) for name in categorical}
+    return assemble_fitted(
+        vocabularies=vocabularies,
+        numeric=[_fit_numeric(train[name]) for name in numeric],
+        labels=labels,
+        user_column=user_column,
+        embed_dim=embed_dim,
+        max_embed_dim=max_embed_dim,
+        task_weights=task_weights,
+    )
+
+
+def assemble_fitted(
+    *,
+    vocabularies: Mapping[str, pl.Series],
+    numeric: Sequence[NumericFeature],
+    labels: Mapping[str, TaskKind],
+    user_column: str | None = None,
+    embed_dim: int | Mapping[str, int] | None = None,
+    max_embed_dim: int = 16,
+    task_weights: Mapping[str, float] | None = None,
+) -> FittedFeatures:
+    """The :class:`FittedFeatures` of fitted vocabularies and numeric statistics: embedding
+    widths and tasks by the rules of :func:`fit_features` (which fits in memory; a
+    streaming fit over files hands its parts here too).
+
+    Example:
+        >>> f = assemble_fitted(vocabularies={"c": pl.Series("c", ["a", "b"])},
+        ...     numeric=[NumericFeature("x", 0.0, 1.0)], labels={"y": "binary"}, embed_dim=4)
+        >>> f.spec.categorical[0], f.spec.task_names
+        (CategoricalFeature(name='c', vocab_size=2, embed_dim=4), ['y'])
+    """
     cat_features: list[CategoricalFeature] = []
-    for name in categorical:
-        vocab = _fit_vocabulary(train[name], min_count)
-        vocabularies[name] = vocab
+    for name, vocab in vocabularies.items():
         if isinstance(embed_dim, int):
             dim = embed_dim
         elif isinstance(embed_dim, Mapping) and name in embed_dim:
@@ -259,13 +343,13 @@ def fit_features(
         raise ValueError(f"task_weights names {sorted(unknown)} are not labels ({list(labels)})")
     spec = FeatureSpec(
         categorical=cat_features,
-        numeric=[_fit_numeric(train[name]) for name in numeric],
+        numeric=list(numeric),
         tasks=[
             TaskSpec(name=n, kind=k, weight=float(weights.get(n, 1.0))) for n, k in labels.items()
         ],
         user_column=user_column,
     )
-    return FittedFeatures(spec=spec, vocabularies=vocabularies)
+    return FittedFeatures(spec=spec, vocabularies=dict(vocabularies))
 
 
 def build_feature_spec(train: pl.DataFrame, **kwargs: Any) -> FeatureSpec:

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from mtl.data.features import FittedFeatures
+from mtl.data.features import FittedFeatures, NumericFeature
 from mtl.data.numeric_range import check_standardised
 
 # Fixed seed for hashing string user ids: the same raw id then gets the same
@@ -107,6 +107,56 @@ def _check_no_nulls(df: pl.DataFrame, columns: list[str], what: str, origin: str
         raise ValueError(f"{origin}: {what} columns have null/NaN values (column: count) {bad}")
 
 
+def category_codes(name: str, vocab: pl.Series, dtype: pl.DataType = pl.Int64) -> pl.Expr:
+    """Column ``name`` as category indices: the category at ``vocab[i]`` is ``i + 1``;
+    unseen categories and nulls are 0 (OOV). The same expression encodes in memory
+    (:func:`encode`) and in the streaming shards of ``mtl prepare``.
+
+    Example:
+        >>> df = pl.DataFrame({"c": ["b", None, "zzz", "a"]})
+        >>> df.select(category_codes("c", pl.Series(["a", "b"])))["c"].to_list()
+        [2, 0, 0, 1]
+    """
+    # An Enum of the vocabulary numbers its categories 0.. in order; values outside it
+    # become null. Unlike a replace with a mapping, the cast streams in polars' engine.
+    known = pl.col(name).cast(pl.String).cast(pl.Enum(vocab), strict=False)
+    return (known.to_physical().cast(dtype) + 1).fill_null(0).alias(name)
+
+
+def standardised(feature: NumericFeature) -> pl.Expr:
+    """``(x - mean) / std`` of ``feature``'s column, computed in float64, as float32.
+
+    Example:
+        >>> df = pl.DataFrame({"x": [1.0, 3.0]})
+        >>> df.select(standardised(NumericFeature("x", 2.0, 1.0)))["x"].to_list()
+        [-1.0, 1.0]
+    """
+    # float32 at the end: numpy then hands torch float32 without a second copy.
+    column = pl.col(feature.name).cast(pl.Float64)
+    return ((column - feature.mean) / feature.std).cast(pl.Float32).alias(feature.name)
+
+
+def user_key(name: str, dtype: pl.DataType) -> pl.Expr:
+    """The int64 grouping key of user column ``name`` (of ``dtype``); nulls are -1.
+
+    Integer ids are kept (UInt64 reinterpreted bit for bit, so ids above the int64
+    range stay distinct); other ids are hashed as text with a fixed seed, so equal
+    raw ids give equal keys in every split.
+
+    Example:
+        >>> pl.DataFrame({"u": [7, None]}).select(user_key("u", pl.Int64))["u"].to_list()
+        [7, -1]
+    """
+    column = pl.col(name)
+    if dtype == pl.UInt64:
+        key = column.reinterpret(signed=True)
+    elif dtype.is_integer() and dtype not in (pl.Int128, pl.UInt128):
+        key = column.cast(pl.Int64)
+    else:
+        key = column.cast(pl.String).hash(seed=_USER_HASH_SEED).reinterpret(signed=True)
+    return key.fill_null(-1).alias(name)
+
+
 def encode(df: pl.DataFrame, fitted: FittedFeatures, *, origin: str = "frame") -> TabularTensors:
     """Encode a raw frame with the train-fitted vocabularies and statistics.
 
@@ -149,35 +199,16 @@ def encode(df: pl.DataFrame, fitted: FittedFeatures, *, origin: str = "frame") -
                 )
 
     n = df.height
-    cat_exprs = []
-    for feat in spec.categorical:
-        vocab = fitted.vocabularies[feat.name]
-        codes = pl.int_range(1, len(vocab) + 1, eager=True, dtype=pl.Int64)
-        cat_exprs.append(
-            pl.col(feat.name)
-            .cast(pl.String)
-            .replace_strict(vocab, codes, default=0, return_dtype=pl.Int64)
-        )
-    # Standardise in float64, then hand float32 to numpy so torch needs no second copy.
-    num_exprs = [
-        ((pl.col(f.name).cast(pl.Float64) - f.mean) / f.std).cast(pl.Float32).alias(f.name)
-        for f in spec.numeric
-    ]
-    num = df.select(num_exprs)
+    cat_exprs = [category_codes(f.name, fitted.vocabularies[f.name]) for f in spec.categorical]
+    num = df.select([standardised(f) for f in spec.numeric])
     check_standardised(num, spec.numeric, origin)
     label_exprs = [pl.col(t).cast(pl.Float32) for t in spec.task_names]
 
     user_B = None
     if spec.user_column is not None:
-        user = df.get_column(spec.user_column)
-        if user.dtype == pl.UInt64:
-            # Ids above the int64 range keep distinct keys: reinterpreting the bits is one-to-one.
-            user = user.reinterpret(signed=True)
-        elif user.dtype.is_integer() and user.dtype not in (pl.Int128, pl.UInt128):
-            user = user.cast(pl.Int64)
-        else:
-            user = user.cast(pl.String).hash(seed=_USER_HASH_SEED).reinterpret(signed=True)
-        user_B = torch.from_numpy(user.fill_null(-1).to_numpy().copy())
+        column, dtype = spec.user_column, df.schema[spec.user_column]
+        user = df.select(user_key(column, dtype)).to_series()
+        user_B = torch.from_numpy(user.to_numpy().copy())
 
     return TabularTensors(
         cat_BF=_to_tensor(df.select(cat_exprs), torch.int64, n),

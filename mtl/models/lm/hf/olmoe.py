@@ -12,6 +12,7 @@ from mtl.models.lm.hf.spec import (
     base_config,
     check_norm_eps,
     check_plain_attention,
+    check_softmax_top_k_gates,
     lm_kwargs,
     moe_parts,
     need,
@@ -60,18 +61,8 @@ def to_config(lm: TransformerLM) -> dict[str, Any]:
     check_norm_eps(lm, NAME)
     layers = moe_parts(lm, NAME)
     need(len(layers) == lm.n_layers, "OLMoE has an MoE FFN in every layer", NAME)
+    check_softmax_top_k_gates(layers, NAME)
     for i, layer in layers.items():
-        g = layer.gate
-        need(
-            type(g) is TopKGate and not g.softmax_after_topk,
-            f"layer {i} gate must be TopKGate",
-            NAME,
-        )
-        need(
-            g.proj.bias is None and g.input_jitter == 0,
-            f"layer {i} gate has a bias or jitter",
-            NAME,
-        )
         need(layer.shared is None, f"layer {i} has shared experts", NAME)
     first = next(iter(layers.values()))
     return {

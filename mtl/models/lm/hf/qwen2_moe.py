@@ -12,6 +12,7 @@ from mtl.models.lm.hf.spec import (
     base_config,
     check_norm_eps,
     check_plain_attention,
+    check_softmax_top_k_gates,
     dense_width,
     lm_kwargs,
     moe_parts,
@@ -82,18 +83,8 @@ def to_config(lm: TransformerLM) -> dict[str, Any]:
     attn = check_plain_attention(lm, NAME, bias=bias, qk_norm=False)
     check_norm_eps(lm, NAME)
     layers = moe_parts(lm, NAME)
+    check_softmax_top_k_gates(layers, NAME)
     for i, layer in layers.items():
-        g = layer.gate
-        need(
-            type(g) is TopKGate and not g.softmax_after_topk,
-            f"layer {i} gate must be TopKGate",
-            NAME,
-        )
-        need(
-            g.proj.bias is None and g.input_jitter == 0,
-            f"layer {i} gate has a bias or jitter",
-            NAME,
-        )
         sh = layer.shared
         need(
             isinstance(sh, SigmoidGatedSharedExpert) and isinstance(sh.expert, SwiGLU),

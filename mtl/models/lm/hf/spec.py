@@ -8,7 +8,7 @@ from typing import Any
 
 from mtl.models.lm.blocks import CausalSelfAttention, RMSNorm
 from mtl.models.lm.transformer import TransformerLM
-from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts
+from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
 
 
 class HFConfig:
@@ -204,6 +204,31 @@ def moe_parts(lm: TransformerLM, arch: str) -> dict[int, MoELayer]:
         )
         need(layer.output_scale == 1.0, f"layer {i} output_scale is {layer.output_scale}", arch)
     return layers
+
+
+def check_softmax_top_k_gates(
+    layers: Mapping[int, MoELayer], arch: str, *, renormalize: bool | None = None
+) -> None:
+    """Every layer's gate is a bias-free, jitter-free :class:`TopKGate` (softmax over all
+    experts, then top-k), renormalised over the chosen experts when ``renormalize`` says so
+    (None: either)."""
+    for i, layer in layers.items():
+        g = layer.gate
+        need(
+            type(g) is TopKGate and not g.softmax_after_topk,
+            f"layer {i} gate must be TopKGate(softmax_after_topk=False)",
+            arch,
+        )
+        need(
+            renormalize is None or g.renormalize == renormalize,
+            f"layer {i} gate must have renormalize={renormalize}",
+            arch,
+        )
+        need(
+            g.proj.bias is None and g.input_jitter == 0,
+            f"layer {i} gate has a bias or jitter",
+            arch,
+        )
 
 
 def one_value(values: list[Any], what: str, arch: str) -> Any:

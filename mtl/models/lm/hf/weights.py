@@ -26,7 +26,15 @@ _EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
 
 
 class TensorSource(Protocol):
-    """Named tensors, read on demand (a safetensors directory or a state dict)."""
+    """Named tensors, read on demand (a safetensors directory or a state dict).
+
+    ``keys()`` lists the names; ``source[name]`` reads one tensor.
+
+    Example:
+        >>> source: TensorSource = StateDictSource({"w": torch.zeros(2, 3)})
+        >>> [(name, tuple(source[name].shape)) for name in source.keys()]
+        [('w', (2, 3))]
+    """
 
     def keys(self) -> Iterable[str]: ...
 
@@ -196,6 +204,9 @@ def hf_state(lm: TransformerLM, arch: Architecture) -> dict[str, Tensor]:
 
 class StateDictSource:
     """A :class:`TensorSource` over an in-memory mapping (e.g. a module's ``state_dict()``).
+
+    Args:
+        tensors: name -> tensor; copied into a new dict (the tensors are not copied).
 
     Example:
         >>> src = StateDictSource({"w": torch.ones(2)})

@@ -1,0 +1,8 @@
+"""Data larger than memory: ``mtl prepare`` writes encoded Parquet shards, ``data=shards`` streams them.
+
+* :mod:`~mtl.data.shards.scan` -- the table's rows as lazy polars queries, checked and split;
+* :mod:`~mtl.data.shards.encoding` -- the feature encoding fitted on the lazy train rows;
+* :mod:`~mtl.data.shards.prepare` -- the shards, the encoding and the manifest (``mtl prepare``);
+* :mod:`~mtl.data.shards.stream` -- the shards read back as shuffled, sharded batches;
+* :mod:`~mtl.data.shards.datamodule` -- :class:`ShardsDataModule`, ``data=shards``.
+"""
