@@ -3,9 +3,10 @@
 :class:`DomainTextDataModule` reads ``N`` texts (``None`` is the embedded
 corpus), fits one tokenizer on all of them, splits each into train/val, and
 serves :class:`DomainTokenBatch` es ``(inputs, targets, domains)``: training row
-``b`` of every batch comes from domain ``b % N`` at a random offset (every
-batch holds all domains in equal shares), validation blocks are each domain's
-packed blocks in turn. An LM built with ``moe.route_on=domain`` routes on
+``j`` of every global batch comes from domain ``j % N`` at a random offset (every
+batch holds all domains in equal shares; under DDP each rank reads its own
+slice of the global batch), validation blocks are each domain's packed blocks
+in turn. An LM built with ``moe.route_on=domain`` routes on
 ``domains`` (:mod:`mtl.models.lm.domain_routing`); ``LMModule`` passes the third
 field of a batch on as ``domain_B``.
 """
@@ -18,13 +19,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from mtl.data.text import (
-    PackedBlockLoader,
-    TextDataModule,
-    load_text,
-    split_tokens,
-)
+from mtl.data.text import TextDataModule, load_text, split_tokens
 from mtl.data.text_corpus import default_corpus
+from mtl.data.text_loaders import PackedBlockLoader, check_block_size
 from mtl.data.tokenizers import Tokenizer, build_tokenizer
 
 
@@ -37,15 +34,32 @@ class DomainTokenBatch(NamedTuple):
 
 
 class DomainBlockLoader:
-    """Training batches whose row ``b`` is a random block of domain ``b % N``.
+    """Training batches whose global row ``j`` is a random block of domain ``j % N``.
+
+    Data-parallel like :class:`~mtl.data.text_loaders.RandomBlockLoader`: every
+    rank draws the same global batches of ``W * B`` rows and reads its own slice,
+    rows ``[r*B, (r+1)*B)``, so the ranks read disjoint blocks and their batches
+    ``s`` together are the single-process batch ``s`` of ``W * B`` rows. Epoch
+    ``e`` shuffles each domain's windows with one generator seeded with
+    ``(seed, e)`` (the same on every rank); global batch ``s`` takes the next
+    ``c_d`` windows of domain ``d``'s permutation, ``c_d`` being the number of
+    its rows in a global batch, so no window repeats within an epoch while
+    ``steps * c_d`` does not exceed the domain's windows (past that, further
+    permutations follow).
 
     Args:
         tokens: one 1-D long tensor per domain, each longer than ``block_size``.
         block_size: ``T``.
-        batch_size: ``B`` (a multiple of ``N`` gives every domain the same share).
+        batch_size: ``B``, this rank's batch size (``W * B`` a multiple of ``N``
+            gives every domain the same share of a global batch; ``B`` a multiple
+            of ``N`` gives every rank the rows ``[0, 1, .., N-1, 0, ..]``).
         steps: batches per epoch.
-        seed: base seed; epoch ``e`` draws from ``(seed, rank, e)``.
-        rank: process rank, mixed into the seed.
+        seed: base seed.
+        rank: this process's rank, ``0 <= rank < world_size``.
+        world_size: ``W``, the number of processes reading one global batch.
+
+    Shapes:
+        each batch: ``inputs``, ``targets`` ``(B, T)``, ``domains`` ``(B,)``.
 
     Example:
         >>> loader = DomainBlockLoader(tokens=[torch.arange(20), torch.arange(100, 120)],
@@ -53,6 +67,10 @@ class DomainBlockLoader:
         >>> batch = next(iter(loader))
         >>> batch.domains.tolist(), bool((batch.inputs[1] >= 100).all())
         ([0, 1, 0, 1], True)
+        >>> rank1 = DomainBlockLoader(tokens=[torch.arange(20), torch.arange(100, 120)],
+        ...                           block_size=4, batch_size=3, steps=2, rank=1, world_size=2)
+        >>> next(iter(rank1)).domains.tolist()  # global rows 3, 4, 5
+        [1, 0, 1]
     """
 
     def __init__(
@@ -64,32 +82,52 @@ class DomainBlockLoader:
         steps: int,
         seed: int = 0,
         rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if not tokens:
             raise ValueError("DomainBlockLoader needs at least one domain")
+        if batch_size < 1 or steps < 1:
+            raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        for d, t in enumerate(tokens):
+            check_block_size(t, block_size, f"train split of domain {d}")
+        # unfold is a view (n_d, T + 1): row i is tokens[i : i + T + 1], no copy
         self._windows = [t.long().unfold(0, block_size + 1, 1) for t in tokens]
         self.block_size, self.batch_size, self.steps = block_size, batch_size, steps
-        self.seed, self.rank, self.epoch = seed, rank, 0
-        self.domains_B = torch.arange(batch_size) % len(tokens)
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        rows_G = torch.arange(world_size * batch_size)  # the global batch's rows
+        self.domains_B = (rows_G % len(tokens))[rank * batch_size : (rank + 1) * batch_size]
+        # row j is the (j // N)-th row of its domain in the global batch
+        self._slot_B = (rows_G // len(tokens))[rank * batch_size : (rank + 1) * batch_size]
+        self._rows_per_domain = [int((rows_G % len(tokens) == d).sum()) for d in range(len(tokens))]
 
     def set_epoch(self, epoch: int) -> None:
-        """Restart at ``epoch`` (resuming a run)."""
+        """Make the next ``iter()`` produce the batches of ``epoch`` (resuming a run)."""
         self.epoch = epoch
+
+    def offsets(self, epoch: int) -> torch.Tensor:
+        """This rank's ``(steps, B)`` window offsets of ``epoch``, each in its row's domain."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # the same on every rank
+        per_domain = []  # domain d: (steps, c_d) offsets, global batch s takes row s
+        for windows, c in zip(self._windows, self._rows_per_domain, strict=True):
+            n, need = len(windows), self.steps * c
+            order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // n))])
+            per_domain.append(order[:need].view(self.steps, c))
+        pairs = zip(self.domains_B.tolist(), self._slot_B.tolist(), strict=True)
+        return torch.stack([per_domain[d][:, k] for d, k in pairs], dim=1)
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[DomainTokenBatch]:
-        g = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.rank) * 1_000_003 + self.epoch
-        )
+        offsets_SB = self.offsets(self.epoch)
         self.epoch += 1
-        for _ in range(self.steps):
-            rows = [
-                self._windows[d][torch.randint(len(self._windows[d]), (1,), generator=g)][0]
-                for d in self.domains_B.tolist()
-            ]
-            w_BT1 = torch.stack(rows)
+        domains = self.domains_B.tolist()
+        for row in offsets_SB:
+            w_BT1 = torch.stack(
+                [self._windows[d][i] for d, i in zip(domains, row.tolist(), strict=True)]
+            )
             yield DomainTokenBatch(w_BT1[:, :-1], w_BT1[:, 1:], self.domains_B.clone())
 
 
@@ -189,7 +227,7 @@ class DomainTextDataModule(TextDataModule):
 
     def train_dataloader(self) -> DomainBlockLoader:  # type: ignore[override]
         self._prepare()
-        rank, _ = self._rank()
+        rank, world_size = self._rank()
         loader = DomainBlockLoader(
             tokens=[train for train, _ in self._domain_splits],
             block_size=self.block_size,
@@ -197,6 +235,7 @@ class DomainTextDataModule(TextDataModule):
             steps=self.steps_per_epoch,
             seed=self.seed,
             rank=rank,
+            world_size=world_size,
         )
         loader.set_epoch(self._restored_epoch)
         self._train_loader = loader  # type: ignore[assignment]

@@ -295,7 +295,9 @@ def fit_features(
             f"columns {sorted(overlap)} are given more than one role (feature and label, or both feature kinds)"
         )
 
-    vocabularies = {name: _fit_vocabulary(train[name], min_count, max_vocab) for name in categorical}
+    vocabularies = {
+        name: _fit_vocabulary(train[name], min_count, max_vocab) for name in categorical
+    }
     return assemble_fitted(
         vocabularies=vocabularies,
         numeric=[_fit_numeric(train[name]) for name in numeric],

@@ -16,8 +16,8 @@ from typing import Any
 import polars as pl
 
 from mtl.data.datamodule import SPLITS, RecDataModule, Split
-from mtl.data.sources import SourceData
-from mtl.data.sources.table import table_files
+from mtl.data.sources import SourceData, load_source
+from mtl.data.sources.table import split_files, table_files
 
 
 def _fractions(values: Sequence[float]) -> str:
@@ -45,6 +45,7 @@ class TableDataModule(RecDataModule):
         n_rows: read only the first rows of each file.
         embed_dim: one width for every categorical feature, a mapping
             ``{feature: width}`` (the others use the default rule), or None.
+        name: the data's name in messages and run records (a preset's dataset name).
         kwargs: the other :class:`RecDataModule` arguments (``seed``, ``batch_size``...).
 
     Example:
@@ -73,6 +74,7 @@ class TableDataModule(RecDataModule):
         split: Sequence[float] = (0.8, 0.1, 0.1),
         n_rows: int | None = None,
         embed_dim: int | Mapping[str, int] | None = None,
+        name: str = "table",
         **kwargs: Any,
     ) -> None:
         if not labels:
@@ -108,7 +110,7 @@ class TableDataModule(RecDataModule):
         }
         # The source's own val/test rows are the time split or the user's files: always used.
         super().__init__(
-            source="table",
+            source=name,
             source_kwargs=source_kwargs,
             split=split,
             use_source_test=True,
@@ -116,6 +118,10 @@ class TableDataModule(RecDataModule):
             **kwargs,
         )
         self._time_ranges: dict[Split, list[str]] = {}
+
+    def _load(self) -> SourceData:
+        # ``source`` is the data's name here (a preset's); the rows always come from the table.
+        return load_source("table", **self.source_kwargs)
 
     def _split(self, data: SourceData) -> dict[Split, pl.DataFrame]:
         frames = super()._split(data)
@@ -130,8 +136,11 @@ class TableDataModule(RecDataModule):
     def files(self) -> dict[str, list[str]]:
         """The files read for the rows (``path`` or ``train``), ``val`` and ``test``."""
         kw = self.source_kwargs
-        named = {"rows": kw["path"] or kw["train"], "val": kw["val"], "test": kw["test"]}
-        return {k: [str(p) for p in table_files(v, key=k)] for k, v in named.items() if v}
+        named = split_files(kw["path"], train=kw["train"], val=kw["val"], test=kw["test"])
+        return {
+            "rows" if k in ("path", "train") else k: [str(p) for p in table_files(v, key=k)]
+            for k, v in named.items()
+        }
 
     def split_how(self) -> str:
         """How the splits were made: at random, by time on ``split_by``, or from files."""

@@ -1,19 +1,19 @@
 """Token datasets for next-token prediction: a text file (or the embedded corpus)
 tokenised once into an in-memory tensor, split contiguously into train/val, and
-served as fixed-length blocks.
+served as fixed-length blocks by the loaders of :mod:`mtl.data.text_loaders`:
 
-Two loaders, both plain iterables with ``__len__`` that Lightning uses directly:
+* :class:`~mtl.data.text_loaders.RandomBlockLoader` (training): random offsets,
+  ``steps_per_epoch`` batches per epoch; under DDP each rank reads its own part
+  of every global batch.
+* :class:`~mtl.data.text_loaders.PackedBlockLoader` (validation): the split cut
+  into non-overlapping blocks, every val token a target exactly once per pass
+  over all ranks, the same number of batches on every rank.
 
-* :class:`RandomBlockLoader` (training): random offsets (a seeded permutation of
-  the windows, so none repeats within an epoch), ``steps_per_epoch`` batches per
-  epoch, new offsets each epoch; under DDP each rank reads its own part of every
-  global batch.
-* :class:`PackedBlockLoader` (validation): the split cut into non-overlapping
-  blocks in order, so every val token is a target exactly once per pass.
-
-Each batch is a :class:`TokenBatch` ``(inputs, targets)`` of ``torch.long``
-tensors, both ``(B, T)``, with ``targets[:, t] == inputs[:, t + 1]`` and the
-last target being the token after the block.
+Each batch is a :class:`~mtl.data.text_loaders.TokenBatch` ``(inputs, targets)``
+of ``torch.long`` tensors, both ``(B, T)``, with ``targets[:, t] == inputs[:, t + 1]``
+and the last target being the token after the block. The loaders and
+``TokenBatch`` are re-exported here. This module also holds the reference
+losses a model must beat (:func:`unigram_cross_entropy`, :func:`bigram_cross_entropy`).
 
 Example:
     >>> dm = TextDataModule(path=None, block_size=64, batch_size=8)
@@ -24,15 +24,15 @@ Example:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 
 from mtl.data.text_corpus import default_corpus
+from mtl.data.text_loaders import PackedBlockLoader, RandomBlockLoader, TokenBatch, check_block_size
 from mtl.data.tokenizers import Tokenizer, build_tokenizer
 
 __all__ = [
@@ -47,13 +47,6 @@ __all__ = [
 ]
 
 EMBEDDED_SOURCE = "<embedded corpus>"
-
-
-class TokenBatch(NamedTuple):
-    """A batch for next-token prediction: ``inputs`` and ``targets``, both ``(B, T)`` long."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
 
 
 def load_text(path: str | Path) -> str:
@@ -90,141 +83,6 @@ def split_tokens(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tenso
     n_val = round(len(tokens) * val_fraction)
     n_train = len(tokens) - n_val
     return tokens[:n_train], tokens[n_train:]
-
-
-def _check_block_size(tokens: torch.Tensor, block_size: int, split: str) -> None:
-    # A block needs block_size inputs plus one more token for the last target.
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if len(tokens) < block_size + 1:
-        raise ValueError(
-            f"block_size={block_size} is too large for the {split} split: a block needs "
-            f"{block_size + 1} tokens but the split has only {len(tokens)} tokens; "
-            "lower block_size or val_fraction, or use more text"
-        )
-
-
-class RandomBlockLoader:
-    """Training batches at random offsets, ``steps`` batches per epoch.
-
-    Epoch ``e`` shuffles the ``N - T`` window offsets with a generator seeded with
-    ``(seed, e)`` and serves the first ``steps * world_size * B`` of them: global
-    batch ``s`` is entries ``[s*W*B, (s+1)*W*B)`` and rank ``r`` reads its ``r``-th
-    block of ``B``. So every rank draws the same permutation and reads a disjoint
-    part of it, the ranks' batches ``s`` together are the single-process batch ``s``
-    of size ``W*B`` (and the single-process batches ``s*W .. s*W+W-1`` of size
-    ``B``), and no window is read twice in an epoch while ``steps * W * B <= N - T``
-    (past that, further permutations follow). The same seed gives the same batches,
-    each epoch sees new windows. The epoch counter advances on every ``iter()`` and
-    can be set (:meth:`set_epoch`) on resume.
-
-    Args:
-        tokens: 1-D long tensor ``(N,)`` with ``N >= block_size + 1``.
-        block_size: ``T``, the context length.
-        batch_size: ``B``, this rank's batch size.
-        steps: Batches per epoch (``len(loader)``).
-        seed: Base seed.
-        rank: This process's rank, ``0 <= rank < world_size``.
-        world_size: ``W``, the number of processes reading one global batch.
-
-    Example:
-        >>> loader = RandomBlockLoader(tokens=torch.arange(100), block_size=4, batch_size=2, steps=3)
-        >>> len(loader), [tuple(b.inputs.shape) for b in loader]
-        (3, [(2, 4), (2, 4), (2, 4)])
-    """
-
-    def __init__(
-        self,
-        *,
-        tokens: torch.Tensor,
-        block_size: int,
-        batch_size: int,
-        steps: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        _check_block_size(tokens, block_size, "train")
-        if batch_size < 1 or steps < 1:
-            raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        # unfold is a view (N - T, T + 1): row i is tokens[i : i + T + 1], no copy.
-        self._windows = tokens.long().unfold(0, block_size + 1, 1)
-        self.block_size, self.batch_size, self.steps = block_size, batch_size, steps
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` produce the batches of ``epoch``."""
-        self.epoch = epoch
-
-    def offsets(self, epoch: int) -> torch.Tensor:
-        """This rank's ``(steps, B)`` start offsets of ``epoch``; batch ``s`` row ``b`` starts at ``[s, b]``."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # the same on every rank
-        n, W, B = len(self._windows), self.world_size, self.batch_size
-        need = self.steps * W * B
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // n))])
-        return order[:need].view(self.steps, W, B)[:, self.rank]
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[TokenBatch]:
-        offsets = self.offsets(self.epoch)
-        self.epoch += 1
-        for row in offsets:
-            window = self._windows[row]  # (B, T + 1), a fresh contiguous copy
-            yield TokenBatch(window[:, :-1].contiguous(), window[:, 1:].contiguous())
-
-
-class PackedBlockLoader:
-    """Deterministic batches of non-overlapping consecutive blocks (validation).
-
-    Block ``i`` has inputs ``tokens[i*T : (i+1)*T]`` and targets one token later,
-    so a pass predicts each of the first ``n_blocks * T`` targets exactly once;
-    the last ``< T`` tokens that do not fill a block are dropped. The last batch
-    may be smaller than ``batch_size``. With ``world_size > 1`` each rank takes
-    every ``world_size``-th block.
-
-    Args:
-        tokens: 1-D long tensor ``(N,)`` with ``N >= block_size + 1``.
-        block_size: ``T``.
-        batch_size: ``B``.
-        rank, world_size: Shard of the blocks this process serves.
-
-    Example:
-        >>> loader = PackedBlockLoader(tokens=torch.arange(10), block_size=3, batch_size=2)
-        >>> [b.inputs.tolist() for b in loader]
-        [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8]]]
-    """
-
-    def __init__(
-        self,
-        *,
-        tokens: torch.Tensor,
-        block_size: int,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        _check_block_size(tokens, block_size, "val")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n_blocks = (len(tokens) - 1) // block_size
-        used = n_blocks * block_size
-        tokens = tokens.long()
-        self.inputs = tokens[:used].view(n_blocks, block_size)[rank::world_size]
-        self.targets = tokens[1 : used + 1].view(n_blocks, block_size)[rank::world_size]
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.inputs) / self.batch_size)
-
-    def __iter__(self) -> Iterator[TokenBatch]:
-        for start in range(0, len(self.inputs), self.batch_size):
-            stop = start + self.batch_size
-            yield TokenBatch(self.inputs[start:stop], self.targets[start:stop])
 
 
 def unigram_cross_entropy(
@@ -279,6 +137,10 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: Training batch size ``B`` of each process (a DDP run of ``W`` processes
             trains on global batches of ``W * B``).
         val_batch_size: Validation batch size (default: ``batch_size``).
+        batch_multiple: Every batch holds a multiple of this many blocks (a Mixture-of-Tokens
+            model's ``group_size``): ``batch_size`` and ``val_batch_size`` must be multiples,
+            and the last val blocks that do not fill ``batch_multiple`` blocks on each
+            process are dropped (not padded), so the last val batch is full too.
         val_fraction: Fraction of tokens, at the end of the text, held out for validation.
         steps_per_epoch: Training batches per epoch.
         seed: Seed of the training offsets.
@@ -298,6 +160,7 @@ class TextDataModule(pl.LightningDataModule):
         block_size: int = 128,
         batch_size: int = 32,
         val_batch_size: int | None = None,
+        batch_multiple: int = 1,
         val_fraction: float = 0.1,
         steps_per_epoch: int = 500,
         seed: int = 0,
@@ -315,6 +178,13 @@ class TextDataModule(pl.LightningDataModule):
         self.path = None if path is None else str(path)
         self.block_size, self.batch_size = block_size, batch_size
         self.val_batch_size = val_batch_size or batch_size
+        multiple = max(batch_multiple, 1)
+        if batch_multiple < 1 or (self.batch_size % multiple or self.val_batch_size % multiple):
+            raise ValueError(
+                f"batch_size={batch_size} and val_batch_size={self.val_batch_size} must be "
+                f"multiples of batch_multiple={batch_multiple} (>= 1)"
+            )
+        self.batch_multiple = batch_multiple
         self.val_fraction, self.steps_per_epoch, self.seed = val_fraction, steps_per_epoch, seed
         self._tokenizer_spec = tokenizer
         # Hydra passes a DictConfig; a plain dict keeps the tokenizer code OmegaConf-free.
@@ -340,8 +210,8 @@ class TextDataModule(pl.LightningDataModule):
             tokenizer = build_tokenizer(self._tokenizer_spec, text, **self._tokenizer_kwargs)
         train, val = split_tokens(tokenizer.encode(text), self.val_fraction)
         # Fail here, at set-up, rather than at the first batch of the first epoch.
-        _check_block_size(train, self.block_size, f"train split of {self.source}")
-        _check_block_size(val, self.block_size, f"val split of {self.source}")
+        check_block_size(train, self.block_size, f"train split of {self.source}")
+        check_block_size(val, self.block_size, f"val split of {self.source}")
         self._tokenizer, self._train, self._val = tokenizer, train, val
 
     def setup(self, stage: str | None = None) -> None:
@@ -385,8 +255,19 @@ class TextDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> PackedBlockLoader:
         rank, world_size = self._rank()
+        tokens = self.tokens("val")
+        if self.batch_multiple > 1:  # whole groups of blocks on every process
+            unit = world_size * self.batch_multiple
+            n_blocks = (len(tokens) - 1) // self.block_size // unit * unit
+            if n_blocks == 0:
+                raise ValueError(
+                    f"the val split of {self.source} has fewer than {unit} blocks of "
+                    f"block_size={self.block_size} (batch_multiple={self.batch_multiple} per "
+                    "process); lower block_size or raise val_fraction"
+                )
+            tokens = tokens[: n_blocks * self.block_size + 1]
         return PackedBlockLoader(
-            tokens=self.tokens("val"),
+            tokens=tokens,
             block_size=self.block_size,
             batch_size=self.val_batch_size,
             rank=rank,

@@ -1,12 +1,15 @@
 """The expert/gate abstraction shared by every model in mtl.
 
 Parts:
-    experts  -- :class:`SwiGLUExperts` (LLM), :class:`ExpertBank` (MLP, rec), :class:`ExpertList`
+    experts  -- :class:`SwiGLUExperts` (LLM), :class:`ExpertList` (any modules), their base
+    expert_bank -- :class:`ExpertBank`, the recommenders' MLP experts (any depth, norm, dropout)
     grouped  -- the grouped matmul every stacked bank multiplies jagged rows with (its one seam)
     gates    -- dense softmax, top-k, noisy top-k, top-p, expert choice, sigmoid+bias
     dispatch -- dense mixing, sparse dropless (grouped matmul), capacity with dropping
     losses   -- load balance, z-loss, CV², entropy (pure functions)
     routing  -- :class:`RoutingResult`, :class:`RoutingStats`, :func:`bin_counts` (sync-free counts)
+    routing_sums -- routing statistics of many batches or ranks summed (NaN-safe for empty ones)
+    group_counts -- routing counts summed over a process group: aux losses of the global batch
     layer    -- :class:`MoELayer` (one gate), :class:`MultiGateMixture` (one gate per task)
     lora     -- :class:`~mtl.moe.lora.LoRASwiGLUExperts`, per-expert low-rank adapters on a bank
     mixture_of_tokens -- :class:`~mtl.moe.mixture_of_tokens.MixtureOfTokens`, continuous MoE over groups
@@ -36,6 +39,7 @@ from mtl.moe.dispatch import (
     combine_dense,
     combine_dense_many,
 )
+from mtl.moe.expert_bank import ExpertBank
 from mtl.moe.expert_parallel import (
     ExpertParallelDispatch,
     ExpertShard,
@@ -44,7 +48,7 @@ from mtl.moe.expert_parallel import (
     reduce_routing_stats,
     shard_experts,
 )
-from mtl.moe.experts import ExpertBank, ExpertList, SwiGLUExperts
+from mtl.moe.experts import ExpertList, SwiGLUExperts
 from mtl.moe.gates import (
     DenseSoftmaxGate,
     ExpertChoiceGate,

@@ -66,7 +66,7 @@ def combine_dense_many(y_ETD: Tensor, weights_TE: Sequence[Tensor] | Tensor) -> 
     broadcast multiplies and sums; in the backward it is two batched products
     instead of ``G`` full-size ``(E, T, D)`` products and their sum
     (``benchmarks/RESULTS.md``). Fastest when ``y_ETD`` is a view of a
-    ``(T, E, D)`` tensor, as :meth:`~mtl.moe.experts.ExpertBank.forward_all`
+    ``(T, E, D)`` tensor, as :meth:`~mtl.moe.expert_bank.ExpertBank.forward_all`
     returns it.
 
     Returns:

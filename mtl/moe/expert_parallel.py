@@ -14,11 +14,12 @@ step goes through the group:
 5. the reverse ``all_to_all`` of the outputs, then the dropless combine.
 
 The exchanges are differentiable (:mod:`mtl.moe.expert_exchange`): a shard's
-weight gradient sums the contributions of every rank's tokens. The counts are
-also summed over the group and recorded in ``routing.extras["group_counts_E"]``,
-so the load-balancing loss uses the group's assignment fractions ``f``
-(:func:`~mtl.moe.load_balance_loss`); :func:`reduce_routing_stats` gives the
-group's routing statistics.
+weight gradient sums the contributions of every rank's tokens. The counts and
+the token count are also summed over the count group into ``routing.extras``
+(:mod:`mtl.moe.group_counts`), so the ranks' load-balance, z- and entropy losses
+average to the losses of the group's tokens together, however unevenly the
+tokens are spread (:mod:`mtl.moe.losses`); :func:`reduce_routing_stats` gives
+the group's routing statistics.
 
 Training with data parallelism for the rest of the model: :class:`ExpertParallelPlan`.
 """
@@ -40,8 +41,10 @@ from mtl.moe.expert_exchange import (
     resolve_group,
 )
 from mtl.moe.experts import ExpertList
+from mtl.moe.group_counts import count_over_group
 from mtl.moe.layer import MoELayer
 from mtl.moe.routing import RoutingResult, RoutingStats
+from mtl.moe.routing_sums import sum_over_ranks
 
 
 class ExpertShard(nn.Module):
@@ -204,9 +207,7 @@ class _ExchangedExperts:
 
     def forward_grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         R, L = self.shard.num_shards, self.shard.local.num_experts
-        group_counts_E = counts_E.clone()
-        dist.all_reduce(group_counts_E, group=self.count_pg)
-        self.routing.extras["group_counts_E"] = group_counts_E
+        count_over_group(self.routing, counts_E, self.count_pg)
         # rows sorted by expert are grouped by owner rank: rank r's block is its experts' rows
         recv_RL = exchange_counts(counts_E.view(R, L), self.pg)
         send = counts_E.view(R, L).sum(1).tolist()
@@ -234,10 +235,10 @@ class ExpertParallelDispatch(DroplessDispatch):
     Args:
         group: the expert-parallel group, a ``ProcessGroup`` or a 1-D
             ``DeviceMesh`` (e.g. ``mesh["ep"]``); None: the world group.
-        count_group: the ranks whose summed per-expert counts give the
-            load-balance loss its ``f`` (``routing.extras["group_counts_E"]``):
-            all ranks whose losses are averaged (under data parallelism too,
-            the world); None: ``group``.
+        count_group: the ranks whose losses are averaged (under data
+            parallelism too, the world); their summed per-expert and token
+            counts (:mod:`mtl.moe.group_counts`) make each rank's auxiliary
+            losses its share of the group's; None: ``group``.
 
     Shapes:
         ``forward(x_TD (T, D), routing, experts: ExpertShard) -> DispatchResult (T, D_out)``.
@@ -281,50 +282,21 @@ class ExpertParallelDispatch(DroplessDispatch):
 def reduce_routing_stats(stats: RoutingStats, group: GroupLike = None) -> RoutingStats:
     """The routing statistics of every rank's tokens together (one ``all_reduce``).
 
-    Counts (tokens per expert, dropped and valid slots, dropped tokens, tokens)
-    are summed; the per-token means (router entropy, mean weight per expert,
-    experts per token) are re-weighted by each rank's token count, so the
-    result equals :func:`~mtl.moe.routing_stats` on the concatenated batch.
+    Counts are summed and per-token means re-weighted by each rank's token count
+    (:func:`~mtl.moe.routing_sums.sum_over_ranks`; a rank without tokens adds
+    nothing), so the result equals :func:`~mtl.moe.routing_stats` on the
+    concatenated batch.
 
     Example:
         >>> global_stats = reduce_routing_stats(out.stats, group)  # doctest: +SKIP
     """
     pg = resolve_group(group)
-    T = stats.num_tokens
 
-    def weighted(mean: Tensor) -> Tensor:
-        # a rank without tokens has NaN means (of nothing): it contributes nothing
-        return torch.where(T > 0, mean * T, torch.zeros_like(mean))
+    def all_reduce(t: Tensor) -> Tensor:
+        dist.all_reduce(t, group=pg)
+        return t
 
-    parts = [
-        stats.tokens_per_expert_E,
-        weighted(stats.mean_weight_E),
-        torch.stack(
-            [
-                stats.dropped_slots,
-                stats.dropped_tokens,
-                stats.valid_slots,
-                T,
-                weighted(stats.entropy),
-                weighted(stats.experts_per_token),
-            ]
-        ),
-    ]
-    flat = torch.cat([p.float().reshape(-1) for p in parts])
-    dist.all_reduce(flat, group=pg)
-    E = stats.tokens_per_expert_E.numel()
-    load_E, weight_E, scalars = flat[:E], flat[E : 2 * E], flat[2 * E :]
-    total = scalars[3].clamp_min(1.0)
-    return RoutingStats(
-        tokens_per_expert_E=load_E,
-        dropped_slots=scalars[0],
-        dropped_tokens=scalars[1],
-        valid_slots=scalars[2],
-        num_tokens=scalars[3],
-        entropy=scalars[4] / total,
-        mean_weight_E=weight_E / total,
-        experts_per_token=scalars[5] / total,
-    )
+    return sum_over_ranks({0: stats}, all_reduce)[0]
 
 
 def parallelize_experts(

@@ -85,8 +85,9 @@ class ExpertParallelPlan:
     def apply(self, net: nn.Module) -> list[str]:
         """Shard ``net``'s routed experts over ``mesh["ep"]``; the names DDP must ignore.
 
-        The load-balance loss counts every rank's tokens (the world), as the
-        single-process loss of the global batch does.
+        The auxiliary router losses count every rank's tokens (the world,
+        :mod:`mtl.moe.group_counts`), so the ranks' losses average to the
+        single-process loss of the global batch.
         """
         return parallelize_experts(net, group=self.mesh["ep"], count_group=dist.group.WORLD)
 

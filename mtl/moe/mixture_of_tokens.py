@@ -23,15 +23,20 @@ Group size 1: ``w_1e = 1`` for every expert whatever ``tau``, so
 ``y = sum_e E_e(x)``: a dense FFN of width ``E * H`` (the experts' weights
 concatenated along the hidden axis).
 
-Evaluation and generation: the grouping follows the batch as given. A batch
-whose size is not a multiple of ``group_size`` ends with a smaller group; its
-missing members are masked out of the softmax (not zero tokens that would take
-weight), so a batch of one (generation) is a group of one. A token's output
-therefore depends on the other examples of its group: evaluate with the
-training group size and full groups to measure the trained function.
+Every group is full: the batch size must be a multiple of ``group_size``, in
+training, validation and generation alike, and another batch size is refused.
+The softmax is over the group, so a group's size changes the function: in a
+group of one ``w_1e = 1`` for every expert and a token gets the *sum* of all
+experts' outputs, while in a group of ``g`` each expert's weights sum to 1
+across the ``g`` tokens and a token gets about ``1/g`` of that. A smaller last
+group (a short batch, or one prompt sampled alone) would therefore run another
+function than the one trained. The run's config checks refuse a
+``data.batch_size`` or ``data.val_batch_size`` that ``group_size`` does not
+divide, the text data module's ``batch_multiple`` drops the validation blocks
+that do not fill a last group, and :func:`~mtl.models.lm.generate.generate`
+fills the last group with copies of the last prompt (:func:`token_group_size`).
 
-Shape names: the batch ``B`` is ``n`` groups of ``g`` examples (``x_ngTD``), the
-last group padded and masked when ``g`` does not divide ``B``.
+Shape names: the batch ``B`` is ``n`` groups of ``g`` examples (``x_ngTD``).
 """
 
 from __future__ import annotations
@@ -67,8 +72,12 @@ class MixtureOfTokens(nn.Module):
         >>> from mtl.moe import SwiGLUExperts
         >>> mot = MixtureOfTokens(d_model=8, group_size=4,
         ...                       experts=SwiGLUExperts(num_experts=3, d_model=8, d_hidden=16))
-        >>> mot(torch.randn(6, 5, 8)).shape  # groups of 4 and 2 examples
-        torch.Size([6, 5, 8])
+        >>> mot(torch.randn(8, 5, 8)).shape  # two groups of 4 examples
+        torch.Size([8, 5, 8])
+        >>> mot(torch.randn(6, 5, 8))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: MixtureOfTokens mixes groups of group_size=4 examples, got a batch of 6: ...
     """
 
     def __init__(
@@ -91,34 +100,38 @@ class MixtureOfTokens(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def mixing_weights(self, x_BTD: Tensor) -> Tensor:
-        """Softmax over each group of the scores, float32: ``(n, g, T, E)`` for ``n`` groups.
-
-        Missing members of a last, smaller group have weight 0.
-        """
+        """Softmax over each group of the scores, float32: ``(n, g, T, E)`` for ``n`` groups."""
+        self._check_batch(x_BTD)
         B, T, D = x_BTD.shape
-        n, g = math.ceil(B / self.group_size), self.group_size
-        x_ngTD = F.pad(x_BTD, (0, 0, 0, 0, 0, n * g - B)).view(n, g, T, D)
+        x_ngTD = x_BTD.view(B // self.group_size, self.group_size, T, D)
         scores_ngTE = F.linear(x_ngTD.float(), self.controller.weight.float())
-        present_ng = (torch.arange(n * g, device=x_BTD.device) < B).view(n, g, 1, 1)
-        scores_ngTE = scores_ngTE.masked_fill(~present_ng, float("-inf"))
         return torch.softmax(scores_ngTE / self.temperature, dim=1)
 
-    def forward(self, x_BTD: Tensor) -> Tensor:
+    def _check_batch(self, x_BTD: Tensor) -> None:
         if x_BTD.dim() != 3 or x_BTD.shape[-1] != self.d_model:
             raise ValueError(
                 f"MixtureOfTokens expects (B, T, {self.d_model}) inputs, got {tuple(x_BTD.shape)}"
             )
-        B, T, D = x_BTD.shape
+        if x_BTD.shape[0] % self.group_size:
+            # a smaller group runs another function (see the module docstring)
+            raise ValueError(
+                f"MixtureOfTokens mixes groups of group_size={self.group_size} examples, got a "
+                f"batch of {x_BTD.shape[0]}: the batch size (data.batch_size, "
+                "data.val_batch_size, per process) must be a multiple of model.moe.group_size"
+            )
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
         w_ngTE = self.mixing_weights(x_BTD)
+        B, T, D = x_BTD.shape
         n, g = w_ngTE.shape[:2]
-        x_ngTD = F.pad(x_BTD, (0, 0, 0, 0, 0, n * g - B)).view(n, g, T, D)
+        x_ngTD = x_BTD.view(n, g, T, D)
         w = w_ngTE.to(x_BTD.dtype)
         # one mixed token per group, position and expert: (E, n*T, D)
         mixed_EnTD = torch.einsum("agte,agtd->eatd", w, x_ngTD)
         y_EnTD = self.experts.forward_all(mixed_EnTD.reshape(self.num_experts, n * T, D))
         y_EnTD = y_EnTD.reshape(self.num_experts, n, T, D)
         out_ngTD = torch.einsum("agte,eatd->agtd", w, y_EnTD)
-        return out_ngTD.reshape(n * g, T, D)[:B]
+        return out_ngTD.reshape(B, T, D)
 
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}, temperature={float(self.temperature):.4g}"
@@ -168,6 +181,21 @@ class MixtureOfTokensFFN:
             group_size=self.group_size,
             temperature=self.temperature,
         )
+
+
+def token_group_size(model: nn.Module) -> int:
+    """The batch multiple ``model``'s :class:`MixtureOfTokens` layers need: the least common
+    multiple of their group sizes, 1 where there is none.
+
+    Example:
+        >>> from mtl.moe import SwiGLUExperts
+        >>> layer = MixtureOfTokens(d_model=4, group_size=4,
+        ...                         experts=SwiGLUExperts(num_experts=2, d_model=4, d_hidden=4))
+        >>> token_group_size(nn.Sequential(layer)), token_group_size(nn.Linear(2, 2))
+        (4, 1)
+    """
+    sizes = [m.group_size for m in model.modules() if isinstance(m, MixtureOfTokens)]
+    return math.lcm(*sizes) if sizes else 1
 
 
 def set_temperature(model: nn.Module, temperature: float) -> int:

@@ -12,14 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from mtl.moe.dispatch import combine_dense_many
-from mtl.moe.experts import ExpertBank
+from mtl.moe.expert_bank import ExpertBank
 from mtl.moe.gates.base import Router
 from mtl.moe.gates.dense import DenseSoftmaxGate, _as_mask
 from mtl.moe.gates.dynamic import TopPGate
 from mtl.moe.gates.sigmoid import SigmoidBiasGate
 from mtl.moe.gates.topk import NoisyTopKGate, TopKGate
 from mtl.moe.masked_routing import EXPERT_MASK
-from mtl.moe.multi_gate_sparse import MultiGateDroplessDispatch, is_sparse
+from mtl.moe.multi_gate_sparse import MultiGateDroplessDispatch, RoutedExpertOutputs, is_sparse
 from mtl.moe.routing import RoutingResult, bin_counts
 
 GateFactory = Callable[..., nn.Module]
@@ -42,11 +42,21 @@ class MultiGateOutput:
         expert_outputs_ETD: ``(E, T, D_out)`` every expert's output, for
             diagnostics (dead units, output scale spread); None when the experts
             computed only their routed rows (sparse compute).
+        routed_outputs: under sparse compute, each expert's outputs on its routed
+            rows (:class:`~mtl.moe.multi_gate_sparse.RoutedExpertOutputs`); else None.
     """
 
     outputs: dict[str, Tensor]
     routing: dict[str, RoutingResult]
     expert_outputs_ETD: Tensor | None
+    routed_outputs: RoutedExpertOutputs | None = None
+
+    @property
+    def expert_outputs(self) -> Tensor | RoutedExpertOutputs | None:
+        """What the experts computed, for the diagnostics: ``(E, T, D_out)`` on every row,
+        or their outputs on their routed rows under sparse compute."""
+        dense = self.expert_outputs_ETD
+        return dense if dense is not None else self.routed_outputs
 
     def expert_load(self) -> Tensor:
         """``(E,)`` float32 (row, gate) slots each expert received, summed over the gates.
@@ -85,13 +95,15 @@ class MultiGateMixture(nn.Module):
     noisy top-k, top-p, expert choice, sigmoid + bias; not the dense softmax gate),
     each expert runs only on the rows some gate chose, once per row however many
     gates chose it (:class:`~mtl.moe.multi_gate_sparse.MultiGateDroplessDispatch`).
-    The outputs equal the dense mixture with the same sparse weights. Experts with
+    The outputs equal the dense mixture with the same sparse weights. One gate
+    module may serve several names, each routing its own ``gate_inputs`` entry
+    (:class:`~mtl.models.rec.TaskRoutedMoE`: one gate on per-task conditions). Experts with
     batch norm (``norm="batch"``) normalise over the rows they see, which sparse
     compute would change from the batch to the routed rows: such banks compute
     densely unless ``sparse_compute=True``, which refuses them.
 
     Args:
-        experts: an :class:`~mtl.moe.experts.ExpertBank` or ``ExpertList``.
+        experts: an :class:`~mtl.moe.expert_bank.ExpertBank` or ``ExpertList``.
         gates: ``{name: gate}``; each gate routes over all ``E`` experts.
         sparse_compute: None computes sparsely when every gate is sparse and the
             experts have no batch norm; False always runs every expert on every
@@ -160,11 +172,12 @@ class MultiGateMixture(nn.Module):
             name: gate(self._gate_input(name, x, gate_inputs)) for name, gate in self.gates.items()
         }
         if self._sparse_allowed and all(is_sparse(r) for r in routing.values()):
-            mixed = self.sparse_dispatch(x, list(routing.values()), self.experts)
+            mixed, computed = self.sparse_dispatch(x, list(routing.values()), self.experts)
             return MultiGateOutput(
                 outputs=dict(zip(routing, mixed, strict=True)),
                 routing=routing,
                 expert_outputs_ETD=None,
+                routed_outputs=computed,
             )
         return _mix(self.experts.forward_all(x), routing)
 
@@ -184,7 +197,7 @@ class MultiGateMixture(nn.Module):
 
     def supports_projection(self) -> bool:
         """Whether :meth:`input_weight`/:meth:`forward_projected` apply: an
-        :class:`~mtl.moe.experts.ExpertBank` and dense softmax gates without input jitter
+        :class:`~mtl.moe.expert_bank.ExpertBank` and dense softmax gates without input jitter
         (the only gates whose logits are a linear map of ``x``)."""
         return isinstance(self.experts, ExpertBank) and all(
             _projectable(g) for g in self.gates.values()

@@ -7,11 +7,15 @@ that any gate chose, runs each expert once on its rows through the bank's
 grouped matmul (``experts.forward_grouped``, the seam
 :class:`~mtl.moe.dispatch.DroplessDispatch` uses) and gives each gate its weighted
 sum of the rows it chose. A row that two gates send to one expert is computed once.
+It also hands back what the experts computed (:class:`RoutedExpertOutputs`): the
+collapse diagnostics read each expert's output distribution over its routed rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +53,52 @@ def routed_pairs_ET(routings: Sequence[RoutingResult], num_experts: int) -> Tens
     return used_TE[:, :num_experts].T
 
 
+@dataclass
+class RoutedExpertOutputs:
+    """Each expert's outputs on the rows routed to it (sparse compute), expert by expert.
+
+    Under sparse compute an expert sees only the rows some gate chose for it, so
+    there is no ``(E, T, D)`` tensor of every expert's output on every row; the
+    statistics of an expert's outputs (mean, std, zero fraction) are taken over
+    the rows it computed.
+
+    Attributes:
+        outputs_ND: ``(N, D_out)`` the outputs of the ``N`` chosen ``(row, expert)``
+            pairs, expert 0's block first, each block in row order.
+        counts_E: ``(E,)`` int64 rows each expert computed (the block sizes).
+
+    Example:
+        >>> y = RoutedExpertOutputs(outputs_ND=torch.arange(6.0).view(3, 2),
+        ...                         counts_E=torch.tensor([2, 0, 1]))
+        >>> y.num_experts, y.experts_N().tolist(), [b.tolist() for b in y.per_expert()]
+        (3, [0, 0, 2], [[[0.0, 1.0], [2.0, 3.0]], [], [[4.0, 5.0]]])
+    """
+
+    outputs_ND: Tensor
+    counts_E: Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts_E.numel())
+
+    def experts_N(self) -> Tensor:
+        """``(N,)`` the expert of each output row."""
+        ids_E = torch.arange(self.num_experts, device=self.counts_E.device)
+        return ids_E.repeat_interleave(self.counts_E, output_size=self.outputs_ND.shape[0])
+
+    def per_expert(self) -> list[Tensor]:
+        """``E`` blocks ``(N_e, D_out)``, one per expert (a host sync: for inspection)."""
+        return list(self.outputs_ND.split(self.counts_E.tolist()))
+
+
+class SparseMixResult(NamedTuple):
+    """What :class:`MultiGateDroplessDispatch` returns: one ``(T, D_out)`` output per
+    gate, in the order of the routings, and what the experts computed."""
+
+    outputs: list[Tensor]
+    computed: RoutedExpertOutputs
+
+
 class MultiGateDroplessDispatch(nn.Module):
     """Dropless sparse dispatch for ``G`` gates sharing one expert bank.
 
@@ -59,30 +109,39 @@ class MultiGateDroplessDispatch(nn.Module):
     ``sum_j w_g[t, j] * y[(t, e_g[t, j])]`` over its valid slots. Equal to the
     dense mixture with the gates' (sparse) weights, at the cost of the chosen
     pairs only. With one gate it computes what
-    :class:`~mtl.moe.dispatch.DroplessDispatch` computes.
+    :class:`~mtl.moe.dispatch.DroplessDispatch` computes. The experts' outputs
+    come back too (:class:`RoutedExpertOutputs`), for the diagnostics.
 
     Runs eagerly under ``torch.compile`` (the number of pairs is data-dependent:
     one host sync).
 
+    Args (of ``forward``; the dispatch itself has no parameters):
+        x: the input, shared by every expert or one per expert.
+        routings: one :class:`~mtl.moe.RoutingResult` per gate, all over the same ``T`` rows.
+        experts: a bank with ``num_experts`` and ``forward_grouped``.
+
     Shapes:
         ``x (T, D)`` shared or ``(E, T, D)`` one input per expert; each routing
-        ``(T, K_g)`` -> ``G`` outputs ``(T, D_out)``.
+        ``(T, K_g)`` -> :class:`SparseMixResult`: ``G`` outputs ``(T, D_out)`` and
+        the ``(N, D_out)`` expert outputs.
 
     Example:
         >>> from mtl.moe import ExpertBank, TopKGate
         >>> bank = ExpertBank(num_experts=4, dims=[8, 6])
         >>> x = torch.randn(5, 8)
         >>> routings = [TopKGate(d_model=8, num_experts=4, k=2)(x) for _ in range(2)]
-        >>> outs = MultiGateDroplessDispatch()(x, routings, bank)
+        >>> outs, computed = MultiGateDroplessDispatch()(x, routings, bank)
         >>> dense = [(bank.forward_all(x) * r.dense_weights().T.unsqueeze(-1)).sum(0) for r in routings]
         >>> all(torch.allclose(o, d, atol=1e-6) for o, d in zip(outs, dense))
+        True
+        >>> computed.counts_E.sum().item() <= 2 * 5 * 2  # each chosen (row, expert) pair once
         True
     """
 
     @torch.compiler.disable
     def forward(
         self, x: Tensor, routings: Sequence[RoutingResult], experts: Experts
-    ) -> list[Tensor]:
+    ) -> SparseMixResult:
         if not routings:
             raise ValueError("MultiGateDroplessDispatch needs at least one routing")
         E = experts.num_experts
@@ -109,4 +168,4 @@ class MultiGateDroplessDispatch(nn.Module):
             w_TK = r.weights_TK.masked_fill(~valid_TK, 0.0).to(y_ND.dtype)
             y_TKD = y_rows.index_select(0, rows_TK.reshape(-1)).view(*rows_TK.shape, D_out)
             outputs.append(torch.bmm(w_TK.unsqueeze(1), y_TKD).squeeze(1))
-        return outputs
+        return SparseMixResult(outputs, RoutedExpertOutputs(outputs_ND=y_ND, counts_E=counts_E))

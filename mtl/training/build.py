@@ -10,13 +10,14 @@ building a part become one :class:`~mtl.training.config.ConfigError` naming the 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import Logger
@@ -98,7 +99,9 @@ def build_net(cfg: DictConfig, dm: DataModule) -> tuple[nn.Module, dict[str, Any
                 f"model.max_seq_len={net_config['max_seq_len']} is shorter than "
                 f"data.block_size={dm.block_size}"
             )
-        net = build(net_config, what="model")
+        # fine-tuning entry points (model.checkpoint, init_checkpoint) check the run's tokenizer
+        run_tokenizer = {"tokenizer": dm.tokenizer} if _takes_tokenizer(net_config) else {}
+        net = build(net_config, what="model", **run_tokenizer)
         # The weights a model starts from are no part of its structure: a reload of this
         # run's checkpoint takes them from the checkpoint, not from the file named here.
         net_config.pop("init_checkpoint", None)
@@ -125,6 +128,15 @@ def build_net(cfg: DictConfig, dm: DataModule) -> tuple[nn.Module, dict[str, Any
         "model": model_config,
     }
     return net, net_config
+
+
+def _takes_tokenizer(node: Mapping[str, Any]) -> bool:
+    """Whether ``node``'s target has a ``tokenizer`` argument (the run's tokenizer)."""
+    try:
+        params = inspect.signature(get_object(str(node.get("_target_")))).parameters
+    except (ImportError, ValueError, TypeError, AttributeError):
+        return False  # build() reports a bad target
+    return "tokenizer" in params
 
 
 def build_module(cfg: DictConfig, dm: DataModule) -> Module:

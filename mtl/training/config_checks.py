@@ -5,7 +5,8 @@ the value and what is expected, instead of a traceback from deep inside torch or
 Lightning, or a run that trains and reports a meaningless result:
 
 - ``seed``, ``data.seed``, ``data.split_seed``: integers (``seed=abc`` named);
-- ``data.batch_size``: a positive integer;
+- ``data.batch_size``: a positive integer; with Mixture-of-Tokens FFNs it and
+  ``data.val_batch_size`` are multiples of ``model.moe.group_size``;
 - ``optim.lr``: a positive finite number (``0`` trains nothing, a negative rate
   ascends the loss);
 - ``task_weights`` and ``data.task_weights``: finite and not negative (a negative
@@ -74,6 +75,44 @@ def check_batch_size(cfg: DictConfig) -> None:
     value = _get(cfg, "data.batch_size")
     if value is not None and not (_is_int(value) and value >= 1):
         raise ConfigError(f"data.batch_size must be an integer >= 1, got {value!r}")
+
+
+def check_token_groups(cfg: DictConfig) -> None:
+    """With Mixture-of-Tokens FFNs (``model.moe`` a ``MixtureOfTokensFFN``),
+    ``data.batch_size`` and ``data.val_batch_size`` (each process's batches) are
+    multiples of ``model.moe.group_size``: a smaller group runs another function.
+    A :class:`~mtl.data.text.TextDataModule`'s ``batch_multiple`` must be one too,
+    or its last validation batch would hold a smaller group.
+
+    Example:
+        >>> check_token_groups(OmegaConf.create({"data": {"batch_size": 12}, "model": {"moe": {
+        ...     "_target_": "mtl.moe.mixture_of_tokens.MixtureOfTokensFFN", "group_size": 8}}}))
+        Traceback (most recent call last):
+        ...
+        mtl.training.config.ConfigError: data.batch_size=12 is not a multiple of model.moe.group_size=8: Mixture of Tokens mixes groups of 8 examples of each process's batch, and a smaller group computes a different function
+    """
+    if not str(_get(cfg, "model.moe._target_") or "").endswith("MixtureOfTokensFFN"):
+        return
+    group = _get(cfg, "model.moe.group_size")
+    if not _is_int(group) or group < 1:
+        return  # the layer refuses it with its own message
+    for key in ("data.batch_size", "data.val_batch_size"):
+        value = _get(cfg, key)
+        if _is_int(value) and value % group:
+            raise ConfigError(
+                f"{key}={value} is not a multiple of model.moe.group_size={group}: Mixture of "
+                f"Tokens mixes groups of {group} examples of each process's batch, and a "
+                "smaller group computes a different function"
+            )
+    multiple = _get(cfg, "data.batch_multiple")
+    if str(_get(cfg, "data._target_") or "").endswith("TextDataModule") and not (
+        _is_int(multiple) and multiple % group == 0
+    ):
+        raise ConfigError(
+            f"data.batch_multiple={multiple} is not a multiple of model.moe.group_size={group}: "
+            "the last validation batch would be a smaller group; set "
+            "data.batch_multiple=${model.moe.group_size} (as experiment=lm_mot does)"
+        )
 
 
 def check_learning_rate(cfg: DictConfig) -> None:
@@ -193,6 +232,7 @@ def check_train_config(cfg: DictConfig) -> None:
     """
     check_seeds(cfg)
     check_batch_size(cfg)
+    check_token_groups(cfg)
     check_learning_rate(cfg)
     check_task_weights(cfg)
     check_precision(cfg)

@@ -10,7 +10,10 @@ compared across architectures:
 * collapse (HoME's definition): the distribution of each expert's output, its mean
   ``out_mean`` and std ``out_std`` over rows and units, and how much they differ between
   experts; plus, for ReLU-type experts only, the fraction of (near-)zero activations
-  (a Swish or GELU expert is never exactly zero, so the fraction says nothing there);
+  (a Swish or GELU expert is never exactly zero, so the fraction says nothing there).
+  Under sparse compute an expert computes only its routed rows
+  (:class:`~mtl.moe.multi_gate_sparse.RoutedExpertOutputs`), and its statistics are
+  over those rows;
 * degradation: per shared expert, the number of consumer gates (tasks, or categories
   at HoME's meta level; not the gate of PLE's shared unit) giving it a meaningful
   weight (above ``1 / E_allowed`` of that gate); a shared expert used by at most one
@@ -37,6 +40,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from mtl.models.rec.common import SHARED_UNIT
+from mtl.moe.multi_gate_sparse import RoutedExpertOutputs
 from mtl.training.expert_diagnostics import (
     RELU_TYPE,
     ZERO_EPS,
@@ -73,6 +77,10 @@ class _Level:
     @property
     def cols(self) -> slice:
         return slice(self.col0, self.col0 + len(self.kinds))
+
+
+def _num_experts(experts: Tensor | RoutedExpertOutputs) -> int:
+    return experts.num_experts if isinstance(experts, RoutedExpertOutputs) else experts.shape[0]
 
 
 class DiagnosticsAccumulator(Metric):
@@ -164,7 +172,7 @@ class DiagnosticsAccumulator(Metric):
         if not self.levels:
             row = col = 0
             for name, gates, experts, kinds, act in parts:
-                E = experts.shape[0] if experts is not None else 0
+                E = 0 if experts is None else _num_experts(experts)
                 E = next(iter(gates.values())).shape[1] if gates else E
                 level = _Level(name, list(gates), list(kinds) if len(kinds) == E else [], act)
                 level.kinds = level.kinds or ["shared"] * E
@@ -201,9 +209,15 @@ class DiagnosticsAccumulator(Metric):
             )
             self.rows += B
         if E and any(y is not None for _, _, y in levels):
-            device = next(y for _, _, y in levels if y is not None).device
+            some_y = next(y for _, _, y in levels if y is not None)
+            device = (
+                some_y.outputs_ND if isinstance(some_y, RoutedExpertOutputs) else some_y
+            ).device
             stats = torch.zeros(5, E, dtype=torch.float64, device=device)
             for lv, _, y_EBH in levels:
+                if isinstance(y_EBH, RoutedExpertOutputs):
+                    stats[:, lv.cols] = self._routed_stats(y_EBH)
+                    continue
                 if y_EBH is None:
                     continue
                 y_EN = y_EBH.detach().float().flatten(1)  # N = B * H
@@ -218,6 +232,23 @@ class DiagnosticsAccumulator(Metric):
                 value = stats[i].long() if name in ("zero_count_E", "elements_E") else stats[i]
                 current = getattr(self, name)
                 setattr(self, name, value if current.numel() == 0 else current + value)
+
+    def _routed_stats(self, y: RoutedExpertOutputs) -> Tensor:
+        """``(5, E)`` float64 zero count, ``|y|`` sum, sum, sum of squares and element
+        count of each expert's outputs over the rows it computed (sparse compute)."""
+        y_NH = y.outputs_ND.detach().float()
+        per_row_5N = torch.stack(
+            [
+                (y_NH.abs() < self.zero_eps).sum(1).double(),
+                y_NH.abs().sum(1).double(),
+                y_NH.sum(1).double(),
+                y_NH.double().square().sum(1),
+            ]
+        )
+        stats = torch.zeros(5, y.num_experts, dtype=torch.float64, device=y_NH.device)
+        stats[:4].index_add_(1, y.experts_N(), per_row_5N)
+        stats[4] = y.counts_E.double() * y_NH.shape[1]
+        return stats
 
     def compute(self) -> ExpertDiagnostics:
         """Statistics over everything seen since the last :meth:`reset`, as CPU tensors."""
@@ -257,13 +288,20 @@ class DiagnosticsAccumulator(Metric):
         zero_frac_E = scale_E = mean_E = std_E = None
         if self.elements_E.numel() and E:
             n_E = self.elements_E[lv.cols].double()
-            if bool((n_E > 0).all()):
-                scale_E = (self.abs_sum_E[lv.cols] / n_E).float().cpu()
+            # under sparse compute an expert no gate chose computed nothing: NaN, not 0
+            unseen_E = (n_E == 0).cpu()
+            if not bool(unseen_E.all()):
+                n_E = n_E.clamp_min(1.0)
+
+                def per_expert(v_E: Tensor) -> Tensor:
+                    return v_E.float().cpu().masked_fill(unseen_E, math.nan)
+
+                scale_E = per_expert(self.abs_sum_E[lv.cols] / n_E)
                 mean = self.sum_E[lv.cols] / n_E
                 var = (self.sumsq_E[lv.cols] / n_E - mean.square()).clamp_min(0.0)
-                mean_E, std_E = mean.float().cpu(), var.sqrt().float().cpu()
+                mean_E, std_E = per_expert(mean), per_expert(var.sqrt())
                 if zero_fraction_applies(lv.activation):
-                    zero_frac_E = (self.zero_count_E[lv.cols].double() / n_E).float().cpu()
+                    zero_frac_E = per_expert(self.zero_count_E[lv.cols].double() / n_E)
         return ExpertDiagnostics(
             tasks=gates,
             expert_kinds=list(lv.kinds) if E else [],

@@ -113,6 +113,7 @@ def level_summary(d: dict[str, Any]) -> dict[str, Any]:
     std = [v for v in d.get("out_std") or [] if v is not None]
     mean = [v for v in d.get("out_mean") or [] if v is not None]
     zero = d.get("zero_frac")
+    zero = None if zero is None else [v for v in zero if v is not None]  # None: no row computed
     top = max(std, default=0.0)
     avg_std = statistics.fmean(std) if std else math.nan
     spread = statistics.pstdev(mean) / avg_std if len(mean) > 1 and avg_std > 0 else math.nan

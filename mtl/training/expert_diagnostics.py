@@ -31,6 +31,16 @@ def zero_fraction_applies(activation: str | None) -> bool:
     return activation is None or activation.lower() in RELU_TYPE
 
 
+def seen(values_E: Tensor) -> Tensor:
+    """The entries that are not NaN: the experts that computed at least one row.
+
+    Example:
+        >>> seen(torch.tensor([0.5, float("nan"), 0.25])).tolist()
+        [0.5, 0.25]
+    """
+    return values_E[~values_E.isnan()]
+
+
 def share_of(util_E: Tensor, mask: list[bool]) -> float:
     """Sum of ``util_E`` over the experts in ``mask``; NaN when none is.
 
@@ -58,6 +68,9 @@ class ExpertDiagnostics:
         allowed: (G, E) bool, experts gate g can route to (weight ever > 0).
         zero_frac: (E,) fraction of near-zero activations per expert; None when the
             experts are not ReLU-type (see :func:`zero_fraction_applies`) or unseen.
+            Under sparse compute the per-expert statistics are over the rows each
+            expert computed, NaN for an expert that computed none (None in
+            :meth:`to_dict`); the summaries skip it.
         output_scale: (E,) mean ``|y|`` per expert, or None.
         tasks_using: (E,) number of consumer gates whose mean weight exceeds ``1 / E_allowed``.
         tasks_allowed: (E,) number of consumer gates that can reach the expert.
@@ -132,10 +145,11 @@ class ExpertDiagnostics:
     @property
     def scale_cv(self) -> float:
         """Std / mean over experts of their output std: 0 when all share one scale."""
-        if self.out_std is None or self.out_std.numel() < 2:
+        std = None if self.out_std is None else seen(self.out_std)
+        if std is None or std.numel() < 2:
             return math.nan
-        mean = float(self.out_std.mean())
-        return float(self.out_std.std(unbiased=False)) / mean if mean > 0 else math.nan
+        mean = float(std.mean())
+        return float(std.std(unbiased=False)) / mean if mean > 0 else math.nan
 
     def kind_shares(self) -> dict[str, dict[str, float]]:
         """``{gate: {"own", "group", "shared"}}``: its weight on its own experts, on
@@ -170,13 +184,15 @@ class ExpertDiagnostics:
         ``own_expert_share/<task>``.
         """
         out: dict[str, float] = {}
-        if self.zero_frac is not None:
-            out["collapse_zero_frac_max"] = float(self.zero_frac.max())
-            out["collapse_zero_frac_mean"] = float(self.zero_frac.mean())
-        if self.out_std is not None and self.out_std.numel():
+        zero = None if self.zero_frac is None else seen(self.zero_frac)
+        if zero is not None and zero.numel():
+            out["collapse_zero_frac_max"] = float(zero.max())
+            out["collapse_zero_frac_mean"] = float(zero.mean())
+        std = None if self.out_std is None else seen(self.out_std)
+        if std is not None and std.numel():
             out["expert_scale_cv"] = self.scale_cv
-            top = float(self.out_std.max())
-            out["expert_std_min_max"] = float(self.out_std.min()) / top if top > 0 else math.nan
+            top = float(std.max())
+            out["expert_std_min_max"] = float(std.min()) / top if top > 0 else math.nan
         if self.utilisation.numel():
             out["degraded_shared_experts"] = float(self.num_degraded_shared)
             out["shared_experts"] = float(self.shared_mask.sum())
@@ -191,6 +207,9 @@ class ExpertDiagnostics:
         def lst(t: Tensor | None) -> list[Any] | None:
             return None if t is None else t.tolist()
 
+        def per_expert(t: Tensor | None) -> list[Any] | None:  # NaN: computed no row
+            return None if t is None else [None if math.isnan(v) else v for v in t.tolist()]
+
         return {
             "level": self.level,
             "activation": self.activation,
@@ -198,10 +217,10 @@ class ExpertDiagnostics:
             "expert_kinds": list(self.expert_kinds),
             "utilisation": lst(self.utilisation),
             "allowed": lst(self.allowed),
-            "zero_frac": lst(self.zero_frac),
-            "output_scale": lst(self.output_scale),
-            "out_mean": lst(self.out_mean),
-            "out_std": lst(self.out_std),
+            "zero_frac": per_expert(self.zero_frac),
+            "output_scale": per_expert(self.output_scale),
+            "out_mean": per_expert(self.out_mean),
+            "out_std": per_expert(self.out_std),
             "scale_cv": self.scale_cv,
             "tasks_using": lst(self.tasks_using),
             "tasks_allowed": lst(self.tasks_allowed),

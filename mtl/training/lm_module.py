@@ -1,4 +1,4 @@
-"""LightningModule for (MoE) language models, and the aux-loss-free bias callback.
+"""LightningModule for (MoE) language models.
 
 Loss: the model's next-token cross-entropy (``LMOutput.loss``) plus its weighted
 router losses. Logged:
@@ -23,33 +23,43 @@ pass's total and ``load_max_over_mean`` comes from the pass's summed load.
 Checkpoints carry the tokenizer (state + fingerprint); resuming with data whose
 vocabulary differs raises :class:`VocabularyMismatchError` before any weight is
 loaded.
+
+Expert parallelism (``net.expert_parallel > 1``) lives in
+:mod:`mtl.training.lm_expert_parallel`, which the hooks below call; the
+aux-loss-free bias callback :class:`~mtl.training.aux_free_bias.AuxFreeBiasUpdate`
+is re-exported here.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from mtl.data.tokenizers import Tokenizer
 from mtl.models.lm.generate import generate as generate_ids
 from mtl.models.lm.transformer import LMOutput, TransformerLM
-from mtl.moe import RoutingStats, SigmoidBiasGate
-from mtl.moe.expert_parallel import ExpertShard, gather_expert_rows, gather_experts
-from mtl.moe.expert_parallel_plan import ExpertParallelPlan, set_ddp_ignore
+from mtl.moe.expert_parallel_plan import ExpertParallelPlan
+from mtl.moe.group_counts import count_routing_over
+from mtl.training.aux_free_bias import AuxFreeBiasUpdate
 from mtl.training.expert_load import ExpertLoad, log_load_histograms
+from mtl.training.lm_expert_parallel import (
+    check_equal_batch_counts,
+    configure_expert_parallel,
+    gather_expert_checkpoint,
+    slice_expert_checkpoint,
+)
+from mtl.training.routing_logging import log_routing
 from mtl.training.routing_totals import RoutingTotals, sum_over_ranks
 from mtl.training.schedules import OptimizerFactory, SchedulerFactory, optimizers_with_schedule
 from mtl.training.step_logging import step_metrics_due
 
-log = logging.getLogger(__name__)
+__all__ = ["AuxFreeBiasUpdate", "LMModule", "VocabularyMismatchError", "check_vocabulary"]
 
 
 class VocabularyMismatchError(ValueError):
@@ -143,31 +153,6 @@ class LMModule(pl.LightningModule):
             return self.net(idx_BT, targets_BT)
         return self.net(idx_BT, targets_BT, domain_B=domain_B)
 
-    def _log_routing(self, stats: Mapping[int, RoutingStats], split: str, batch_size: int) -> None:
-        if not stats:
-            return
-        on_step = split == "train"
-        per_name: dict[str, list[Tensor]] = {}
-        for i, st in stats.items():
-            for name, value in st.as_dict().items():
-                self.log(
-                    f"moe/layer{i}/{name}" if on_step else f"{split}/moe/layer{i}/{name}",
-                    value,
-                    on_step=on_step,
-                    on_epoch=not on_step,
-                    batch_size=batch_size,
-                )
-                per_name.setdefault(name, []).append(value)
-        for name, values in per_name.items():
-            key = f"moe/{name}" if on_step else f"{split}/moe/{name}"
-            self.log(
-                key,
-                torch.stack(values).mean(),
-                on_step=on_step,
-                on_epoch=not on_step,
-                batch_size=batch_size,
-            )
-
     def _world_size(self) -> int:
         try:
             return int(self.trainer.world_size)
@@ -182,7 +167,15 @@ class LMModule(pl.LightningModule):
         # trainer=fsdp (mtl.training.fsdp.FSDPStrategy): shard each transformer block
         # over the ranks; other strategies have no `shard` and leave the model whole.
         shard = getattr(self._trainer.strategy, "shard", None) if self._trainer else None
-        self._configure_expert_parallel(fsdp=shard is not None)
+        if self.net.expert_parallel > 1 and self.expert_plan is None:
+            # rank-specific expert shards, ignored by DDP, reduced by the plan
+            self.expert_plan = configure_expert_parallel(
+                self, self.net, expert_parallel=self.net.expert_parallel, fsdp=shard is not None
+            )
+        elif torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # data parallelism: router losses count every rank's tokens (as the expert-parallel
+            # plan's do), so a run equals one process on the global batch
+            count_routing_over(self.net, torch.distributed.group.WORLD)
         if shard is not None:
             shard(self.net)
 
@@ -217,7 +210,7 @@ class LMModule(pl.LightningModule):
                 self.log(key, value, prog_bar=key == "train/loss", batch_size=B)
                 if key == "train/loss":
                     self.log("train/ppl", torch.exp(value), batch_size=B)
-            self._log_routing(layer_stats, "train", B)
+            log_routing(self, layer_stats, "train", B)
         return {"loss": loss, "layer_stats": out.layer_stats}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -258,49 +251,14 @@ class LMModule(pl.LightningModule):
             self.val_routing.reduce(self._sum_over_ranks, experts, self.device)
         stats = self.val_routing.stats()  # the whole pass, every rank's tokens
         self.val_load.update(stats)
-        self._log_routing(stats, "val", batch_size=1)
+        log_routing(self, stats, "val", batch_size=1)
         log_load_histograms(self.loggers, self.val_load.as_dict("val/moe/"), self.global_step)
 
     # ------------------------------------------------------ expert parallelism
-    def _configure_expert_parallel(self, *, fsdp: bool) -> None:
-        """Shard the routed experts over ``net.expert_parallel`` ranks (once the processes exist).
-
-        The shards are rank-specific: DDP is told to ignore them, and their
-        gradients are reduced by the plan (:meth:`on_before_optimizer_step`).
-        """
-        if self.net.expert_parallel <= 1 or self.expert_plan is not None:
-            return
-        if fsdp:
-            raise ValueError(
-                f"model.moe.expert_parallel={self.net.expert_parallel} runs with trainer=ddp, "
-                "not trainer=fsdp"
-            )
-        self.expert_plan = ExpertParallelPlan(expert_parallel=self.net.expert_parallel)
-        set_ddp_ignore(self, [f"net.{name}" for name in self.expert_plan.apply(self.net)])
-        shards = list(self._shards().values())
-        if shards:
-            first, L = shards[0].first_expert, shards[0].local.num_experts
-            log.info(
-                f"expert parallel: rank {self.expert_plan.mesh.get_rank()} holds experts "
-                f"[{first}, {first + L}) of {shards[0].num_experts} in {len(shards)} MoE layers "
-                f"(mesh dp x ep = {self.expert_plan.mesh.shape[0]} x {self.expert_plan.mesh.shape[1]})"
-            )
-
+    # (mtl.training.lm_expert_parallel: set-up, checkpoint gathering/slicing, guard)
     def on_validation_start(self) -> None:
-        if self.expert_plan is None:
-            return
-        # every forward is a collective under expert parallelism: a rank with one more
-        # batch than the others would wait for them forever
-        n = torch.tensor([float(sum(self.trainer.num_val_batches))], device=self.device)
-        low, high = n.clone(), n.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        if low.item() != high.item():
-            raise RuntimeError(
-                f"expert parallelism needs the same number of validation batches on every "
-                f"rank, got {int(low.item())} to {int(high.item())}: choose data.val_batch_size "
-                "or data.block_size so that the validation blocks split evenly"
-            )
+        if self.expert_plan is not None:
+            check_equal_batch_counts(sum(self.trainer.num_val_batches), self.device)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.expert_plan is not None:
@@ -320,35 +278,10 @@ class LMModule(pl.LightningModule):
         # the norm of the whole model: every rank's shards count
         self.expert_plan.clip_grad_norm_(self.net, float(gradient_clip_val))
 
-    def _shards(self) -> dict[str, ExpertShard]:
-        return {
-            f"net.{name}.": module
-            for name, module in self.net.named_modules()
-            if isinstance(module, ExpertShard)
-        }
-
-    def _reshard_optimizer_states(self, states: list[dict[str, Any]], *, gather: bool) -> None:
-        """The shards' optimiser moments: gathered into whole banks (save) or sliced (load)."""
-        assert self.expert_plan is not None
-        owners = {id(p): s for s in self._shards().values() for p in s.parameters()}
+    def _optimizer_params(self) -> list[torch.nn.Parameter]:
         # the optimiser's parameter order (torch numbers them across groups); on load
         # the optimiser does not exist yet, but configure_optimizers builds this order
-        params = [p for group in self._param_groups() for p in group["params"]]
-        for saved in states[:1]:
-            for i, p in enumerate(params):
-                shard = owners.get(id(p))
-                if shard is None or i not in saved["state"]:
-                    continue
-                lo, L = shard.first_expert, shard.local.num_experts
-                # a new dict: optimizer.state_dict() shares the live per-parameter state
-                state = saved["state"][i] = dict(saved["state"][i])
-                for key, value in state.items():
-                    if not isinstance(value, Tensor) or value.dim() == 0:
-                        continue
-                    if gather and value.shape[0] == L:
-                        state[key] = gather_expert_rows(value, self.expert_plan.mesh["ep"])
-                    elif not gather and value.shape[0] == shard.num_experts:
-                        state[key] = value[lo : lo + L]
+        return [p for group in self._param_groups() for p in group["params"]]
 
     # --------------------------------------------------------------- optimiser
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -367,15 +300,10 @@ class LMModule(pl.LightningModule):
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.expert_plan is not None:
-            # every rank gathers; the file holds the whole banks under the unsharded names
-            state = checkpoint["state_dict"]
-            for prefix, shard in self._shards().items():
-                full = gather_experts(shard, self.expert_plan.mesh["ep"])
-                for key in [k for k in state if k.startswith(prefix + "local.")]:
-                    del state[key]
-                state.update({prefix + k: v for k, v in full.state_dict().items()})
-            self._reshard_optimizer_states(checkpoint.get("optimizer_states", []), gather=True)
+        if self.expert_plan is not None:  # every rank gathers; the file holds whole banks
+            gather_expert_checkpoint(
+                checkpoint, self.net, self.expert_plan, self._optimizer_params()
+            )
         if self.tokenizer is not None:
             checkpoint["lm_tokenizer"] = {
                 "state": self.tokenizer.state_dict(),
@@ -384,14 +312,10 @@ class LMModule(pl.LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.expert_plan is not None:
-            # whole banks in the file: keep this rank's experts
-            state = checkpoint["state_dict"]
-            for prefix, shard in self._shards().items():
-                lo, L = shard.first_expert, shard.local.num_experts
-                for name in shard.local.state_dict():
-                    state[f"{prefix}local.{name}"] = state.pop(prefix + name)[lo : lo + L]
-            self._reshard_optimizer_states(checkpoint.get("optimizer_states", []), gather=False)
+        if self.expert_plan is not None:  # whole banks in the file: keep this rank's experts
+            slice_expert_checkpoint(
+                checkpoint, self.net, self.expert_plan, self._optimizer_params()
+            )
         saved = checkpoint.get("lm_tokenizer")
         if saved is None:
             return
@@ -460,57 +384,3 @@ def check_vocabulary(saved: Mapping[str, Any], tokenizer: Tokenizer) -> None:
         "Token ids would mean different symbols. Use the same text and tokenizer settings "
         "as the checkpoint, or start a new run."
     )
-
-
-class AuxFreeBiasUpdate(pl.Callback):
-    """DeepSeek-V3's auxiliary-loss-free balancing, applied after every optimiser step.
-
-    For every MoE layer whose gate is a :class:`~mtl.moe.SigmoidBiasGate`, calls
-    ``gate.update_bias(tokens_per_expert_E)`` with the step's token counts (taken
-    from the ``layer_stats`` that :meth:`LMModule.training_step` returns; summed
-    over gradient-accumulation micro-batches and over ranks), so the selection
-    bias moves load toward balance. Logs ``moe/layer{i}/bias_absmax``.
-
-    Example:
-        >>> trainer = pl.Trainer(callbacks=[AuxFreeBiasUpdate()])  # doctest: +SKIP
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._pending: dict[int, Tensor] = {}
-
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if not isinstance(outputs, Mapping) or not outputs.get("layer_stats"):
-            return
-        gates = {
-            i: layer.gate
-            for i, layer in pl_module.net.moe_layers().items()
-            if isinstance(layer.gate, SigmoidBiasGate)
-        }
-        for i in gates:
-            stats = outputs["layer_stats"].get(i)
-            if stats is not None:
-                counts = stats.tokens_per_expert_E.detach().float()
-                self._pending[i] = self._pending[i] + counts if i in self._pending else counts
-        if (batch_idx + 1) % max(1, int(trainer.accumulate_grad_batches)) != 0:
-            return
-        log_now = step_metrics_due(pl_module, batch_idx)
-        for i, counts_E in self._pending.items():
-            if trainer.world_size > 1:
-                counts_E = trainer.strategy.reduce(counts_E, reduce_op="sum")
-            gates[i].update_bias(counts_E)
-            if not log_now:
-                continue
-            pl_module.log(
-                f"moe/layer{i}/bias_absmax",
-                gates[i].expert_bias_E.abs().max(),
-                batch_size=batch[0].shape[0],
-            )
-        self._pending = {}

@@ -1,104 +1,30 @@
 """Routing statistics over many batches and over the ranks of a distributed run.
 
-A :class:`~mtl.moe.RoutingStats` describes one batch. Its fields are either counts
-(``tokens_per_expert_E``, ``dropped_slots``, ``dropped_tokens``, ``valid_slots``,
-``num_tokens``) or means over the batch's tokens (``entropy``, ``experts_per_token``,
-``mean_weight_E``). Counts add up, and a mean times ``num_tokens`` adds up, so the
-statistics of a union of batches (of a validation pass, or of every rank's part of
-one global batch) follow from the sums of one vector per layer. The union's
-statistics are then exactly what one batch holding all those tokens gives, however
-the tokens were split into batches or ranks; ratios such as ``load_max_over_mean``
-are computed from the summed loads, not averaged over batches.
-
-Layout of the per-layer vector (``2E + 6`` float64 values)::
-
-    [tokens_per_expert_E (E) | mean_weight_E * n (E) | dropped_slots | dropped_tokens
-     | valid_slots | n | entropy * n | experts_per_token * n]        n = num_tokens
+A :class:`~mtl.moe.RoutingStats` describes one batch. The statistics of a union of
+batches (of a validation pass, or of every rank's part of one global batch) follow
+from the sums of one packed vector per layer (:mod:`mtl.moe.routing_sums`): exactly
+what one batch holding all those tokens gives, however the tokens were split into
+batches or ranks, empty ones included; ratios such as ``load_max_over_mean`` are
+computed from the summed loads, not averaged over batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from mtl.moe import RoutingStats
+from mtl.moe.routing_sums import (
+    SumOverRanks,
+    pack_routing_stats,
+    packed_size,
+    sum_over_ranks,
+    unpack_routing_stats,
+)
 
-__all__ = ["RoutingTotals", "sum_over_ranks"]
-
-SumOverRanks = Callable[[Tensor], Tensor]
-"""Sums a tensor over the ranks (e.g. ``lambda t: strategy.reduce(t, reduce_op="sum")``);
-every rank calls it with a tensor of the same shape."""
-
-_SCALARS = 6
-
-
-def _pack(stats: RoutingStats) -> Tensor:
-    """The additive ``(2E + 6,)`` float64 vector of one layer's statistics."""
-    n = stats.num_tokens.double()
-    scalars = torch.stack(
-        [
-            stats.dropped_slots.double(),
-            stats.dropped_tokens.double(),
-            stats.valid_slots.double(),
-            n,
-            stats.entropy.double() * n,
-            stats.experts_per_token.double() * n,
-        ]
-    )
-    load_E = stats.tokens_per_expert_E.double()
-    return torch.cat([load_E, stats.mean_weight_E.double() * n, scalars])
-
-
-def _unpack(total: Tensor) -> RoutingStats:
-    """:class:`RoutingStats` of the tokens whose packed vectors summed to ``total``."""
-    E = (len(total) - _SCALARS) // 2
-    dropped_slots, dropped_tokens, valid_slots, n, entropy_n, experts_n = total[2 * E :]
-    per_token = n.clamp_min(1.0)  # no tokens: the means are 0, not NaN
-    return RoutingStats(
-        tokens_per_expert_E=total[:E].float(),
-        dropped_slots=dropped_slots.float(),
-        dropped_tokens=dropped_tokens.float(),
-        valid_slots=valid_slots.float(),
-        entropy=(entropy_n / per_token).float(),
-        mean_weight_E=(total[E : 2 * E] / per_token).float(),
-        num_tokens=n.float(),
-        experts_per_token=(experts_n / per_token).float(),
-    )
-
-
-def sum_over_ranks(
-    stats: Mapping[int, RoutingStats], reduce_sum: SumOverRanks
-) -> dict[int, RoutingStats]:
-    """Per layer, the statistics of every rank's tokens together (one collective call).
-
-    Every rank must pass the same layers with the same expert counts.
-
-    Args:
-        stats: layer index -> this rank's :class:`RoutingStats` of one batch.
-        reduce_sum: sums a tensor over the ranks.
-
-    Returns:
-        layer index -> the statistics of the union of the ranks' batches.
-
-    Example:
-        >>> from mtl.moe import RoutingResult, routing_stats
-        >>> r = RoutingResult(weights_TK=torch.ones(2, 1), experts_TK=torch.tensor([[0], [1]]),
-        ...                   logits_TE=torch.zeros(2, 2), probs_TE=torch.full((2, 2), 0.5))
-        >>> both = sum_over_ranks({0: routing_stats(r)}, lambda t: 2 * t)  # two equal ranks
-        >>> both[0].tokens_per_expert_E.tolist(), float(both[0].experts_per_token)
-        ([2.0, 2.0], 1.0)
-    """
-    layers = sorted(stats)
-    if not layers:
-        return {}
-    packed = [_pack(stats[i]) for i in layers]
-    total = reduce_sum(torch.cat(packed))  # one call, whatever the number of layers
-    return {
-        i: _unpack(part)
-        for i, part in zip(layers, total.split([len(p) for p in packed]), strict=True)
-    }
+__all__ = ["RoutingTotals", "SumOverRanks", "sum_over_ranks"]
 
 
 class RoutingTotals:
@@ -134,7 +60,7 @@ class RoutingTotals:
     def update(self, stats: Mapping[int, RoutingStats]) -> None:
         """Add one batch's statistics (layer index -> stats)."""
         for i, st in stats.items():
-            packed = _pack(st)
+            packed = pack_routing_stats(st)
             self._sum[i] = self._sum[i] + packed if i in self._sum else packed
 
     def reduce(
@@ -151,7 +77,7 @@ class RoutingTotals:
         for i in sorted(num_experts):
             if i not in self._sum:
                 self._sum[i] = torch.zeros(
-                    2 * num_experts[i] + _SCALARS, dtype=torch.float64, device=device
+                    packed_size(num_experts[i]), dtype=torch.float64, device=device
                 )
         layers = sorted(self._sum)
         if not layers:
@@ -162,4 +88,4 @@ class RoutingTotals:
 
     def stats(self) -> dict[int, RoutingStats]:
         """Layer index -> the statistics of all the tokens added (and reduced), layers in order."""
-        return {i: _unpack(self._sum[i]) for i in sorted(self._sum)}
+        return {i: unpack_routing_stats(self._sum[i]) for i in sorted(self._sum)}

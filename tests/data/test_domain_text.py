@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
-from mtl.data.domain_text import DomainTextDataModule
+from mtl.data.domain_text import DomainBlockLoader, DomainTextDataModule
 from mtl.models.lm import MoEFFN, TransformerLM
 from mtl.moe import SwiGLUExperts, TopKGate
 from mtl.training.lm_module import LMModule
@@ -86,3 +87,69 @@ def test_lm_trains_on_domain_batches(dm: DomainTextDataModule, route_on: str) ->
     if route_on == "domain":
         with pytest.raises(ValueError, match="pass domain_B"):
             net(batch.inputs)  # no default domain: the ids are required
+
+
+# ------------------------------------------------------------ data-parallel training rows
+
+
+def _domain_tokens() -> list[torch.Tensor]:
+    # distinct token values per domain and position: a row's first input names its window
+    return [torch.arange(60), torch.arange(1000, 1045), torch.arange(2000, 2050)]
+
+
+@pytest.mark.parametrize(("world", "batch"), [(2, 3), (2, 6), (3, 2), (4, 3)])
+def test_ranks_read_disjoint_slices_of_the_single_process_global_batch(
+    world: int, batch: int
+) -> None:
+    kw = {"tokens": _domain_tokens(), "block_size": 5, "steps": 4, "seed": 7}
+    ranks = [
+        list(DomainBlockLoader(**kw, batch_size=batch, rank=r, world_size=world))
+        for r in range(world)
+    ]
+    single = list(DomainBlockLoader(**kw, batch_size=world * batch))
+    for s, global_batch in enumerate(single):
+        parts = [ranks[r][s] for r in range(world)]
+        for field in ("inputs", "targets", "domains"):
+            joined = torch.cat([getattr(p, field) for p in parts])
+            assert torch.equal(joined, getattr(global_batch, field)), (s, field)
+        firsts = [int(x) for p in parts for x in p.inputs[:, 0]]
+        assert len(set(firsts)) == len(firsts)  # no block on two ranks
+        assert global_batch.domains.tolist() == [j % 3 for j in range(world * batch)]
+        assert all(int(x) // 1000 == d for x, d in zip(firsts, global_batch.domains, strict=True))
+    # no window twice in the epoch: 4 steps * at most 8 rows per domain <= its 41 windows
+    seen = [int(x) for batches in ranks for b in batches for x in b.inputs[:, 0]]
+    assert len(set(seen)) == len(seen) == 4 * world * batch
+
+
+def test_domain_loader_epochs_and_seeds_differ_and_resume() -> None:
+    def first_rows(seed: int, epoch: int) -> list[int]:
+        loader = DomainBlockLoader(
+            tokens=_domain_tokens(), block_size=5, batch_size=6, steps=2, seed=seed
+        )
+        loader.set_epoch(epoch)
+        return [int(x) for b in loader for x in b.inputs[:, 0]]
+
+    assert first_rows(0, 0) == first_rows(0, 0)
+    assert first_rows(0, 0) != first_rows(0, 1)
+    assert first_rows(0, 0) != first_rows(1, 0)
+    loader = DomainBlockLoader(tokens=_domain_tokens(), block_size=5, batch_size=6, steps=2)
+    list(loader)
+    assert [int(x) for b in loader for x in b.inputs[:, 0]] == first_rows(0, 1)
+
+
+def test_domain_loader_checks_rank_and_block_size() -> None:
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\), got 2"):
+        DomainBlockLoader(
+            tokens=_domain_tokens(), block_size=5, batch_size=2, steps=1, rank=2, world_size=2
+        )
+    with pytest.raises(ValueError, match=r"block_size=50 .*domain 1.* only 45 tokens"):
+        DomainBlockLoader(tokens=_domain_tokens(), block_size=50, batch_size=2, steps=1)
+
+
+def test_datamodule_passes_rank_and_world_size(dm: DomainTextDataModule) -> None:
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2)  # type: ignore[assignment]
+    loader = dm.train_dataloader()
+    assert (loader.rank, loader.world_size) == (1, 2)
+    val = dm.val_dataloader()
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2)  # type: ignore[assignment]
+    assert len(dm.val_dataloader()) == len(val)

@@ -9,6 +9,11 @@ load-balance loss (the mean over ranks with equal batches equals the single-proc
 loss: ``f`` from the group's counts, ``P`` averaged) and the routing statistics
 (:func:`reduce_routing_stats`).
 
+The load-balance, z- and entropy losses are global for uneven batches too: the mean of
+the ranks' losses equals the single-process loss, a rank without tokens contributing 0.
+A 2-layer LM with either ``aux_loss_pooling`` gives the single-process auxiliary losses
+and router gradients.
+
 The objective is ``sum(out * g) + aux_loss / R`` per rank, so that the sum over ranks is
 the single-process ``sum(out * g) + aux_loss``.
 """
@@ -16,6 +21,7 @@ the single-process ``sum(out * g) + aux_loss``.
 from __future__ import annotations
 
 import socket
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,11 +30,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
+from mtl.models.lm import MoEFFN, TransformerLM
 from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate, routing_stats
 from mtl.moe.expert_parallel import (
     ExpertParallelDispatch,
     ExpertShard,
     gather_experts,
+    parallelize_experts,
     reduce_routing_stats,
     shard_experts,
 )
@@ -39,10 +47,18 @@ TOL = {"rtol": 1e-5, "atol": 1e-6}
 CASES: dict[str, tuple[int, int, dict[int, list[int]], dict[str, float]]] = {
     "e8k2": (8, 2, {2: [6, 6], 4: [6, 6, 6, 6]}, {"load_balance": 0.5, "z_loss": 0.1}),
     # a rank with one token sends nothing to most experts; another rank has no tokens
-    "e8k2_uneven": (8, 2, {2: [0, 5], 4: [7, 0, 1, 9]}, {}),
+    "e8k2_uneven": (
+        8,
+        2,
+        {2: [0, 5], 4: [7, 0, 1, 9]},
+        {"load_balance": 0.5, "z_loss": 0.1, "entropy": 0.2},
+    ),
     "e64k8": (64, 8, {2: [12, 12], 4: [12, 12, 12, 12]}, {"load_balance": 0.5, "z_loss": 0.1}),
 }
 D, H = 8, 4
+POOLINGS = ("sum_over_layers", "pooled")
+# sequences of the LM's global batch per rank (a rank without any for R=4)
+LM_ROWS = {2: [1, 3], 4: [1, 0, 2, 1]}
 
 
 def free_port() -> int:
@@ -105,6 +121,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 for a, b in zip(gathered.parameters(), full_bank.parameters(), strict=True)
             )
             results[name] = res
+        for pooling in POOLINGS:
+            lm = make_lm(pooling)
+            parallelize_experts(lm, group=dist.group.WORLD)
+            results[pooling] = run_lm(lm, lm_rows(world)[rank], 1.0 / world)
+            dist.all_reduce(results[pooling]["router_grad"])
         # negative control: shards in the wrong order (rank r holds the experts of shard R-1-r)
         layer, xs, gs = make_case("e8k2", world)
         wrong = shard_experts(layer.experts, shard=world - 1 - rank, num_shards=world)
@@ -125,6 +146,35 @@ def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     out_dir = tmp_path_factory.mktemp(f"ep{world}")
     mp.spawn(_worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=True)
     return world, [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def make_lm(pooling: str) -> TransformerLM:
+    torch.manual_seed(0)
+    moe = MoEFFN(
+        num_experts=8,
+        gate=partial(TopKGate, k=2),
+        experts=partial(SwiGLUExperts, d_hidden=8),
+        aux_loss_weights={"load_balance": 1.0, "z_loss": 0.1},
+    )
+    return TransformerLM(
+        vocab_size=30, d_model=D, n_layers=2, n_heads=2, d_ff=16, moe=moe, aux_loss_pooling=pooling
+    )
+
+
+def lm_rows(world: int) -> list[torch.Tensor]:
+    ids = torch.randint(0, 30, (4, 12), generator=torch.Generator().manual_seed(1))
+    return list(ids.split(LM_ROWS[world]))
+
+
+def run_lm(lm: TransformerLM, ids: torch.Tensor, scale: float) -> dict:
+    """The LM's aux losses and the gradient of ``scale * aux_loss`` for every router."""
+    out = lm(ids)
+    (out.aux_loss * scale).backward()
+    router = [p.grad for n, p in lm.named_parameters() if n.endswith("gate.proj.weight")]
+    return {
+        "aux": {k: v.detach() for k, v in out.aux_losses.items()},
+        "router_grad": torch.cat([g.reshape(-1) for g in router]),
+    }
 
 
 def single(name: str, world: int) -> dict:
@@ -180,13 +230,36 @@ def test_uneven_case_has_empty_rank_and_idle_experts(ranks) -> None:
         assert (recv == 0).any()
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_aux_losses_are_global(ranks, name: str) -> None:
+    """The ranks' per-token losses average to the single-process loss, uneven batches included."""
+    world, results = ranks
+    want = single(name, world)
+    assert want["aux"]  # every case weighs its losses
+    for key in want["aux"]:
+        mean = torch.stack([results[r][name]["aux"][key] for r in range(world)]).mean()
+        torch.testing.assert_close(mean, want["aux"][key], **TOL)
+    for r, size in enumerate(CASES[name][2][world]):
+        if size == 0:  # a rank without tokens adds nothing to the mean (not NaN)
+            assert all(float(v) == 0.0 for v in results[r][name]["aux"].values())
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_lm_aux_losses_are_global(ranks, pooling: str) -> None:
+    """A 2-layer LM's aux losses and router gradients over ranks equal the single process's."""
+    world, results = ranks
+    want = run_lm(make_lm(pooling), torch.cat(lm_rows(world)), 1.0)
+    for key, value in want["aux"].items():
+        mean = torch.stack([results[r][pooling]["aux"][key] for r in range(world)]).mean()
+        torch.testing.assert_close(mean, value, **TOL)
+    for r in range(world):
+        torch.testing.assert_close(results[r][pooling]["router_grad"], want["router_grad"], **TOL)
+
+
 @pytest.mark.parametrize("name", ["e8k2", "e64k8"])
 def test_load_balance_loss_and_stats_are_global(ranks, name: str) -> None:
     world, results = ranks
     want = single(name, world)
-    for key in ("load_balance", "z_loss"):
-        mean = torch.stack([results[r][name]["aux"][key] for r in range(world)]).mean()
-        torch.testing.assert_close(mean, want["aux"][key], **TOL)
     # a rank's own load-balance loss (its f) differs from the global one: f must be the group's
     layer, xs, _ = make_case(name, world)
     with torch.no_grad():

@@ -90,3 +90,53 @@ def test_load_balance_under_bf16_autocast() -> None:
     r = out.routing
     torch.testing.assert_close(out.aux_loss, load_balance_loss(r.probs_TE, r.experts_TK))
     assert layer.gate.proj.weight.grad is not None
+
+
+def test_losses_of_no_tokens_are_zero() -> None:
+    """A rank without tokens: 0, not the NaN of a mean over nothing."""
+    logits = torch.zeros(0, 4, requires_grad=True)
+    probs = torch.softmax(logits, -1)
+    experts = torch.zeros(0, 2, dtype=torch.long)
+    counts = torch.tensor([3, 1, 0, 2])  # other ranks' assignments
+    for loss in (
+        load_balance_loss(probs, experts),
+        load_balance_loss(probs, experts, counts_E=counts, num_tokens=3, num_ranks=2),
+        router_z_loss(logits),
+        router_z_loss(logits, num_tokens=3, num_ranks=2),
+        router_entropy_loss(probs),
+    ):
+        assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("sizes", [[1, 9], [4, 0, 6], [10]])
+def test_group_shares_average_to_the_global_loss(sizes: list[int]) -> None:
+    """Ranks holding uneven parts of a batch: mean of their shares = loss of the batch (and grads)."""
+    torch.manual_seed(0)
+    E, R, T = 5, len(sizes), sum(sizes)
+    logits = torch.randn(T, E, requires_grad=True)
+    probs = torch.softmax(logits, -1)
+    experts = torch.topk(probs, 2).indices
+    valid = torch.rand(T, 2) > 0.2
+    counts = torch.bincount(experts[valid], minlength=E)
+    # naive global references
+    f = counts.float() / counts.sum()
+    want = {
+        "load_balance": E * (f * probs.mean(0)).sum(),
+        "z_loss": torch.logsumexp(logits, -1).square().mean(),
+        "entropy": -(probs * probs.log()).sum(-1).mean(),
+    }
+    shares: dict[str, list[torch.Tensor]] = {k: [] for k in want}
+    for rows in torch.arange(T).split(sizes):
+        group = {"num_tokens": torch.tensor(T), "num_ranks": torch.tensor(R)}
+        p, lg = probs[rows], logits[rows]
+        shares["load_balance"].append(
+            load_balance_loss(p, experts[rows], valid[rows], counts_E=counts, **group)
+        )
+        shares["z_loss"].append(router_z_loss(lg, **group))
+        shares["entropy"].append(router_entropy_loss(p, **group))
+    for key, value in want.items():
+        mean = torch.stack(shares[key]).mean()
+        torch.testing.assert_close(mean, value)
+        (g_want,) = torch.autograd.grad(value, logits, retain_graph=True)
+        (g_got,) = torch.autograd.grad(mean, logits, retain_graph=True)
+        torch.testing.assert_close(g_got, g_want)

@@ -42,7 +42,7 @@ def _naive(mot: MixtureOfTokens, x_BTD: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x_BTD)
     tau = float(mot.temperature)
     for start in range(0, B, mot.group_size):
-        members = list(range(start, min(start + mot.group_size, B)))
+        members = list(range(start, start + mot.group_size))
         for t in range(T):
             xs = x_BTD[members, t]  # (g, D)
             scores = xs @ mot.controller.weight.T  # (g, E)
@@ -56,8 +56,8 @@ def _naive(mot: MixtureOfTokens, x_BTD: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("group_size,batch", [(2, 4), (3, 5), (4, 2)])
-def test_matches_the_formulas_including_a_partial_group(group_size: int, batch: int) -> None:
+@pytest.mark.parametrize("group_size,batch", [(2, 4), (3, 6), (4, 4)])
+def test_matches_the_formulas(group_size: int, batch: int) -> None:
     mot = _mot(group_size, tau=0.7)
     x = torch.randn(batch, 6, 8)
     torch.testing.assert_close(mot(x), _naive(mot, x), atol=1e-5, rtol=1e-5)
@@ -91,6 +91,72 @@ def test_group_size_one_is_the_dense_ffn_of_all_experts_concatenated() -> None:
         dense.down_proj.weight.copy_(ex.w_down.reshape(36, 8).T)
     x = torch.randn(5, 7, 8)
     torch.testing.assert_close(mot(x), dense(x), atol=1e-6, rtol=1e-6)
+
+
+def test_a_token_alone_gets_another_function_than_in_a_full_group() -> None:
+    """Why a smaller group is refused: alone, every weight is 1 and a token gets the sum of
+    the experts' outputs; in a group each expert's weights sum to 1 over the group."""
+    mot = _mot(8, E=4)
+    x = torch.randn(8, 5, 8)
+    alone = _mot(1, E=4)  # the same weights, groups of one
+    in_group, by_itself = mot(x)[0], alone(x[:1])[0]
+    ex = mot.experts
+    summed = sum(
+        (F.silu(x[0] @ ex.w_gate[e]) * (x[0] @ ex.w_up[e])) @ ex.w_down[e] for e in range(4)
+    )
+    torch.testing.assert_close(by_itself, summed, atol=1e-5, rtol=1e-5)
+    assert (in_group - by_itself).norm() > 0.5 * by_itself.norm()
+    torch.testing.assert_close(mot.mixing_weights(x).sum(dim=1), torch.ones(1, 5, 4))
+
+
+@pytest.mark.parametrize("batch", [1, 5, 12])
+def test_a_batch_that_is_not_whole_groups_is_refused(batch: int) -> None:
+    with pytest.raises(ValueError, match="group_size=8 examples, got a batch of"):
+        _mot(8)(torch.randn(batch, 3, 8))
+
+
+def test_the_config_check_refuses_a_batch_size_off_the_group_size() -> None:
+    from mtl.training.config import ConfigError, compose_config
+    from mtl.training.config_checks import check_train_config
+
+    check_train_config(compose_config("train", ["experiment=lm_mot", "data.batch_size=16"]))
+    for override, key in (
+        ("data.batch_size=12", "data.batch_size=12"),
+        ("data.val_batch_size=4", "data.val_batch_size=4"),
+        ("model.moe.group_size=3", "data.batch_size=32"),
+    ):
+        cfg = compose_config("train", ["experiment=lm_mot", override])
+        with pytest.raises(ConfigError, match=f"{key} is not a multiple of model.moe.group_size"):
+            check_train_config(cfg)
+    # the model without the experiment: the val loader must be told to form whole groups
+    cfg = compose_config("train", ["experiment=lm_dense", "model=lm_mot"])
+    with pytest.raises(
+        ConfigError, match=r"data.batch_multiple=None is not a multiple of model.moe.group_size=8"
+    ):
+        check_train_config(cfg)
+
+
+def test_validation_batches_are_whole_groups_on_every_process() -> None:
+    from mtl.data.text import TextDataModule
+
+    dm = TextDataModule(path=None, block_size=64, batch_size=8, batch_multiple=8)
+    n_blocks = (len(dm.tokens("val")) - 1) // 64
+    assert n_blocks % 16  # the embedded corpus leaves a partial group to drop
+    batches = [len(b.inputs) for b in dm.val_dataloader()]
+    assert all(b % 8 == 0 for b in batches) and sum(batches) == n_blocks // 8 * 8
+    # two processes: whole groups on each, the same number of batches, no block twice
+    from types import SimpleNamespace
+
+    firsts = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)  # type: ignore[assignment]
+        loader = list(dm.val_dataloader())
+        assert all(len(b.inputs) % 8 == 0 for b in loader)
+        firsts.append({tuple(row.tolist()) for b in loader for row in b.inputs})
+    dm.trainer = None
+    assert not firsts[0] & firsts[1] and len(firsts[0]) == len(firsts[1]) == n_blocks // 16 * 8
+    with pytest.raises(ValueError, match="multiples of batch_multiple=8"):
+        TextDataModule(path=None, batch_size=8, val_batch_size=12, batch_multiple=8)
 
 
 def test_gradients_reach_every_expert_and_the_controller() -> None:
@@ -135,7 +201,32 @@ def test_lm_with_mot_ffn_learns_a_few_steps() -> None:
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < 0.5 * losses[0]
-    lm(torch.randint(0, 12, (1, 5)))  # generation-sized batch: one group of one
+
+
+def test_generation_samples_a_full_group_of_copies_of_the_prompt() -> None:
+    from mtl.models.lm.generate import generate
+
+    torch.manual_seed(0)
+    make = MixtureOfTokensFFN(
+        num_experts=4, group_size=4, experts=partial(SwiGLUExperts, d_hidden=16)
+    )
+    lm = TransformerLM(vocab_size=12, d_model=16, n_layers=2, n_heads=2, d_ff=32, moe=make)
+    prompt = torch.randint(0, 12, (1, 5))
+    out = generate(lm, prompt, max_new_tokens=6, temperature=0)
+    # greedy: the group is 4 identical rows, every step; the naive loop runs exactly that
+    idx = prompt.repeat(4, 1)
+    for _ in range(6):
+        idx = torch.cat([idx, lm(idx).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.shape == (1, 11) and torch.equal(out, idx[:1])
+    # three prompts: the last is repeated to fill the group, and the rows come back in order
+    prompts = torch.randint(0, 12, (3, 5))
+    out3 = generate(lm, prompts, max_new_tokens=4, temperature=0)
+    idx = torch.cat([prompts, prompts[-1:]])
+    for _ in range(4):
+        idx = torch.cat([idx, lm(idx).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out3, idx[:3])
+    with pytest.raises(ValueError, match="group_size=4"):
+        lm(prompt)  # the model itself never runs a group of one
 
 
 def test_bad_arguments() -> None:

@@ -37,7 +37,8 @@ def _one_thread() -> Iterator[None]:
 
 def _overrides(name: str) -> list[str]:
     if name.startswith("lm_"):
-        return [f"experiment={name}", *TINY_LM]
+        groups = ["model.moe.group_size=4"] if name == "lm_mot" else []  # batches of whole groups
+        return [f"experiment={name}", *TINY_LM, *groups]
     tasks = ["data.source_kwargs.tasks=[ctr,ctcvr]"] if name == "esmm" else []
     return [f"model={name}", *TINY_REC, *tasks]
 

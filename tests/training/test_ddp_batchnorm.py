@@ -74,6 +74,10 @@ def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
         except ValueError as err:
             state["sync_error"] = str(err)  # type: ignore[assignment]
         torch.save(state, Path(out_dir) / f"rank{rank}.pt")
+        # Both ranks done, and DDP's reducer gone, before the group is: tearing gloo down
+        # under a live reducer can abort a process at exit.
+        del model, opt
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

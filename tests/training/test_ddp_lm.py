@@ -2,11 +2,12 @@
 
 Same global batch: each rank reads its own ``B`` windows of every global batch of
 ``2B`` (:class:`~mtl.data.text.RandomBlockLoader`), and DDP averages the two
-gradients. The OLMoE load-balance loss is a product of two batch means, so it is
-not a mean over tokens: each rank's loss is its own half batch's, which is exactly
-what one process computes with two micro-batches of ``B`` and
-``accumulate_grad_batches=2``. That is the single-process reference here: the same
-windows, the same optimizer steps, and the same losses and weights.
+gradients. The OLMoE load-balance loss is a product of two batch means, not a mean
+over tokens; the router losses count every rank's tokens
+(:func:`~mtl.moe.group_counts.count_routing_over`: per-expert and token counts summed
+over the ranks), so the ranks' losses average to the global batch's. The
+single-process reference is therefore one process reading the global batch of ``2B``:
+the same windows, the same optimizer steps, the same losses and weights.
 
 Validation: the loss is a token-weighted torchmetrics mean and the routing
 statistics and expert loads are summed over the ranks
@@ -21,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -58,7 +60,8 @@ LM = [
 ]
 DDP = ["trainer=ddp", "trainer.devices=2", f"data.steps_per_epoch={STEPS}"]
 DDP += [f"data.val_batch_size={VAL_BATCH}"]
-SINGLE = [f"data.steps_per_epoch={2 * STEPS}", "+trainer.accumulate_grad_batches=2"]
+# one process, the global batch
+SINGLE = [f"data.batch_size={2 * B}", f"data.steps_per_epoch={STEPS}"]
 SINGLE += [f"data.val_batch_size={2 * VAL_BATCH}"]
 
 
@@ -220,6 +223,86 @@ def test_routing_totals_of_batches_equal_one_batch_with_drops() -> None:
     assert float(got.as_dict()["load_max_over_mean"]) == pytest.approx(ratio, rel=1e-6)
 
 
+# ------------------------------------------- router losses of the global batch
+POOLINGS = ("sum_over_layers", "pooled")
+
+
+def _tiny_lm(pooling: str) -> Any:
+    from mtl.models.lm import MoEFFN, TransformerLM
+
+    torch.manual_seed(0)
+    moe = MoEFFN(
+        num_experts=8,
+        gate=partial(TopKGate, k=2),
+        experts=partial(SwiGLUExperts, d_hidden=8),
+        aux_loss_weights={"load_balance": 1.0, "z_loss": 0.1},
+    )
+    return TransformerLM(
+        vocab_size=30, d_model=8, n_layers=2, n_heads=2, d_ff=16, moe=moe, aux_loss_pooling=pooling
+    )
+
+
+def _lm_batch() -> torch.Tensor:
+    return torch.randint(0, 30, (4, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _lm_grads(lm: Any, ids: torch.Tensor, run: Any = None) -> dict[str, torch.Tensor]:
+    """Aux loss and gradients of ``lm`` after a step on ``ids`` through ``run`` (e.g. DDP)."""
+    out = (run or lm)(ids, ids)
+    (out.loss + out.aux_loss).backward()
+    return {"aux": out.aux_loss.detach()} | {
+        n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None
+    }
+
+
+def _ddp_worker(rank: int, store: str, out_dir: str, counted: bool) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mtl.moe.group_counts import count_routing_over
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        results = {}
+        for pooling in POOLINGS:
+            lm = _tiny_lm(pooling)
+            if counted:
+                count_routing_over(lm, dist.group.WORLD)
+            rows = _lm_batch()[2 * rank : 2 * rank + 2]
+            got = _lm_grads(lm, rows, DistributedDataParallel(lm))
+            dist.all_reduce(got["aux"])
+            got["aux"] /= 2
+            if rank == 0:  # rank 0 alone in eval (sampling): no collective, no hang
+                with torch.no_grad():
+                    lm.eval()(_lm_batch()[:1])
+            results[pooling] = got
+        dist.barrier()
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("counted", [True, False], ids=["global_counts", "rank_counts"])
+def test_ddp_router_losses_equal_one_process_on_the_global_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted: bool
+) -> None:
+    """Counts summed over the ranks: DDP's losses and gradients are the global batch's.
+
+    Negative control (``rank_counts``): each rank's own counts give a different objective.
+    """
+    monkeypatch.syspath_prepend(str(ROOT))  # the workers import this module by name
+    args = (str(tmp_path / "store"), str(tmp_path), counted)
+    mp.spawn(_ddp_worker, args=args, nprocs=2, join=True)
+    got = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    for pooling in POOLINGS:
+        want = _lm_grads(_tiny_lm(pooling), _lm_batch())
+        assert got[pooling].keys() == want.keys()
+        same = all(
+            torch.allclose(got[pooling][k], v, rtol=1e-5, atol=1e-6) for k, v in want.items()
+        )
+        assert same == counted, pooling
+
+
 # ------------------------------------------------------------- the real command
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
@@ -280,26 +363,17 @@ def test_two_process_lm_run_equals_one_process_and_resumes_both_ways(tmp_path: P
     names = sorted(p.name for p in (ddp_dir / "checkpoints").iterdir())
     assert names == sorted(p.name for p in (single_dir / "checkpoints").iterdir())
 
-    # Resume in the other mode, 10 more steps each.
+    # Resume in the other mode, 10 more steps each: both continue as one process does.
     more = ["trainer.max_steps=30", "resume=last"]
-    runs = {name: tmp_path / name for name in ("ddp_to_one", "one_to_one", "one_to_ddp", "ref")}
-    for name, src in [("ddp_to_one", ddp_dir), ("ref", single_dir)]:
-        shutil.copytree(src, runs[name])
+    runs = {name: tmp_path / name for name in ("ddp_to_one", "one_to_one", "one_to_ddp")}
+    shutil.copytree(ddp_dir, runs["ddp_to_one"])
     for name in ("one_to_one", "one_to_ddp"):
         shutil.copytree(single_dir, runs[name])
-    # DDP -> one process of the same global batch (2B, no accumulation): it continues as
-    # the one-process checkpoint of the same step does.
-    whole = [f"data.batch_size={2 * B}", f"data.steps_per_epoch={STEPS}", *more]
     for name in ("ddp_to_one", "one_to_one"):
-        train(compose_config("train", [*LM, *whole, f"output_dir={runs[name]}"]))
-    _assert_same_weights(runs["ddp_to_one"], runs["one_to_one"])
-    # One process -> DDP: it continues as the one-process run with micro-batches does.
+        train(compose_config("train", [*LM, *SINGLE, *more, f"output_dir={runs[name]}"]))
     done = _cli(runs["one_to_ddp"], [*DDP, *more])
     assert done.returncode == 0, done.stderr[-3000:]
-    train(compose_config("train", [*LM, *SINGLE, *more, f"output_dir={runs['ref']}"]))
-    for name in ("ddp_to_one", "one_to_ddp"):
+    for name in runs:
         assert json.loads((runs[name] / "metrics.json").read_text())["global_step"] == 30
-    _assert_same_weights(runs["one_to_ddp"], runs["ref"])
-    assert not torch.equal(
-        *(_weights(_last(runs[n]))["net.embed.weight"] for n in ("ref", "one_to_one"))
-    )
+    _assert_same_weights(runs["ddp_to_one"], runs["one_to_one"])
+    _assert_same_weights(runs["one_to_ddp"], runs["one_to_one"])

@@ -5,9 +5,8 @@ Lightning's own ``strategy="fsdp"`` (torch's first FSDP) is refused on CPU by Li
 ("requires a GPU accelerator") and by torch ("FSDP needs a non-CPU accelerator
 device"); the config check names that before any process starts. FSDP2 runs on CPU, so
 the sharded run is compared with the single-process run here: the reference is the
-same as for DDP (``test_ddp_lm.py``): micro-batches of ``B`` with
-``accumulate_grad_batches=2``, because each rank's load-balance loss is its own
-half batch's.
+same as for DDP (``test_ddp_lm.py``): one process reading the global batch of ``2B``,
+since the router losses count every rank's tokens.
 """
 
 from __future__ import annotations
@@ -106,7 +105,7 @@ def test_two_process_fsdp_lm_run_equals_one_process_and_resumes_both_ways(tmp_pa
     for key in want:
         torch.testing.assert_close(weights[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
 
-    # A one-process checkpoint resumes sharded, as it does in one process (micro-batches).
+    # A one-process checkpoint resumes sharded, as it does in one process.
     more = ["trainer.max_steps=30", "resume=last"]
     done = _cli(runs["one_to_fsdp"], [*FSDP, *more])
     assert done.returncode == 0, done.stderr[-3000:]

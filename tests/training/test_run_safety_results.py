@@ -218,6 +218,8 @@ def _ali_ccp_overrides(data: Path, out: Path) -> list[str]:
     return [
         "data=ali_ccp",
         f"data.path={data}",
+        "data.categorical=['101','205']",  # the fields these small files have
+        "data.numeric=[D508]",
         "data.batch_size=32",
         *SMALL_MODEL,
         "trainer.max_epochs=2",

@@ -31,6 +31,7 @@ import polars as pl
 from mtl.data.data_record import fractions_text
 from mtl.data.shards.encoding import fit_lazy, save_encoding
 from mtl.data.shards.scan import SPLIT, TableQuery, check_rows, scan_files, split_column
+from mtl.data.sources.table import split_files
 from mtl.data.tabular import category_codes, standardised, user_key
 from mtl.data.validation import DataError
 
@@ -182,14 +183,13 @@ def prepare(
     )
     if both:
         raise ValueError(f"columns {sorted(both)} are given more than one role; give each one role")
-    if data.get("path") and data.get("train"):
-        raise ValueError("give data.path or data.train, not both")
-    rows_key = "train" if data.get("train") else "path"
-    if not data.get(rows_key):
-        raise ValueError("mtl prepare needs data.path=<file, folder or glob> (or data.train=...)")
+    named = split_files(
+        data.get("path"), train=data.get("train"), val=data.get("val"), test=data.get("test")
+    )
+    rows_key = "train" if "train" in named else "path"
     start = time.perf_counter()
-    rows_files, rows = scan_files(data[rows_key], query, key=rows_key)
-    given = {s: scan_files(data[s], query, key=s) for s in ("val", "test") if data.get(s)}
+    rows_files, rows = scan_files(named[rows_key], query, key=rows_key)
+    given = {s: scan_files(named[s], query, key=s) for s in ("val", "test") if s in named}
     inputs = {"rows": [_file_stamp(f) for f in rows_files]} | {
         s: [_file_stamp(f) for f in files] for s, (files, _) in given.items()
     }
@@ -286,7 +286,7 @@ def prepare(
             SPLITS[c]: [str(lo), str(hi)] for c, lo, hi in ranges.sort(SPLIT).iter_rows()
         }
     save_encoding(fitted, out / ENCODING_FILE)
-    head = f"table {data[rows_key]}"
+    head = f"{data.get('name') or 'table'} {named[rows_key]}"
     manifest = {
         "format": SHARD_FORMAT,
         "fingerprint": fingerprint,

@@ -6,6 +6,11 @@ Each country (AliExpress_NL, _ES, _FR, _US) is a directory with ``train.csv`` an
 recorded only after a click, so ``conversion`` already equals the CTCVR target
 ``click * conversion`` of ESMM on well-formed data; ``add_ctcvr`` materialises
 that product as a third label for models that want it explicitly.
+
+``conf/data/aliexpress.yaml`` reads the same files through the table source
+(:mod:`mtl.data.sources.table`), so ``mtl prepare data=aliexpress`` streams them too;
+this loader is the ``source="aliexpress"`` API of :class:`~mtl.data.datamodule.RecDataModule`,
+with ids as integers and the derived ``ctcvr`` label a table cannot express.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from mtl.data.sources.base import SourceData, read_table, resolve_path, validate
 from mtl.data.spec import TASK_KINDS, TaskKind
 from mtl.data.validation import DataError, check_row_limit, check_unique, read_error
 
-__all__ = ["TABLE_SUFFIXES", "table", "table_files", "time_split"]
+__all__ = ["TABLE_SUFFIXES", "split_files", "table", "table_files", "time_split"]
 
 # Suffix -> format; ".gz" CSV/TSV files are read through polars' gzip support.
 TABLE_SUFFIXES: dict[str, str] = {
@@ -94,6 +94,55 @@ def table_files(path: str | os.PathLike[str], *, key: str = "path") -> list[Path
             f"data.{key}: {unknown[0]} is not a table file; expected one of the suffixes {suffixes}"
         )
     return files
+
+
+def split_files(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    train: str | os.PathLike[str] | None = None,
+    val: str | os.PathLike[str] | None = None,
+    test: str | os.PathLike[str] | None = None,
+) -> dict[str, str]:
+    """What to read for the rows and for given val/test splits, by config key.
+
+    The rows are ``path`` or ``train``. With both, ``path`` is a dataset folder and
+    ``train``, ``val``, ``test`` name files (or globs) inside it: a preset such as
+    ``conf/data/aliexpress.yaml`` fixes the file names and ``data.path=DIR`` picks the folder.
+
+    Returns:
+        ``{"path" or "train": rows, "val": ..., "test": ...}`` (only the given ones).
+
+    Raises:
+        ValueError: neither ``path`` nor ``train`` is given.
+        FileNotFoundError: ``path`` is not a folder while ``train`` names a file in it.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> split_files(root, train="train.csv", test="t.csv") == {
+        ...     "train": f"{root}/train.csv", "test": f"{root}/t.csv"}
+        True
+        >>> split_files("rows.csv", test="/t.csv")
+        {'path': 'rows.csv', 'test': '/t.csv'}
+    """
+    if path is None and train is None:
+        raise ValueError("data=table needs data.path=<file, folder or glob> (or data.train=...)")
+    named = {"val": val, "test": test}
+    if path is not None and train is not None:
+        root = resolve_path(path)
+        if not root.is_dir() and root.exists():
+            raise FileNotFoundError(
+                f"data.path: {root} is not a folder; with data.train={train} given, data.path is "
+                "the folder holding the train/val/test files"
+            )
+        if not root.exists():
+            raise FileNotFoundError(
+                f"data.path: folder not found: {root} (it should hold data.train={train})"
+            )
+        named = {"train": train} | named
+        return {k: str(root / os.fspath(v)) for k, v in named.items() if v is not None}
+    rows = {"train": train} if train is not None else {"path": path}
+    return {k: os.fspath(v) for k, v in (rows | named).items() if v is not None}
 
 
 def _columns(path: Path, fmt: str, separator: str) -> list[str]:
@@ -290,7 +339,8 @@ def table(
     """Read a table of any format, keep the named columns, validate them, split by time if asked.
 
     Args:
-        path: the rows (a file, a folder or a glob); or give ``train`` instead.
+        path: the rows (a file, a folder or a glob); or give ``train`` instead; with
+            ``train`` too, the folder that ``train``/``val``/``test`` name files in.
         labels: label columns, one task each, in task order.
         categorical: categorical feature columns (ids; read as text from CSV).
         numeric: numeric feature columns.
@@ -300,7 +350,7 @@ def table(
         separator: CSV field separator (default ``","``; ``"\\t"`` for ``.tsv``).
         null_values: CSV strings read as missing (e.g. ``["", "NA", "\\\\N"]``).
         fill_numeric_nulls: a value for missing numeric features (default: refuse them).
-        train: the train rows, as an alternative spelling of ``path``.
+        train: the train rows, as an alternative spelling of ``path`` (see :func:`split_files`).
         val: validation rows from their own files (default: carved from the train rows).
         test: test rows from their own files (default: carved from the train rows).
         split_by: a time column (numbers, dates, datetimes or datetime text): the
@@ -329,11 +379,9 @@ def table(
         raise ValueError(
             "data.labels is empty: name at least one label column, e.g. data.labels=[click]"
         )
-    if path is not None and train is not None:
-        raise ValueError(f"give data.path or data.train, not both (path={path}, train={train})")
-    rows_path, rows_key = (train, "train") if train is not None else (path, "path")
-    if rows_path is None:
-        raise ValueError("data=table needs data.path=<file, folder or glob> (or data.train=...)")
+    files = split_files(path, train=train, val=val, test=test)
+    rows_key = "train" if "train" in files else "path"
+    rows_path = files[rows_key]
     check_row_limit(n_rows, key="data.n_rows")
     roles_lists = {
         "labels": list(labels),
@@ -385,7 +433,7 @@ def table(
         return _concat(frames, files, text_columns)
 
     rows = read(rows_path, rows_key)
-    given = {k: read(v, k) for k, v in (("val", val), ("test", test)) if v is not None}
+    given = {k: read(files[k], k) for k in ("val", "test") if k in files}
     if split_by:
         missing = [k for k in ("val", "test") if k not in given]
         if missing:

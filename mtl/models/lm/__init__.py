@@ -6,7 +6,8 @@ Parts:
     init        -- the initialisation convention (what the LM and MoEFFN build)
     aux_pooling -- router losses summed over layers or pooled (transformers' convention)
     transformer -- :class:`TransformerLM` (dense, MoE, interleaved), :class:`LMOutput`
-    upcycling   -- LLaMA-MoE neuron splitting, sparse upcycling
+    upcycling   -- LLaMA-MoE neuron splitting, sparse upcycling (the weights)
+    upcycling_scale -- the output scale that keeps the dense output; the new router
     finetune    -- freeze everything but the experts / freeze the experts
     generate    -- sampling
     mla         -- multi-head latent attention (DeepSeek-V2/V3); rope_scaling -- YaRN

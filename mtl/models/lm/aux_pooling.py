@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mtl.moe import RoutingResult
+from mtl.moe.group_counts import GROUP_COUNTS, GROUP_RANKS, GROUP_TOKENS
 from mtl.moe.losses import aux_losses
 
 AuxLossPooling = Literal["sum_over_layers", "pooled"]
@@ -48,6 +49,11 @@ def pool_routings(routings: Sequence[RoutingResult]) -> RoutingResult:
     Tokens are concatenated (layer after layer); layers with fewer slots ``K``
     are padded with invalid slots; load estimates (expected tokens per expert)
     are summed. All layers must route to the same number of experts.
+
+    Routings counted over a process group (:mod:`mtl.moe.group_counts`: under
+    expert or data parallelism) keep it: the group's per-expert and token
+    counts are summed over the layers, so the pooled losses stay this rank's
+    share of the group's pooled loss.
 
     Example:
         >>> from mtl.moe import TopKGate
@@ -88,7 +94,28 @@ def pool_routings(routings: Sequence[RoutingResult]) -> RoutingResult:
         valid_TK=cat_slots("valid", False) if with_valid else None,
         load_estimate_E=None if any(x is None for x in loads) else torch.stack(loads).sum(0),  # type: ignore[arg-type]
         dense_TE=None if any(x is None for x in denses) else torch.cat(denses),  # type: ignore[arg-type]
+        extras=_pooled_group_counts(routings),
     )
+
+
+def _pooled_group_counts(routings: Sequence[RoutingResult]) -> dict[str, Tensor]:
+    """The layers' group counts summed (empty if no layer was counted over a group)."""
+    counted = [GROUP_COUNTS in r.extras for r in routings]
+    if not any(counted):
+        return {}
+    if not all(counted):
+        raise ValueError(
+            "pooled aux losses need every MoE layer counted over the same process group "
+            f"(extras[{GROUP_COUNTS!r}]); layers with it: {counted}"
+        )
+    ranks = {int(r.extras[GROUP_RANKS]) for r in routings}
+    if len(ranks) != 1:
+        raise ValueError(f"pooled layers were counted over groups of {sorted(ranks)} ranks")
+    return {
+        GROUP_COUNTS: torch.stack([r.extras[GROUP_COUNTS] for r in routings]).sum(0),
+        GROUP_TOKENS: torch.stack([r.extras[GROUP_TOKENS] for r in routings]).sum(0),
+        GROUP_RANKS: routings[0].extras[GROUP_RANKS],
+    }
 
 
 def pooled_aux_losses(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mtl.moe.mixture_of_tokens import token_group_size
+
 
 @torch.no_grad()
 def sample_next(
@@ -59,6 +61,10 @@ def generate(
     The context is cropped to the model's ``max_seq_len`` (no KV cache: the
     models here are small, and recomputation keeps MoE routing exactly as in
     training). The model is put in eval mode for the call and restored after.
+    A model with Mixture-of-Tokens layers mixes groups of ``g`` examples and
+    runs on full groups only: a batch that ``g`` does not divide is filled
+    with copies of its last prompt, sampled along and dropped from the result
+    (one prompt is sampled as ``g`` continuations of itself, as in training).
 
     Args:
         model: maps ``(B, T)`` ids to an object with ``.logits (B, T, V)``.
@@ -82,6 +88,9 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     max_len = int(getattr(model, "max_seq_len", idx_BT.shape[1] + max_new_tokens))
+    B = idx_BT.shape[0]
+    fill = -B % token_group_size(model)
+    idx_BT = torch.cat([idx_BT, idx_BT[-1:].expand(fill, -1)])
     was_training = model.training
     model.eval()
     try:
@@ -93,4 +102,4 @@ def generate(
             idx_BT = torch.cat([idx_BT, nxt_B1.to(idx_BT)], dim=1)
     finally:
         model.train(was_training)
-    return idx_BT
+    return idx_BT[:B]

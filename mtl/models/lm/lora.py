@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from mtl.models.lm.finetune import ParamCounts, count_parameters
 from mtl.models.lm.transformer import TransformerLM
 from mtl.moe import SwiGLUExperts
 from mtl.moe.lora import LoRASwiGLUExperts
+
+if TYPE_CHECKING:
+    from mtl.data.tokenizers import Tokenizer
 
 ADAPTER_FORMAT = "mtl-lora-adapters/1"
 """The ``format`` entry of an adapter file (:func:`save_adapters`)."""
@@ -164,6 +167,7 @@ class LoRAConfig:
         train_also: Sequence[str] = (),
         vocab_size: int | None = None,
         max_seq_len: int | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> TransformerLM:
         """The language model of a training checkpoint with adapters, adapters trainable only.
 
@@ -176,18 +180,31 @@ class LoRAConfig:
             train_also: substrings of parameter names kept trainable too (``gate.``: the routers).
             vocab_size: the data's vocabulary size (must be the checkpoint's).
             max_seq_len: the data's block size (at most the checkpoint's).
+            tokenizer: the run's tokenizer (the run passes it): the checkpoint's must be
+                the same vocabulary (fingerprint), not only the same size.
 
         Raises:
             FileNotFoundError: ``checkpoint`` does not exist.
-            ValueError: the data's vocabulary or block size does not fit the checkpoint.
+            ValueError: the data's vocabulary or block size does not fit the checkpoint
+                (:class:`~mtl.training.lm_module.VocabularyMismatchError`: another
+                tokenizer, even of the same size).
         """
         from mtl.training.build import load_module  # the training layer builds on the models
 
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"model.checkpoint: no checkpoint file {checkpoint}")
-        net = load_module(checkpoint).net
+        module = load_module(checkpoint)
+        net = module.net
         if not isinstance(net, TransformerLM):
             raise ValueError(f"model.checkpoint: {checkpoint} holds no language model")
+        saved = getattr(module, "tokenizer", None)
+        if tokenizer is not None and saved is not None:
+            check_base_tokenizer(
+                {"state": saved.state_dict(), "fingerprint": saved.fingerprint()},
+                tokenizer,
+                key="model.checkpoint",
+                path=checkpoint,
+            )
         if vocab_size is not None and vocab_size != net.vocab_size:
             raise ValueError(
                 f"model.checkpoint: {checkpoint} has vocab_size={net.vocab_size}, "
@@ -200,6 +217,30 @@ class LoRAConfig:
         cls(rank=rank, alpha=alpha, targets=tuple(targets)).apply(net)
         mark_only_lora_trainable(net, train_also=train_also)
         return net
+
+
+def check_base_tokenizer(
+    saved: Mapping[str, Any], tokenizer: Tokenizer, *, key: str, path: str | Path
+) -> None:
+    """Refuse to fine-tune the weights of checkpoint ``path`` on data of another tokenizer.
+
+    ``saved`` is the checkpoint's ``lm_tokenizer`` entry (``state``, ``fingerprint``);
+    the comparison is :func:`~mtl.training.lm_module.check_vocabulary`'s, the one
+    resuming uses: equal fingerprints, so two tokenizers of one size that map ids
+    to other symbols differ.
+
+    Raises:
+        VocabularyMismatchError: the vocabularies differ (a ``ValueError``).
+    """
+    from mtl.training.lm_module import VocabularyMismatchError, check_vocabulary
+
+    try:
+        check_vocabulary(saved, tokenizer)
+    except VocabularyMismatchError as exc:
+        details = str(exc).removeprefix("cannot resume: ")  # the message is worded for resuming
+        raise VocabularyMismatchError(
+            f"{key}: {path} was trained with another tokenizer than this run's data: {details}"
+        ) from None
 
 
 def add_lora(

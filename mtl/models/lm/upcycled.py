@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mtl.models.lm.blocks import SwiGLU
 from mtl.models.lm.finetune import freeze_all_but_experts
+from mtl.models.lm.lora import check_base_tokenizer
 from mtl.models.lm.transformer import TransformerLM
 from mtl.models.lm.upcycling import (
     Preserve,
@@ -30,6 +31,9 @@ from mtl.models.lm.upcycling import (
     upcycle_transformer,
 )
 from mtl.moe import MoELayer
+
+if TYPE_CHECKING:
+    from mtl.data.tokenizers import Tokenizer
 
 Freeze = Literal["none", "all_but_experts"]
 
@@ -69,10 +73,13 @@ class UpcycledLM(TransformerLM):
             dense model's initialisation.
         freeze: ``"all_but_experts"`` trains only the experts and the routers
             (:func:`~mtl.models.lm.freeze_all_but_experts`).
+        tokenizer: the run's tokenizer (the run passes it): ``init_checkpoint``'s must
+            be the same vocabulary (fingerprint), not only the same size.
 
     Raises:
         ValueError: a ``dense`` node of another class or with MoE layers, an unknown
-            method, a combination that cannot keep the dense output.
+            method, a combination that cannot keep the dense output, an
+            ``init_checkpoint`` of another tokenizer.
         FileNotFoundError: ``init_checkpoint`` does not exist.
 
     Shapes:
@@ -104,6 +111,7 @@ class UpcycledLM(TransformerLM):
         aux_loss_weights: Mapping[str, float] | None = None,
         init_checkpoint: str | None = None,
         freeze: Freeze = "none",
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         if method not in ("copy", "split"):
             raise ValueError(f"method must be 'copy' or 'split', got {method!r}")
@@ -114,7 +122,7 @@ class UpcycledLM(TransformerLM):
             kwargs["max_seq_len"] = max_seq_len
         super().__init__(vocab_size=vocab_size, **kwargs)
         if init_checkpoint is not None:
-            _load_dense_weights(self, init_checkpoint)
+            _load_dense_weights(self, init_checkpoint, tokenizer=tokenizer)
         losses = None if aux_loss_weights is None else dict(aux_loss_weights)
 
         def make(ffn: SwiGLU, i: int) -> MoELayer:
@@ -163,13 +171,18 @@ def _dense_kwargs(dense: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _load_dense_weights(lm: nn.Module, path: str) -> None:
-    """The ``net.*`` weights of a dense run's checkpoint, into ``lm`` (strict)."""
+def _load_dense_weights(lm: nn.Module, path: str, *, tokenizer: Tokenizer | None = None) -> None:
+    """The ``net.*`` weights of a dense run's checkpoint, into ``lm`` (strict); the
+    checkpoint's tokenizer must be ``tokenizer`` where both are known."""
     from mtl.training.checkpoints import read_checkpoint  # training imports models, not back
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"init_checkpoint not found: {path}")
-    state = read_checkpoint(path, role="init_checkpoint", require=("state_dict",))["state_dict"]
+    checkpoint = read_checkpoint(path, role="init_checkpoint", require=("state_dict",))
+    saved = checkpoint.get("lm_tokenizer")
+    if tokenizer is not None and saved is not None:
+        check_base_tokenizer(saved, tokenizer, key="model.init_checkpoint", path=path)
+    state = checkpoint["state_dict"]
     weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     missing, unexpected = lm.load_state_dict(weights, strict=False)
     if missing or unexpected:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mtl.moe.experts import ExpertBank
+from mtl.moe.expert_bank import ExpertBank
 from mtl.moe.losses import AUX_LOSSES, aux_losses
 from mtl.moe.masked_routing import restrict_to_allowed
 from mtl.moe.routing import RoutingResult

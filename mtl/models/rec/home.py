@@ -33,7 +33,7 @@ class FeatureGate(nn.Module):
     ``D^2``. The factor 2 makes the gate 1 where the logit is 0, so on average
     the input keeps its scale. All experts are computed in two batched einsums
     and the result ``(E, T, D)`` is fed to
-    :meth:`~mtl.moe.experts.ExpertBank.forward_all` as per-expert input.
+    :meth:`~mtl.moe.expert_bank.ExpertBank.forward_all` as per-expert input.
 
     Initialisation: ``B`` has fan-in scale (``x B`` has about the variance of
     ``x``) and ``A`` is scaled by ``init_scale / sqrt(r)``, so the gate logits
@@ -312,7 +312,7 @@ class HoME(nn.Module):
             logits=self.towers(reps),
             aux_loss=gate_aux_loss(routings, self.aux_loss_weights, x_BD.device),
             gate_weights={t: top.routing[t].dense_weights() for t in self.tasks},
-            expert_outputs=top.expert_outputs_ETD,
+            expert_outputs=top.expert_outputs,
             expert_kinds=list(self.expert_kinds),
             expert_load={0: meta.expert_load(), 1: top.expert_load()},
             expert_activation=self.expert_activation,
@@ -320,7 +320,7 @@ class HoME(nn.Module):
                 GateLevel(
                     name="level 1 of 2 (meta)",
                     gate_weights={g: r.dense_weights() for g, r in meta.routing.items()},
-                    expert_outputs=meta.expert_outputs_ETD,
+                    expert_outputs=meta.expert_outputs,
                     expert_kinds=list(self.meta_expert_kinds),
                     activation=self.expert_activation,
                 )

@@ -143,7 +143,7 @@ class MMoE(nn.Module):
             logits=self.towers({t: mix.outputs[self._gate_of(t)] for t in self.tasks}),
             aux_loss=gate_aux_loss(list(mix.routing.values()), self.aux_loss_weights, device),
             gate_weights={t: w_BE[self._gate_of(t)] for t in self.tasks},
-            expert_outputs=mix.expert_outputs_ETD,
+            expert_outputs=mix.expert_outputs,
             expert_kinds=list(self.expert_kinds),
             expert_load={0: mix.expert_load()},
             expert_activation=self.expert_activation,

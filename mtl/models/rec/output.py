@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from mtl.moe.multi_gate_sparse import RoutedExpertOutputs
 
 
 def _zero() -> Tensor:
@@ -20,7 +24,8 @@ class GateLevel:
         name: the level's label, e.g. ``"level 1 (meta)"``.
         gate_weights: ``{gate: (B, E)}`` every gate of the level, named by the unit
             it feeds: a task, a category, or ``"__shared__"`` (the shared unit).
-        expert_outputs: ``(E, B, H)`` the level's expert outputs, or None.
+        expert_outputs: ``(E, B, H)`` the level's expert outputs, their outputs on
+            their routed rows under sparse compute, or None.
         expert_kinds: length ``E``, as :attr:`MultiTaskOutput.expert_kinds`.
         activation: the experts' activation (``"relu"``, ``"swish"``...).
 
@@ -33,7 +38,7 @@ class GateLevel:
 
     name: str
     gate_weights: dict[str, Tensor]
-    expert_outputs: Tensor | None
+    expert_outputs: Tensor | RoutedExpertOutputs | None
     expert_kinds: list[str]
     activation: str | None = None
 
@@ -56,7 +61,9 @@ class MultiTaskOutput:
             gate over the bank's ``E`` experts (exactly 0 for masked experts);
             empty for models without gates.
         expert_outputs: ``(E, B, H)`` outputs of the final-level experts
-            (collapse diagnostics: zero-activation fraction, output scale), or None.
+            (collapse diagnostics: zero-activation fraction, output scale); under
+            sparse compute each expert's outputs on its routed rows
+            (:class:`~mtl.moe.multi_gate_sparse.RoutedExpertOutputs`); or None.
         expert_kinds: length ``E``: ``"shared"``, ``"group:<name>"`` or
             ``"task:<name>"`` for each final-level expert.
         expert_load: ``{level: (E_level,)}`` (row, gate) slots each expert of a
@@ -76,7 +83,7 @@ class MultiTaskOutput:
     probs: dict[str, Tensor] = field(default_factory=dict)
     aux_loss: Tensor = field(default_factory=_zero)
     gate_weights: dict[str, Tensor] = field(default_factory=dict)
-    expert_outputs: Tensor | None = None
+    expert_outputs: Tensor | RoutedExpertOutputs | None = None
     expert_kinds: list[str] = field(default_factory=list)
     expert_load: dict[int, Tensor] = field(default_factory=dict)
     expert_activation: str | None = None

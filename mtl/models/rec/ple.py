@@ -181,7 +181,7 @@ class PLE(nn.Module):
                 routings, self.aux_loss_weights, mix.outputs[self.tasks[0]].device
             ),
             gate_weights={t: mix.routing[t].dense_weights() for t in self.tasks},
-            expert_outputs=mix.expert_outputs_ETD,
+            expert_outputs=mix.expert_outputs,
             expert_kinds=list(self.expert_kinds),
             expert_load=load,
             expert_activation=self.expert_activation,
@@ -193,7 +193,7 @@ class PLE(nn.Module):
         return GateLevel(
             name=f"level {number} of {self.num_levels}",
             gate_weights={name: r.dense_weights() for name, r in mix.routing.items()},
-            expert_outputs=mix.expert_outputs_ETD,
+            expert_outputs=mix.expert_outputs,
             expert_kinds=list(self.expert_kinds),
             activation=self.expert_activation,
         )

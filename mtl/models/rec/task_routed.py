@@ -7,6 +7,10 @@ per-task choice of experts, as in task-level routing / MoDE's
 condition-routed experts) or concatenated with the input
 (``route_on="task_and_input"``: per example, with the gate's parameters shared
 across tasks). The experts see the input; the gate sees the condition.
+
+The mixing is :class:`~mtl.moe.MultiGateMixture`'s, with the one gate module
+serving every task's name and each task's condition as that name's gate input,
+so a sparse gate means sparse compute here as in MMoE.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from mtl.models.rec.common import (
 )
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
-from mtl.moe import DenseSoftmaxGate, MultiGateOutput, RoutingResult, combine_dense_many
-from mtl.moe.multi_gate import GateFactory, make_gate
+from mtl.moe import DenseSoftmaxGate, RoutingResult
+from mtl.moe.multi_gate import GateFactory, MultiGateMixture, make_gate
 
 RouteOn = Literal["task", "task_and_input"]
 
@@ -38,8 +42,9 @@ class TaskRoutedMoE(nn.Module):
 
     ``h_t = sum_e g(c_t)_e * Expert_e(x)`` with ``c_t = emb(t)`` (``route_on="task"``)
     or ``c_t = [emb(t); x]`` (``"task_and_input"``), ``g`` one gate shared by
-    every task, then ``logit_t = Tower_t(h_t)``. The experts run once; the gate
-    runs once per task.
+    every task, then ``logit_t = Tower_t(h_t)``. The experts run once (on the
+    rows some task routed to them when the gate is sparse); the gate runs once
+    per task.
 
     Args:
         d_in: width of the embedded input.
@@ -56,6 +61,8 @@ class TaskRoutedMoE(nn.Module):
             choice); default :class:`~mtl.moe.DenseSoftmaxGate`.
         aux_loss_weights: ``{loss name: weight}`` over :mod:`mtl.moe.losses`,
             averaged over the tasks' routings.
+        sparse_compute: as :class:`~mtl.moe.MultiGateMixture`'s: None computes
+            sparsely with a sparse gate, False always densely (the A/B reference).
 
     Shapes:
         ``x (B, d_in) ->`` logits ``{task: (B,)}``, gate weights ``{task: (B, E)}``,
@@ -84,6 +91,7 @@ class TaskRoutedMoE(nn.Module):
         route_on: RouteOn = "task",
         gate: GateFactory = DenseSoftmaxGate,
         aux_loss_weights: Mapping[str, float] | None = None,
+        sparse_compute: bool | None = None,
     ) -> None:
         super().__init__()
         self.d_in = check_dim("d_in", d_in)
@@ -95,16 +103,32 @@ class TaskRoutedMoE(nn.Module):
         self.route_on = route_on
         widths = as_widths("expert_hidden", expert_hidden, allow_empty=False)
         self.aux_loss_weights = as_loss_weights(aux_loss_weights)
-        self.experts = representation_bank(
+        experts = representation_bank(
             num_experts=num_experts, dims=[d_in, *widths], activation=expert_activation
         )
         self.expert_activation = expert_activation
         self.task_embedding = nn.Embedding(len(self.tasks), task_dim)
         d_gate = task_dim + (d_in if route_on == "task_and_input" else 0)
-        self.gate = make_gate(gate, d_model=d_gate, num_experts=num_experts, name="task gate")
+        gate_module = make_gate(gate, d_model=d_gate, num_experts=num_experts, name="task gate")
+        # one module under every task's name: the mixture routes each task's condition with it
+        self.mixture = MultiGateMixture(
+            experts=experts,
+            gates={t: gate_module for t in self.tasks},
+            sparse_compute=sparse_compute,
+        )
         self.towers = TaskTowers(
             tasks=self.tasks, d_in=widths[-1], hidden=tower_hidden, dropout=dropout
         )
+
+    @property
+    def gate(self) -> nn.Module:
+        """The gate shared by the tasks."""
+        return self.mixture.gates[self.tasks[0]]
+
+    @property
+    def experts(self) -> nn.Module:
+        """The expert bank."""
+        return self.mixture.experts
 
     def gate_input(self, x_BD: Tensor, task: str) -> Tensor:
         """``(B, d_gate)``: the condition the gate sees for ``task``."""
@@ -117,19 +141,13 @@ class TaskRoutedMoE(nn.Module):
         return {t: self.gate(self.gate_input(x_BD, t)) for t in self.tasks}
 
     def forward(self, x_BD: Tensor) -> MultiTaskOutput:
-        routing = self.route(x_BD)
-        y_EBH = self.experts.forward_all(x_BD)
-        mixed = combine_dense_many(y_EBH, [r.dense_weights() for r in routing.values()])
-        mix = MultiGateOutput(
-            outputs=dict(zip(routing, mixed, strict=True)),
-            routing=routing,
-            expert_outputs_ETD=y_EBH,
-        )
+        mix = self.mixture(x_BD, gate_inputs={t: self.gate_input(x_BD, t) for t in self.tasks})
+        routing = mix.routing
         return MultiTaskOutput(
             logits=self.towers(mix.outputs),
             aux_loss=gate_aux_loss(list(routing.values()), self.aux_loss_weights, x_BD.device),
             gate_weights={t: r.dense_weights() for t, r in routing.items()},
-            expert_outputs=y_EBH,
+            expert_outputs=mix.expert_outputs,
             expert_kinds=["shared"] * self.num_experts,
             expert_load={0: mix.expert_load()},
             expert_activation=self.expert_activation,

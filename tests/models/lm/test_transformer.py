@@ -19,6 +19,7 @@ from mtl.models.lm import (
 )
 from mtl.models.lm.moe_ffn import MoEFFN
 from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
+from mtl.moe.mixture_of_tokens import token_group_size
 
 from .conftest import LM_PRESETS
 
@@ -125,9 +126,10 @@ def test_every_preset_builds_and_runs(
     preset: str, build_preset: Callable[..., TransformerLM]
 ) -> None:
     model = build_preset(preset)
-    x = torch.randint(0, 50, (2, 16))
+    B = 2 * token_group_size(model)  # a Mixture of Tokens mixes whole groups of examples
+    x = torch.randint(0, 50, (B, 16))
     out = model(x, x)
-    assert out.logits.shape == (2, 16, 50) and torch.isfinite(out.loss)
+    assert out.logits.shape == (B, 16, 50) and torch.isfinite(out.loss)
     (out.loss + out.aux_loss).backward()
 
 

@@ -122,3 +122,52 @@ def test_in_a_ranker_it_takes_the_plain_path() -> None:
 def test_bad_route_on_is_refused() -> None:
     with pytest.raises(ValueError, match="route_on must be"):
         _model(route_on="domain")
+
+
+@pytest.mark.parametrize("route_on", ["task", "task_and_input"])
+def test_a_top_k_gate_computes_sparsely_and_equals_the_dense_computation(route_on: str) -> None:
+    gate = functools.partial(TopKGate, k=2)
+    model = _model(route_on=route_on, gate=gate).eval()
+    x = torch.randn(6, D)
+    rows: list[int] = []
+    grouped = model.experts.forward_grouped
+
+    def counting(x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        rows.append(x_ND.shape[0])
+        return grouped(x_ND, counts_E)
+
+    model.experts.forward_grouped = counting  # type: ignore[method-assign]
+    out = model(x)
+    # each expert ran once, on the rows some task routed to it: fewer than every row
+    union_ET = torch.zeros(4, 6, dtype=torch.bool)
+    for t in TASKS:
+        union_ET |= (out.gate_weights[t] > 0).T
+    assert rows == [int(union_ET.sum())] and rows[0] < 4 * 6
+    # the dense computation, by hand: every expert on every row, mixed with the sparse weights
+    y_EBH = model.experts.forward_all(x)
+    for t in TASKS:
+        w = model.gate(model.gate_input(x, t)).dense_weights()
+        h = sum(w[:, e : e + 1] * y_EBH[e] for e in range(4))
+        torch.testing.assert_close(out.logits[t], model.towers.towers[t](h), atol=1e-6, rtol=1e-6)
+    dense = _model(route_on=route_on, gate=gate, sparse_compute=False).eval()
+    dense.load_state_dict(model.state_dict())
+    ref = dense(x)
+    assert isinstance(ref.expert_outputs, torch.Tensor)
+    for t in TASKS:
+        torch.testing.assert_close(out.logits[t], ref.logits[t], atol=1e-6, rtol=1e-6)
+
+
+def test_the_shared_gate_is_one_module_saved_and_loaded_with_the_model() -> None:
+    model = _model(route_on="task_and_input")
+    gates = list(model.mixture.gates.values())
+    assert all(g is model.gate for g in gates)
+    parts = (model.experts, model.gate, model.task_embedding, model.towers)
+    count = sum(p.numel() for part in parts for p in part.parameters())
+    assert sum(p.numel() for p in model.parameters()) == count  # the gate counted once
+    other = _model(route_on="task_and_input")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    other.load_state_dict(model.state_dict())
+    x = torch.randn(3, D)
+    torch.testing.assert_close(other(x).logits["click"], model(x).logits["click"])
