@@ -155,9 +155,11 @@ def optimizer_config() -> dict[str, Any]:
     return {**config_node("optim", "adam.yaml"), "lr": LR}
 
 
-def build_ranker(dm: RecDataModule, model: dict[str, Any]) -> Ranker:
-    """The ranker ``mtl train`` builds for ``model`` on ``dm``'s features (global RNG)."""
-    cfg = OmegaConf.create({"kind": "rec", "embedding": embedding_config(), "model": model})
+def build_ranker(dm: RecDataModule, model: dict[str, Any], fold: bool = True) -> Ranker:
+    """The ranker ``mtl train`` builds for ``model`` on ``dm``'s features (global RNG);
+    ``fold=False`` as ``embedding.fold=false``."""
+    embedding = {**embedding_config(), "fold": fold}
+    cfg = OmegaConf.create({"kind": "rec", "embedding": embedding, "model": model})
     net, _ = build_net(cfg, dm)
     assert isinstance(net, Ranker)
     return net
@@ -231,15 +233,17 @@ def mtl_variant(
     bf16: bool = False,
     seed: int = 0,
     compiled: bool = False,
+    fold: bool = True,
 ) -> Variant:
     """mtl's RecModule in a plain training loop over its TensorBatchLoader.
 
     With ``bf16`` the forward runs under CPU bf16 autocast (what the trainer's
     ``precision: bf16-mixed`` does); weights, optimizer and losses stay float32.
     ``seed`` sets the initialisation and the batch order. ``compiled`` compiles
-    the model in place as ``mtl train compile=true`` does.
+    the model in place as ``mtl train compile=true`` does. ``fold=False`` gathers
+    every embedding (``embedding.fold=false``), the A/B of the fold.
     """
-    module = _seeded_module(RecModule, dm, model_cfg, seed)
+    module = _seeded_module(RecModule, dm, model_cfg, seed, fold=fold)
     # as `mtl train compile=true`: the model only, not the embedding
     compile_model(module.net.model, compiled)
     opt = module.configure_optimizers()["optimizer"]
@@ -277,14 +281,14 @@ def trainer_variant(dm: RecDataModule, model_cfg: dict[str, Any], seed: int = 0)
 
 
 def _seeded_module(
-    cls: type[ModuleT], dm: RecDataModule, model_cfg: dict[str, Any], seed: int
+    cls: type[ModuleT], dm: RecDataModule, model_cfg: dict[str, Any], seed: int, fold: bool = True
 ) -> ModuleT:
     """A ``cls`` around ``model_cfg``'s ranker on ``dm``, initialised from ``seed``.
 
     The optimizer is ``conf/optim/adam.yaml``'s at :data:`LR`.
     """
     torch.manual_seed(seed)
-    net = build_ranker(dm, model_cfg)
+    net = build_ranker(dm, model_cfg, fold=fold)
     return cls(
         net=net,
         optimizer=build(optimizer_config(), what="optim"),
@@ -532,11 +536,12 @@ def bench_dataset(
         "mtl_trainer": lambda s: [trainer_variant(dm, mmoe, seed=s)],
         "mtl_bf16": lambda s: [mtl_variant(dm, mmoe, "mtl_bf16", bf16=True, seed=s)],
         "mtl_compile": lambda s: [mtl_variant(dm, mmoe, "mtl_compile", seed=s, compiled=True)],
+        "mtl_nofold": lambda s: [mtl_variant(dm, mmoe, "mtl_nofold", seed=s, fold=False)],
         "home": lambda s: [mtl_variant(dm, home, "mtl", seed=s)],
         "home_bf16": lambda s: [mtl_variant(dm, home, "mtl_bf16", bf16=True, seed=s)],
         "rechub": lambda s: rechub_variants(dm, seed=s) if with_rechub else [],
     }
-    every = [v for v in builders if v != "mtl_compile"]  # compiling: only when asked for
+    every = [v for v in builders if v not in ("mtl_compile", "mtl_nofold")]  # only when asked for
     chosen = only or (["mtl", "mtl_trainer", "mtl_bf16", "home", "rechub"] if quick else every)
     same: dict[str, float] | None = None
     if with_rechub and "rechub" in chosen:
@@ -655,7 +660,16 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="*",
-        choices=["mtl", "mtl_trainer", "mtl_bf16", "mtl_compile", "home", "home_bf16", "rechub"],
+        choices=[
+            "mtl",
+            "mtl_trainer",
+            "mtl_bf16",
+            "mtl_compile",
+            "mtl_nofold",
+            "home",
+            "home_bf16",
+            "rechub",
+        ],
         default=None,
         help="run only these (rechub = both rechub feeds); default: all",
     )
