@@ -49,6 +49,9 @@ _EPILOG = """examples:
   mtl compare models=[mmoe,home] data=census_income seeds=3 trainer.max_epochs=2
   mtl train --print-config model=ple               # show the composed config and exit
   mtl list                                         # models, data, experiments, trainers
+  mtl prepare data=table data.path=big.parquet data.labels=[click] data.categorical=[item] out=shards/big
+  mtl generate runs/lm_mixtral/<run>/checkpoints/last.ckpt --prompt "ROMEO:"
+  mtl merge a.ckpt b.ckpt --weights 0.5 0.5 --out merged.ckpt
 
 Overrides are Hydra syntax: key=value, group=choice, +new_key=value, ++key=value.
 """
