@@ -17,7 +17,9 @@ The counts carry no gradient (the loss's ``f`` is detached), so one
 ``all_reduce`` of ``E + 1`` integers per layer suffices.
 
 Who fills them: :class:`~mtl.moe.ExpertParallelDispatch` (its count group) and,
-without expert parallelism, :func:`count_routing_over` (a hook on each gate).
+without expert parallelism, :func:`count_routing_over` (a hook on each gate of the
+MoE layers and multi-gate mixtures). Consumers that restrict a routing to some
+experts keep the group's entries with :func:`restricted_group_extras`.
 """
 
 from __future__ import annotations
@@ -75,17 +77,76 @@ class _CountOverGroup:
             count_over_group(routing, routing_counts(routing), self.group)
 
 
-def count_routing_over(net: nn.Module, group: GroupLike = None) -> list[RemovableHandle]:
-    """Make every non-expert-parallel :class:`~mtl.moe.MoELayer` of ``net`` count over ``group``.
+def count_as_forward(gate: nn.Module, routing: RoutingResult) -> RoutingResult:
+    """Apply ``gate``'s counting hook (if any) to a routing it made outside its ``forward``.
 
-    A forward hook on each layer's gate sums the routing's counts over the
+    For a caller that computes a gate's logits itself and calls its ``route``
+    (:meth:`~mtl.moe.MultiGateMixture.forward_projected`): the routing is counted
+    exactly as the gate's forward would count it, so that every path through a
+    model issues the same collectives.
+    """
+    for hook in list(gate._forward_hooks.values()):
+        if isinstance(hook, _CountOverGroup):
+            hook(gate, (), routing)
+    return routing
+
+
+def restricted_group_extras(routing: RoutingResult, keep_E: Tensor) -> dict[str, Tensor]:
+    """The group entries of ``routing.extras`` for its restriction to the experts ``keep_E``.
+
+    Args:
+        routing: a routing counted over a group (or not: then ``{}``).
+        keep_E: ``(E,)`` bool, the experts the restricted routing keeps (in order).
+
+    Returns:
+        ``{GROUP_COUNTS: (E_kept,), GROUP_TOKENS, GROUP_RANKS}``, or ``{}``.
+
+    Example:
+        >>> from mtl.moe import TopKGate
+        >>> r = TopKGate(d_model=4, num_experts=3, k=1)(torch.randn(5, 4))
+        >>> r.extras.update({GROUP_COUNTS: torch.tensor([4, 0, 6]),
+        ...                  GROUP_TOKENS: torch.tensor(10), GROUP_RANKS: torch.tensor(2)})
+        >>> restricted_group_extras(r, torch.tensor([True, False, True]))[GROUP_COUNTS].tolist()
+        [4, 6]
+    """
+    if GROUP_COUNTS not in routing.extras:
+        return {}
+    return {
+        GROUP_COUNTS: routing.extras[GROUP_COUNTS][keep_E],
+        GROUP_TOKENS: routing.extras[GROUP_TOKENS],
+        GROUP_RANKS: routing.extras[GROUP_RANKS],
+    }
+
+
+def _gates_of(net: nn.Module) -> list[nn.Module]:
+    """The gates to count: of each non-expert-parallel MoE layer and each multi-gate mixture."""
+    from mtl.moe.expert_parallel import ExpertParallelDispatch
+    from mtl.moe.layer import MoELayer
+    from mtl.moe.multi_gate import MultiGateMixture
+
+    gates: list[nn.Module] = []
+    for module in net.modules():
+        if isinstance(module, MoELayer) and not isinstance(module.dispatch, ExpertParallelDispatch):
+            gates.append(module.gate)
+        elif isinstance(module, MultiGateMixture):
+            gates.extend(module.gates.values())
+    return gates
+
+
+def count_routing_over(net: nn.Module, group: GroupLike = None) -> list[RemovableHandle]:
+    """Make the gates of ``net``'s MoE layers and multi-gate mixtures count over ``group``.
+
+    A forward hook on each gate of every non-expert-parallel
+    :class:`~mtl.moe.MoELayer` and every :class:`~mtl.moe.MultiGateMixture`
+    (the rankers' gates) sums the routing's counts over the
     group (:func:`count_over_group`) in training forwards (``gate.training``
     and gradients enabled), so that under data parallelism the ranks'
     auxiliary losses average to the single-process loss of the global batch
     (and DDP's mean of the gradients is its gradient). Layers with
     :class:`~mtl.moe.ExpertParallelDispatch` already count over their own group
-    and gates already hooked are left alone. Collective: in training, every rank
-    must run every layer in the same order.
+    and gates already hooked are left alone; a gate that routes several times
+    per forward (one gate under several names) counts each routing.
+    Collective: in training, every rank must run every gate in the same order.
 
     Returns:
         the new hooks' handles (``handle.remove()`` undoes it).
@@ -103,16 +164,18 @@ def count_routing_over(net: nn.Module, group: GroupLike = None) -> list[Removabl
         (3, 1, 6)
         >>> count_routing_over(layer)  # already counted
         []
+        >>> from mtl.moe import ExpertBank, MultiGateMixture
+        >>> mix = MultiGateMixture(experts=ExpertBank(num_experts=4, dims=[4, 8]),
+        ...     gates={t: TopKGate(d_model=4, num_experts=4, k=1) for t in ("click", "like")})
+        >>> len(count_routing_over(mix))  # one hook per gate
+        2
+        >>> int(mix(torch.randn(5, 4)).routing["like"].extras[GROUP_COUNTS].sum())
+        5
         >>> dist.destroy_process_group()
     """
-    from mtl.moe.expert_parallel import ExpertParallelDispatch
-    from mtl.moe.layer import MoELayer
-
     handles = []
-    for layer in net.modules():
-        if not isinstance(layer, MoELayer) or isinstance(layer.dispatch, ExpertParallelDispatch):
-            continue
-        if any(isinstance(h, _CountOverGroup) for h in layer.gate._forward_hooks.values()):
-            continue
-        handles.append(layer.gate.register_forward_hook(_CountOverGroup(group)))
+    for gate in _gates_of(net):
+        if any(isinstance(h, _CountOverGroup) for h in gate._forward_hooks.values()):
+            continue  # hooked already (or met before: one gate under several names)
+        handles.append(gate.register_forward_hook(_CountOverGroup(group)))
     return handles

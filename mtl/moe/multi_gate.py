@@ -18,6 +18,7 @@ from mtl.moe.gates.dense import DenseSoftmaxGate, _as_mask
 from mtl.moe.gates.dynamic import TopPGate
 from mtl.moe.gates.sigmoid import SigmoidBiasGate
 from mtl.moe.gates.topk import NoisyTopKGate, TopKGate
+from mtl.moe.group_counts import count_as_forward
 from mtl.moe.masked_routing import EXPERT_MASK
 from mtl.moe.multi_gate_sparse import MultiGateDroplessDispatch, RoutedExpertOutputs, is_sparse
 from mtl.moe.routing import RoutingResult, bin_counts
@@ -235,9 +236,9 @@ class MultiGateMixture(nn.Module):
         routing = {}
         for (name, gate), z_TE in zip(self.gates.items(), z_gates, strict=True):
             bias = gate.proj.bias
-            routing[name] = gate.route(
-                z_TE.float() if bias is None else z_TE.float() + bias.float()
-            )
+            logits_TE = z_TE.float() if bias is None else z_TE.float() + bias.float()
+            # counted as the gate's forward counts: both paths issue the same collectives
+            routing[name] = count_as_forward(gate, gate.route(logits_TE))
         return _mix(y_ETD, routing)
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from mtl.data.tabular import RecBatch
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.ranker import Ranker
+from mtl.moe.group_counts import count_routing_over
 from mtl.training.diagnostics import DiagnosticsAccumulator, ExpertDiagnostics
 from mtl.training.expert_load import ExpertLoad, log_load_histograms
 from mtl.training.metrics import LOG_LOSS_EPS, BinaryTaskMetrics, RegressionTaskMetrics
@@ -152,6 +153,13 @@ class RecModule(pl.LightningModule):
         return keys
 
     # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        # data parallelism: the gates' auxiliary losses count every rank's rows (as the LM's
+        # router losses do), so a run equals one process on the global batch
+        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        if distributed and _has_gate_losses(self.net):
+            count_routing_over(self.net, torch.distributed.group.WORLD)
+
     def forward(self, batch: RecBatch) -> MultiTaskOutput:
         return self.net(batch.cat, batch.num)
 
@@ -346,3 +354,8 @@ class RecModule(pl.LightningModule):
 
     def predict_step(self, batch: RecBatch, batch_idx: int) -> dict[str, Tensor]:
         return self.predictions(self(batch))
+
+
+def _has_gate_losses(net: nn.Module) -> bool:
+    """Whether a model of ``net`` weights gate auxiliary losses (else counts would go unused)."""
+    return any(any((getattr(m, "aux_loss_weights", None) or {}).values()) for m in net.modules())

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from mtl.moe.expert_bank import ExpertBank
+from mtl.moe.group_counts import restricted_group_extras
 from mtl.moe.losses import AUX_LOSSES, aux_losses
-from mtl.moe.masked_routing import restrict_to_allowed
+from mtl.moe.masked_routing import allowed_experts, restrict_to_allowed
 from mtl.moe.routing import RoutingResult
 
 SHARED_UNIT = "__shared__"
@@ -116,7 +117,10 @@ def gate_aux_loss(
 def _restricted(r: RoutingResult) -> RoutingResult:
     # A dense gate's mask is its invalid slots (the same for every token); a masked
     # ranking gate's rides in the routing (top-p and expert-choice slots mask nothing).
-    return restrict_to_allowed(r)
+    out = restrict_to_allowed(r)
+    if out is not r:  # counts over the ranks (DDP) follow the restriction
+        out.extras.update(restricted_group_extras(r, allowed_experts(r)))  # type: ignore[arg-type]
+    return out
 
 
 def representation_bank(
