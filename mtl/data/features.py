@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
@@ -41,6 +41,7 @@ __all__ = [
     "assemble_fitted",
     "build_feature_spec",
     "category_counts",
+    "check_vocab_options",
     "default_embed_dim",
     "fit_features",
     "infer_roles",
@@ -182,23 +183,33 @@ def vocabulary_from_counts(
     return known.get_column("value").sort().rename(name)
 
 
-def category_counts(col: pl.Series) -> pl.DataFrame:
-    """Counts of the non-null categories of ``col`` as text: the ``value``/``n`` frame of
-    :func:`vocabulary_from_counts`.
+FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
+
+
+def category_counts(frame: FrameT, name: str) -> FrameT:
+    """Counts of the non-null categories of column ``name`` as text: the ``value``/``n``
+    frame of :func:`vocabulary_from_counts`. Lazy in, lazy out, so the streaming fit of
+    ``mtl prepare`` counts with the very same query.
 
     Example:
-        >>> category_counts(pl.Series("c", [1, 1, None])).rows()
+        >>> category_counts(pl.DataFrame({"c": [1, 1, None]}), "c").rows()
         [('1', 2)]
     """
     # Strings give one code path for every dtype; fixed names: a column may be called "count".
-    values = col.cast(pl.String).drop_nulls().rename("value")
-    return values.value_counts(name="n")
-
-
-def _fit_vocabulary(col: pl.Series, min_count: int, max_vocab: int | None = None) -> pl.Series:
-    return vocabulary_from_counts(
-        category_counts(col), col.name, min_count=min_count, max_vocab=max_vocab
+    return (
+        frame.select(pl.col(name).cast(pl.String).alias("value"))
+        .drop_nulls()
+        .group_by("value")
+        .agg(pl.len().alias("n"))
     )
+
+
+def check_vocab_options(min_count: int, max_vocab: int | None) -> None:
+    """``min_count >= 1`` and ``max_vocab`` None or ``>= 1``, else ValueError."""
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if max_vocab is not None and max_vocab < 1:
+        raise ValueError(f"max_vocab must be >= 1 or null, got {max_vocab}")
 
 
 def numeric_feature(name: str, mean: float, std: float) -> NumericFeature:
@@ -273,10 +284,7 @@ def fit_features(
     """
     if not labels:
         raise ValueError("fit_features needs at least one label column")
-    if min_count < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
-    if max_vocab is not None and max_vocab < 1:
-        raise ValueError(f"max_vocab must be >= 1 or null, got {max_vocab}")
+    check_vocab_options(min_count, max_vocab)
     check_embed_dim(embed_dim)
     check_embed_dim(max_embed_dim, key="max_embed_dim", allow_none=False)
     if categorical is None and numeric is None:
@@ -296,7 +304,10 @@ def fit_features(
         )
 
     vocabularies = {
-        name: _fit_vocabulary(train[name], min_count, max_vocab) for name in categorical
+        name: vocabulary_from_counts(
+            category_counts(train, name), name, min_count=min_count, max_vocab=max_vocab
+        )
+        for name in categorical
     }
     return assemble_fitted(
         vocabularies=vocabularies,

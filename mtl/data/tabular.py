@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -254,10 +254,15 @@ class RecBatch:
         )
 
 
-class _EpochSetter:
-    # Lightning calls ``dataloader.sampler.set_epoch(epoch)`` before each epoch;
-    # this shim forwards it so the loader needs no torch DataLoader machinery.
-    def __init__(self, loader: TensorBatchLoader) -> None:
+class _SetsEpoch(Protocol):
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class EpochSetter:
+    """Forwards Lightning's ``dataloader.sampler.set_epoch(epoch)`` to a loader that is
+    not a torch ``DataLoader`` (this module's and the shard stream's)."""
+
+    def __init__(self, loader: _SetsEpoch) -> None:
         self._loader = loader
 
     def set_epoch(self, epoch: int) -> None:
@@ -314,7 +319,7 @@ class TensorBatchLoader:
         self.drop_last = drop_last
         self.num_shards = num_shards
         self.shard_index = shard_index
-        self.sampler = _EpochSetter(self)
+        self.sampler = EpochSetter(self)
         self.batch_sampler = None  # Lightning reads it whenever a loader has a ``sampler``
         self._epoch = 0
         self._skip_batches = 0  # set by load_state_dict for a mid-epoch resume

@@ -210,8 +210,8 @@ class _ExchangedExperts:
         count_over_group(self.routing, counts_E, self.count_pg)
         # rows sorted by expert are grouped by owner rank: rank r's block is its experts' rows
         recv_RL = exchange_counts(counts_E.view(R, L), self.pg)
-        send = counts_E.view(R, L).sum(1).tolist()
-        recv = recv_RL.sum(1).tolist()
+        # the split sizes the exchange needs on the host, read in one device sync
+        send, recv = torch.stack([counts_E.view(R, L).sum(1), recv_RL.sum(1)]).tolist()
         x_MD = all_to_all_rows(x_ND, send, recv, self.pg)
         # arrived grouped by source rank, then local expert: regroup by local expert
         M = x_MD.shape[0]

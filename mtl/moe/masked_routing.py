@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mtl.moe.group_counts import restricted_group_extras
 from mtl.moe.routing import RoutingResult
 
 EXPERT_MASK = "expert_mask_E"
@@ -38,7 +39,8 @@ def restrict_to_allowed(routing: RoutingResult) -> RoutingResult:
     Balancing losses normalise by the number of experts (``E * sum f_i P_i``, the
     CV of per-expert sums): over all ``E`` a gate restricted to ``E_allowed`` would
     see ``E - E_allowed`` experts fixed at zero load. Expert ids are renumbered
-    ``0..E_allowed-1``; slots on a disallowed expert (padding) become invalid.
+    ``0..E_allowed-1``; slots on a disallowed expert (padding) become invalid. Counts
+    summed over a process group (``extras``) are restricted alike.
 
     Example:
         >>> from mtl.moe import TopKGate
@@ -72,4 +74,6 @@ def restrict_to_allowed(routing: RoutingResult) -> RoutingResult:
         valid_TK=valid_TK,
         load_estimate_E=None if load is None else load[keep_E],
         dense_TE=dense_TE,
+        # counts over the ranks (DDP) follow the restriction
+        extras=restricted_group_extras(routing, keep_E),
     )

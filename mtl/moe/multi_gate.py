@@ -18,10 +18,10 @@ from mtl.moe.gates.dense import DenseSoftmaxGate, _as_mask
 from mtl.moe.gates.dynamic import TopPGate
 from mtl.moe.gates.sigmoid import SigmoidBiasGate
 from mtl.moe.gates.topk import NoisyTopKGate, TopKGate
-from mtl.moe.group_counts import count_as_forward
+from mtl.moe.group_counts import count_as_forward, routing_counts
 from mtl.moe.masked_routing import EXPERT_MASK
 from mtl.moe.multi_gate_sparse import MultiGateDroplessDispatch, RoutedExpertOutputs, is_sparse
-from mtl.moe.routing import RoutingResult, bin_counts
+from mtl.moe.routing import RoutingResult
 
 GateFactory = Callable[..., nn.Module]
 """A gate constructor taking ``d_model`` and ``num_experts`` (a class or a Hydra partial)."""
@@ -72,8 +72,7 @@ class MultiGateOutput:
             if r.dense_TE is not None:  # slot j is expert j: count the valid slots per column
                 load_E = load_E + r.valid().sum(0).float()
                 continue
-            ids = r.experts_TK.detach().masked_fill(~r.valid(), E)
-            load_E = load_E + bin_counts(ids, E + 1)[:E].float()
+            load_E = load_E + routing_counts(r).float()
         return load_E
 
 
@@ -155,7 +154,6 @@ class MultiGateMixture(nn.Module):
                 )
         self.experts = experts
         self.gates = nn.ModuleDict(dict(gates))
-        self.sparse_compute = sparse_compute
         self._sparse_allowed = sparse_compute is not False and not batch_norm
         self.sparse_dispatch = sparse_dispatch or MultiGateDroplessDispatch()
 

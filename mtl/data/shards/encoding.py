@@ -21,6 +21,8 @@ from mtl.data.features import (
     ColumnRoles,
     FittedFeatures,
     assemble_fitted,
+    category_counts,
+    check_vocab_options,
     numeric_feature,
     vocabulary_from_counts,
 )
@@ -60,19 +62,10 @@ def fit_lazy(
         >>> f.vocabularies["c"].to_list(), f.spec.numeric[0].mean
         (['x', 'y'], 2.5)
     """
-    if min_count < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
-    if max_vocab is not None and max_vocab < 1:
-        raise ValueError(f"max_vocab must be >= 1 or null, got {max_vocab}")
+    check_vocab_options(min_count, max_vocab)
     # One query per column: each reads only its column (Parquet) and keeps only the
     # distinct values and their counts; collect_all runs them side by side.
-    count_queries = [
-        train.select(pl.col(name).cast(pl.String).alias("value"))
-        .drop_nulls()
-        .group_by("value")
-        .agg(pl.len().alias("n"))
-        for name in roles.categorical
-    ]
+    count_queries = [category_counts(train, name) for name in roles.categorical]
     stats_query = train.select(
         *[pl.col(n).cast(pl.Float64).mean().alias(f"mean{i}") for i, n in enumerate(roles.numeric)],
         *[

@@ -29,7 +29,7 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mtl.data.tabular import RecBatch
+from mtl.data.tabular import EpochSetter, RecBatch
 
 __all__ = ["Block", "ShardBatchLoader", "ShardColumns", "ShardStream", "blocks_of", "plan_ranges"]
 
@@ -85,12 +85,7 @@ def plan_ranges(
     order = list(range(len(blocks)))
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(len(blocks)).tolist()
-    total = sum(b.rows for b in blocks)
-    per_rank = total // world if world > 1 else total
-    lo_rank = rank * per_rank
-    # The worker's near-equal share of its process's range.
-    lo = lo_rank + (per_rank * worker) // workers
-    hi = lo_rank + (per_rank * (worker + 1)) // workers
+    lo, hi = _worker_span(sum(b.rows for b in blocks), world, rank, workers, worker)
     pieces: list[tuple[Block, int, int]] = []
     offset = 0
     for i in order:
@@ -102,9 +97,12 @@ def plan_ranges(
     return pieces
 
 
-def _worker_rows(total: int, world: int, workers: int, worker: int) -> int:
-    per_rank = total // world if world > 1 else total
-    return (per_rank * (worker + 1)) // workers - (per_rank * worker) // workers
+def _worker_span(total: int, world: int, rank: int, workers: int, worker: int) -> tuple[int, int]:
+    """Rows ``lo:hi`` of ``total`` that one worker of one process reads: every process an
+    equal ``total // world`` (equal DDP steps), split near-equally between its workers."""
+    per_rank = total // world
+    lo_rank = rank * per_rank
+    return lo_rank + (per_rank * worker) // workers, lo_rank + (per_rank * (worker + 1)) // workers
 
 
 @dataclass
@@ -150,7 +148,8 @@ class ShardStream(IterableDataset):
     def num_batches(self, workers: int = 1) -> int:
         """Batches per epoch served by this process with ``workers`` DataLoader workers."""
         total = sum(b.rows for b in self.blocks)
-        per = [_worker_rows(total, self.world, max(1, workers), w) for w in range(max(1, workers))]
+        k = max(1, workers)
+        per = [hi - lo for lo, hi in (_worker_span(total, self.world, 0, k, w) for w in range(k))]
         if self.drop_last:
             return sum(n // self.batch_size for n in per)
         return sum(math.ceil(n / self.batch_size) for n in per)
@@ -220,15 +219,6 @@ class ShardStream(IterableDataset):
         return buf
 
 
-class _EpochSetter:
-    # Lightning calls ``loader.sampler.set_epoch(epoch)`` before each epoch.
-    def __init__(self, loader: ShardBatchLoader) -> None:
-        self._loader = loader
-
-    def set_epoch(self, epoch: int) -> None:
-        self._loader.set_epoch(epoch)
-
-
 class ShardBatchLoader:
     """Epochs of a :class:`ShardStream`, read in this process or by DataLoader workers.
 
@@ -254,7 +244,7 @@ class ShardBatchLoader:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.stream = stream
         self.num_workers = num_workers
-        self.sampler = _EpochSetter(self)
+        self.sampler = EpochSetter(self)
         self.batch_sampler = None
         self._epoch = stream.epoch
         self._skip = 0

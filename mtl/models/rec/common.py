@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 from mtl.moe.expert_bank import ExpertBank
-from mtl.moe.group_counts import restricted_group_extras
 from mtl.moe.losses import AUX_LOSSES, aux_losses
-from mtl.moe.masked_routing import allowed_experts, restrict_to_allowed
+from mtl.moe.masked_routing import restrict_to_allowed
 from mtl.moe.routing import RoutingResult
 
 SHARED_UNIT = "__shared__"
@@ -108,19 +107,11 @@ def gate_aux_loss(
     if not weights or not routings:
         return total
     for r in routings:
-        parts = aux_losses(_restricted(r), dict(weights))
+        # A masked gate's losses count only the experts it may use (restrict_to_allowed).
+        parts = aux_losses(restrict_to_allowed(r), dict(weights))
         for v in parts.values():
             total = total + v.float()
     return total / len(routings)
-
-
-def _restricted(r: RoutingResult) -> RoutingResult:
-    # A dense gate's mask is its invalid slots (the same for every token); a masked
-    # ranking gate's rides in the routing (top-p and expert-choice slots mask nothing).
-    out = restrict_to_allowed(r)
-    if out is not r:  # counts over the ranks (DDP) follow the restriction
-        out.extras.update(restricted_group_extras(r, allowed_experts(r)))  # type: ignore[arg-type]
-    return out
 
 
 def representation_bank(
