@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         )
     sub.add_parser("list", help="list available models, data, experiments and trainers")
     for name, (_, help_text) in TOOLS.items():
-        tool = sub.add_parser(name, help=help_text, add_help=False)
-        tool.add_argument("args", nargs=argparse.REMAINDER)
+        # listed here for ``mtl --help``; main() hands a tool its arguments before parsing
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 

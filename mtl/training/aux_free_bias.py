@@ -63,8 +63,6 @@ class AuxFreeBiasUpdate(pl.Callback):
             return
         log_now = step_metrics_due(pl_module, batch_idx)
         for i, counts_E in self._pending.items():
-            if trainer.world_size > 1:
-                counts_E = trainer.strategy.reduce(counts_E, reduce_op="sum")
             gates[i].update_bias(counts_E)
             if not log_now:
                 continue

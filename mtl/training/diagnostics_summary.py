@@ -41,11 +41,13 @@ def levels(diag: dict[str, Any]) -> list[dict[str, Any]]:
     return [*diag.get("lower_levels", []), top]
 
 
-def _num(value: Any) -> float:
+def nan_if_none(value: Any) -> float:
+    """``float(value)``, NaN for a missing (None) statistic."""
     return math.nan if value is None else float(value)
 
 
-def _kind_group(kind: str) -> str:
+def kind_group(kind: str) -> str:
+    """An expert kind's group: ``"task:income"`` -> ``"task"``."""
     return kind.split(":", 1)[0]
 
 
@@ -72,7 +74,10 @@ def expert_order(d: dict[str, Any]) -> list[int]:
     rank = {k: i for i, k in enumerate(dict.fromkeys(kinds))}
 
     def key(e: int) -> tuple[float, ...]:
-        values = [load[e], *(_num((d.get(k) or [None] * len(kinds))[e]) for k in PER_EXPERT[1:])]
+        values = [
+            load[e],
+            *(nan_if_none((d.get(k) or [None] * len(kinds))[e]) for k in PER_EXPERT[1:]),
+        ]
         return (rank[kinds[e]], *(-v if not math.isnan(v) else math.inf for v in values))
 
     return sorted(range(len(kinds)), key=key)
@@ -109,7 +114,7 @@ def level_summary(d: dict[str, Any]) -> dict[str, Any]:
         >>> s["std_min_max"], s["zero_frac_max"], s["degraded"]
         (0.01, None, 1)
     """
-    kinds = [_kind_group(k) for k in d.get("expert_kinds") or []]
+    kinds = [kind_group(k) for k in d.get("expert_kinds") or []]
     std = [v for v in d.get("out_std") or [] if v is not None]
     mean = [v for v in d.get("out_mean") or [] if v is not None]
     zero = d.get("zero_frac")

@@ -211,7 +211,8 @@ class LMModule(pl.LightningModule):
                 if key == "train/loss":
                     self.log("train/ppl", torch.exp(value), batch_size=B)
             log_routing(self, layer_stats, "train", B)
-        return {"loss": loss, "layer_stats": out.layer_stats}
+        # layer_stats: summed over the ranks already (AuxFreeBiasUpdate reads them)
+        return {"loss": loss, "layer_stats": layer_stats}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._step_start is None or not step_metrics_due(self, batch_idx):

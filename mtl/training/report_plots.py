@@ -22,6 +22,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from mtl.training.diagnostics_summary import kind_group, nan_if_none
+
 KIND_COLOURS = {"shared": "tab:blue", "group": "tab:orange", "task": "tab:green"}
 MARKERS = (
     ("o", "circle"),
@@ -35,12 +37,8 @@ SORTED_NOTE = "experts sorted by load within their kind, per seed"
 """How the per-expert plots order experts (their titles say it)."""
 
 
-def _kind_group(kind: str) -> str:
-    return kind.split(":", 1)[0]
-
-
 def _kind_colours(kinds: Sequence[str]) -> list[str]:
-    return [KIND_COLOURS.get(_kind_group(k), "tab:gray") for k in kinds]
+    return [KIND_COLOURS.get(kind_group(k), "tab:gray") for k in kinds]
 
 
 def _gate_label(gate: str) -> str:
@@ -65,7 +63,7 @@ def _panels(summary: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any
 
 
 def _kind_legend(ax: Axes, kinds: Sequence[str]) -> None:
-    groups = list(dict.fromkeys(_kind_group(k) for k in kinds))
+    groups = list(dict.fromkeys(kind_group(k) for k in kinds))
     handles = [Rectangle((0, 0), 1, 1, color=KIND_COLOURS.get(g, "tab:gray")) for g in groups]
     ax.legend(
         handles,
@@ -203,7 +201,9 @@ def plot_underfitting(summary: dict[str, dict[str, Any]], path: Path) -> bool:
         per_seed = level["per_seed"]
         gates = [g for g in per_seed[0]["shares"] if g != "__shared__"]
         if any(
-            not math.isnan(_n(s["shares"].get(g, {}).get("own"))) for s in per_seed for g in gates
+            not math.isnan(nan_if_none(s["shares"].get(g, {}).get("own")))
+            for s in per_seed
+            for g in gates
         ):
             rows.append((name, level, gates))
     if not rows:
@@ -220,7 +220,10 @@ def plot_underfitting(summary: dict[str, dict[str, Any]], path: Path) -> bool:
         base = np.zeros(len(labels))
         for part, colour in parts:
             vals = np.array(
-                [0.0 if math.isnan(_n(b.get(part))) else _n(b.get(part)) for b in bottoms]
+                [
+                    0.0 if math.isnan(nan_if_none(b.get(part))) else nan_if_none(b.get(part))
+                    for b in bottoms
+                ]
             )
             ax.bar(range(len(labels)), vals, bottom=base, color=colour, label=part)
             base += vals
@@ -236,10 +239,6 @@ def plot_underfitting(summary: dict[str, dict[str, Any]], path: Path) -> bool:
     )
     _save(fig, path)
     return True
-
-
-def _n(value: Any) -> float:
-    return math.nan if value is None else float(value)
 
 
 def plot_task_metric(summary: dict[str, dict[str, Any]], metric: str, path: Path) -> bool:
