@@ -46,9 +46,9 @@ class DomainEmbedding(nn.Module):
     def forward(self, domain_B: Tensor, T: int) -> Tensor:
         if domain_B.dim() != 1:
             raise ValueError(f"domain_B must be (B,) domain ids, got shape {tuple(domain_B.shape)}")
-        if domain_B.numel() and not (
-            int(domain_B.min()) >= 0 and int(domain_B.max()) < self.num_domains
-        ):
+        # one host read for both bounds
+        lo, hi = torch.stack(torch.aminmax(domain_B)).tolist() if domain_B.numel() else (0, 0)
+        if not (lo >= 0 and hi < self.num_domains):
             raise ValueError(
                 f"domain ids must be in [0, {self.num_domains}), got {domain_B.unique().tolist()}"
             )

@@ -31,7 +31,7 @@ from mtl.models.rec.common import (
 )
 from mtl.models.rec.output import MultiTaskOutput
 from mtl.models.rec.towers import TaskTowers
-from mtl.moe import DenseSoftmaxGate, RoutingResult
+from mtl.moe import DenseSoftmaxGate
 from mtl.moe.multi_gate import GateFactory, MultiGateMixture, make_gate
 
 RouteOn = Literal["task", "task_and_input"]
@@ -132,13 +132,9 @@ class TaskRoutedMoE(nn.Module):
 
     def gate_input(self, x_BD: Tensor, task: str) -> Tensor:
         """``(B, d_gate)``: the condition the gate sees for ``task``."""
-        task_id = torch.tensor(self.tasks.index(task), device=x_BD.device)
-        c_BC = self.task_embedding(task_id).to(x_BD.dtype).expand(x_BD.shape[0], -1)
+        c_C = self.task_embedding.weight[self.tasks.index(task)]  # no id tensor to copy over
+        c_BC = c_C.to(x_BD.dtype).expand(x_BD.shape[0], -1)
         return c_BC if self.route_on == "task" else torch.cat([c_BC, x_BD], dim=-1)
-
-    def route(self, x_BD: Tensor) -> dict[str, RoutingResult]:
-        """Every task's routing by the shared gate."""
-        return {t: self.gate(self.gate_input(x_BD, t)) for t in self.tasks}
 
     def forward(self, x_BD: Tensor) -> MultiTaskOutput:
         mix = self.mixture(x_BD, gate_inputs={t: self.gate_input(x_BD, t) for t in self.tasks})

@@ -116,10 +116,8 @@ def to_config(lm: TransformerLM) -> dict[str, Any]:
     )
     gates = [m.gate for m in layers.values()]
     d_ff = dense_width(lm)
-    cfg = base_config(lm, ARCH)
-    cfg["rms_norm_eps"] = lm.norm.eps
     return {
-        **cfg,
+        **base_config(lm, ARCH),
         "num_key_value_heads": a0.n_heads,
         "intermediate_size": d_ff if d_ff is not None else H,
         "moe_intermediate_size": H,
