@@ -21,7 +21,7 @@ import torch
 
 from mtl.data.text import TextDataModule, load_text, split_tokens
 from mtl.data.text_corpus import default_corpus
-from mtl.data.text_loaders import PackedBlockLoader, check_block_size
+from mtl.data.text_loaders import PackedBlockLoader, check_block_size, epoch_order
 from mtl.data.tokenizers import Tokenizer, build_tokenizer
 
 
@@ -112,8 +112,7 @@ class DomainBlockLoader:
         per_domain = []  # domain d: (steps, c_d) offsets, global batch s takes row s
         for windows, c in zip(self._windows, self._rows_per_domain, strict=True):
             n, need = len(windows), self.steps * c
-            order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // n))])
-            per_domain.append(order[:need].view(self.steps, c))
+            per_domain.append(epoch_order(n, need, g).view(self.steps, c))
         pairs = zip(self.domains_B.tolist(), self._slot_B.tolist(), strict=True)
         return torch.stack([per_domain[d][:, k] for d, k in pairs], dim=1)
 

@@ -11,7 +11,7 @@ the encoding; unseen categories are then mapped to index 0 (OOV).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -41,6 +41,7 @@ __all__ = [
     "assemble_fitted",
     "build_feature_spec",
     "category_counts",
+    "check_roles_disjoint",
     "check_vocab_options",
     "default_embed_dim",
     "fit_features",
@@ -204,6 +205,19 @@ def category_counts(frame: FrameT, name: str) -> FrameT:
     )
 
 
+def check_roles_disjoint(
+    categorical: Sequence[str], numeric: Sequence[str], labels: Iterable[str]
+) -> None:
+    """Each column has one role: categorical, numeric or label; else ValueError naming them."""
+    features = set(categorical) | set(numeric)
+    overlap = (set(categorical) & set(numeric)) | (features & set(labels))
+    if overlap:
+        raise ValueError(
+            f"columns {sorted(overlap)} are given more than one role (feature and label, or "
+            "both feature kinds); give each one role"
+        )
+
+
 def check_vocab_options(min_count: int, max_vocab: int | None) -> None:
     """``min_count >= 1`` and ``max_vocab`` None or ``>= 1``, else ValueError."""
     if min_count < 1:
@@ -297,11 +311,7 @@ def fit_features(
     missing = [c for c in needed if c not in train.columns]
     if missing:
         raise ValueError(f"columns {missing} are not in the train frame (columns: {train.columns})")
-    overlap = (set(categorical) & set(numeric)) | ((set(categorical) | set(numeric)) & set(labels))
-    if overlap:
-        raise ValueError(
-            f"columns {sorted(overlap)} are given more than one role (feature and label, or both feature kinds)"
-        )
+    check_roles_disjoint(categorical, numeric, labels)
 
     vocabularies = {
         name: vocabulary_from_counts(

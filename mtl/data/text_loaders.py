@@ -23,7 +23,13 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["PackedBlockLoader", "RandomBlockLoader", "TokenBatch", "check_block_size"]
+__all__ = [
+    "PackedBlockLoader",
+    "RandomBlockLoader",
+    "TokenBatch",
+    "check_block_size",
+    "epoch_order",
+]
 
 
 class TokenBatch(NamedTuple):
@@ -46,6 +52,18 @@ def check_block_size(tokens: torch.Tensor, block_size: int, split: str) -> None:
             f"{block_size + 1} tokens but the split has only {len(tokens)} tokens; "
             "lower block_size or val_fraction, or use more text"
         )
+
+
+def epoch_order(n: int, need: int, generator: torch.Generator) -> torch.Tensor:
+    """``need`` indices of ``0..n-1``: shuffled passes over all ``n``, without replacement
+    within a pass (an epoch reads every window once before any twice).
+
+    Example:
+        >>> order = epoch_order(3, 5, torch.Generator().manual_seed(0))
+        >>> sorted(order[:3].tolist()), len(order)
+        ([0, 1, 2], 5)
+    """
+    return torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-need // n))])[:need]
 
 
 class RandomBlockLoader:
@@ -108,8 +126,7 @@ class RandomBlockLoader:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # the same on every rank
         n, W, B = len(self._windows), self.world_size, self.batch_size
         need = self.steps * W * B
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // n))])
-        return order[:need].view(self.steps, W, B)[:, self.rank]
+        return epoch_order(n, need, g).view(self.steps, W, B)[:, self.rank]
 
     def __len__(self) -> int:
         return self.steps

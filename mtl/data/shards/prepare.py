@@ -29,6 +29,7 @@ from typing import Any
 import polars as pl
 
 from mtl.data.data_record import fractions_text
+from mtl.data.features import check_roles_disjoint
 from mtl.data.shards.encoding import fit_lazy, save_encoding
 from mtl.data.shards.scan import SPLIT, TableQuery, check_rows, scan_files, split_column
 from mtl.data.sources.table import split_files
@@ -178,11 +179,7 @@ def prepare(
     roles = query.roles
     if not roles.categorical and not roles.numeric:
         raise ValueError("name feature columns: data.categorical=[...] and/or data.numeric=[...]")
-    both = set(roles.categorical) & set(roles.numeric) | (
-        (set(roles.categorical) | set(roles.numeric)) & set(roles.labels)
-    )
-    if both:
-        raise ValueError(f"columns {sorted(both)} are given more than one role; give each one role")
+    check_roles_disjoint(roles.categorical, roles.numeric, roles.labels)
     named = split_files(
         data.get("path"), train=data.get("train"), val=data.get("val"), test=data.get("test")
     )
