@@ -6,7 +6,11 @@ serves :class:`DomainTokenBatch` es ``(inputs, targets, domains)``: training row
 ``j`` of every global batch comes from domain ``j % N`` at a random offset (every
 batch holds all domains in equal shares; under DDP each rank reads its own
 slice of the global batch), validation blocks are each domain's packed blocks
-in turn. An LM built with ``moe.route_on=domain`` routes on
+in turn. With ``batch_multiple`` (a Mixture-of-Tokens model's ``group_size``)
+every batch holds whole groups: training batches are ``batch_size`` rows, a
+multiple, and each domain's validation blocks that cannot fill one more group
+on every process are dropped, as :class:`~mtl.data.text.TextDataModule` does
+for its one text. An LM built with ``moe.route_on=domain`` routes on
 ``domains`` (:mod:`mtl.models.lm.domain_routing`); ``LMModule`` passes the third
 field of a batch on as ``domain_B``.
 """
@@ -133,11 +137,31 @@ class DomainBlockLoader:
 class DomainPackedLoader:
     """Each domain's validation blocks in turn, tagged with the domain id.
 
+    One :class:`~mtl.data.text_loaders.PackedBlockLoader` per domain: every block
+    read exactly once over the ranks, the same number of batches on every rank.
+
+    Args:
+        tokens: one 1-D long tensor per domain.
+        block_size: ``T``.
+        batch_size: ``B``, a multiple of ``multiple``.
+        rank: this process's rank, ``0 <= rank < world_size``.
+        world_size: ``W``.
+        multiple: every batch holds a multiple of this many blocks; each domain's last
+            ``n_d % (W * multiple)`` blocks are dropped.
+
+    Shapes:
+        each batch: ``inputs``, ``targets`` ``(B', T)``, ``domains`` ``(B',)``, ``B' <= B``
+        (``B + 1`` for a rank's larger share without ``multiple``).
+
     Example:
         >>> loader = DomainPackedLoader(tokens=[torch.arange(7), torch.arange(9)],
         ...                             block_size=3, batch_size=2)
         >>> [b.domains.tolist() for b in loader]
         [[0, 0], [1, 1]]
+        >>> pairs = DomainPackedLoader(tokens=[torch.arange(10), torch.arange(9)],
+        ...                            block_size=3, batch_size=2, multiple=2)
+        >>> [len(b.domains) for b in pairs]  # each domain's third block makes no pair
+        [2, 2]
     """
 
     def __init__(
@@ -148,17 +172,22 @@ class DomainPackedLoader:
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
+        multiple: int = 1,
     ) -> None:
-        self._loaders = [
-            PackedBlockLoader(
-                tokens=t,
-                block_size=block_size,
-                batch_size=batch_size,
-                rank=rank,
-                world_size=world_size,
-            )
-            for t in tokens
-        ]
+        self._loaders: list[PackedBlockLoader] = []
+        for d, t in enumerate(tokens):
+            try:
+                loader = PackedBlockLoader(
+                    tokens=t,
+                    block_size=block_size,
+                    batch_size=batch_size,
+                    rank=rank,
+                    world_size=world_size,
+                    multiple=multiple,
+                )
+            except ValueError as err:
+                raise ValueError(f"domain {d}: {err}") from err
+            self._loaders.append(loader)
 
     def __len__(self) -> int:
         return sum(len(loader) for loader in self._loaders)
@@ -177,8 +206,10 @@ class DomainTextDataModule(TextDataModule):
         paths: the domains' UTF-8 text files, in id order; ``None`` is the
             embedded corpus.
         kwargs: the other arguments of :class:`~mtl.data.text.TextDataModule`
-            (tokenizer, block_size, batch_size, val_fraction, steps_per_epoch, seed);
-            the tokenizer is fitted on all the texts.
+            (tokenizer, block_size, batch_size, val_batch_size, batch_multiple,
+            val_fraction, steps_per_epoch, seed); the tokenizer is fitted on all the
+            texts, and ``batch_multiple`` drops each domain's validation blocks that
+            cannot fill a group on every process.
 
     Example:
         >>> dm = DomainTextDataModule(paths=[None, None], block_size=16, batch_size=4)
@@ -249,4 +280,5 @@ class DomainTextDataModule(TextDataModule):
             batch_size=self.val_batch_size,
             rank=rank,
             world_size=world_size,
+            multiple=self.batch_multiple,
         )

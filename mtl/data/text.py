@@ -255,23 +255,13 @@ class TextDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> PackedBlockLoader:
         rank, world_size = self._rank()
-        tokens = self.tokens("val")
-        if self.batch_multiple > 1:  # whole groups of blocks on every process
-            unit = world_size * self.batch_multiple
-            n_blocks = (len(tokens) - 1) // self.block_size // unit * unit
-            if n_blocks == 0:
-                raise ValueError(
-                    f"the val split of {self.source} has fewer than {unit} blocks of "
-                    f"block_size={self.block_size} (batch_multiple={self.batch_multiple} per "
-                    "process); lower block_size or raise val_fraction"
-                )
-            tokens = tokens[: n_blocks * self.block_size + 1]
         return PackedBlockLoader(
-            tokens=tokens,
+            tokens=self.tokens("val"),
             block_size=self.block_size,
             batch_size=self.val_batch_size,
             rank=rank,
             world_size=world_size,
+            multiple=self.batch_multiple,  # whole groups of blocks on every process
         )
 
     def unigram_entropy(self, split: Literal["train", "val"] = "val") -> float:

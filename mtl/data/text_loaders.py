@@ -157,12 +157,19 @@ class PackedBlockLoader:
     single-process ones. ``W = 1`` gives ``ceil(n_blocks / B)`` batches of ``B``
     and a last one that may be smaller.
 
+    With ``multiple`` ``m > 1`` every batch holds a multiple of ``m`` blocks (whole
+    groups of a Mixture-of-Tokens model): the last ``n_blocks % (W * m)`` blocks,
+    too few to give every rank another group, are dropped, so every share is
+    ``n_blocks // (W * m) * m`` blocks and every batch, the last included, a
+    multiple of ``m`` of at most ``B``. The other blocks are still read exactly once.
+
     Args:
         tokens: 1-D long tensor ``(N,)`` with ``N >= block_size + 1``.
         block_size: ``T``.
-        batch_size: ``B``.
+        batch_size: ``B``, a multiple of ``multiple``.
         rank: This process's rank, ``0 <= rank < world_size``.
-        world_size: ``W``; the split needs at least ``W`` blocks.
+        world_size: ``W``; the split needs at least ``W`` blocks (``W * m`` with ``multiple``).
+        multiple: ``m``, every batch holds a multiple of this many blocks.
 
     Example:
         >>> loader = PackedBlockLoader(tokens=torch.arange(10), block_size=3, batch_size=2)
@@ -172,6 +179,9 @@ class PackedBlockLoader:
         ...                            rank=r, world_size=2) for r in range(2)]
         >>> [[b.inputs[:, 0].tolist() for b in loader] for loader in ranks]
         [[[0, 6, 12]], [[3, 9]]]
+        >>> pairs = PackedBlockLoader(tokens=torch.arange(16), block_size=3, batch_size=4, multiple=2)
+        >>> [b.inputs[:, 0].tolist() for b in pairs]  # 5 blocks: the fifth makes no pair
+        [[0, 3, 6, 9]]
     """
 
     def __init__(
@@ -182,10 +192,13 @@ class PackedBlockLoader:
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
+        multiple: int = 1,
     ) -> None:
         check_block_size(tokens, block_size, "val")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or multiple < 1 or batch_size % multiple:
+            raise ValueError(
+                f"batch_size={batch_size} must be a multiple of multiple={multiple} (both >= 1)"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         n_blocks = (len(tokens) - 1) // block_size
@@ -195,6 +208,15 @@ class PackedBlockLoader:
                 f"than the {world_size} processes that each need one; lower block_size or "
                 "raise val_fraction"
             )
+        if multiple > 1:  # equal shares of whole groups; a smaller group computes another function
+            unit = world_size * multiple
+            if n_blocks < unit:
+                raise ValueError(
+                    f"the val split has {n_blocks} blocks of block_size={block_size} tokens, "
+                    f"fewer than the {unit} that {world_size} process(es) need for a group of "
+                    f"{multiple} blocks each; lower block_size or raise val_fraction"
+                )
+            n_blocks = n_blocks // unit * unit
         used = n_blocks * block_size
         tokens = tokens.long()
         self.inputs = tokens[:used].view(n_blocks, block_size)[rank::world_size]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -153,3 +154,97 @@ def test_datamodule_passes_rank_and_world_size(dm: DomainTextDataModule) -> None
     val = dm.val_dataloader()
     dm.trainer = SimpleNamespace(global_rank=0, world_size=2)  # type: ignore[assignment]
     assert len(dm.val_dataloader()) == len(val)
+
+
+# ------------------------------------------------------------ whole groups (batch_multiple)
+
+
+def _group_dm(tmp_path: Path, **kw: int) -> DomainTextDataModule:
+    # val splits of 48 and 37 characters: 11 and 9 blocks of 4
+    (tmp_path / "a.txt").write_text("abcab cabca " * 40)
+    (tmp_path / "b.txt").write_text("xyzzy zyxxy " * 31)
+    dm = DomainTextDataModule(
+        paths=[tmp_path / "a.txt", tmp_path / "b.txt"], block_size=4, steps_per_epoch=6, **kw
+    )
+    dm.setup("fit")
+    return dm
+
+
+@pytest.mark.parametrize(("world", "multiple"), [(1, 2), (1, 4), (2, 2), (2, 4), (3, 2)])
+def test_batch_multiple_gives_whole_groups_and_drops_only_each_domains_tail(
+    tmp_path: Path, world: int, multiple: int
+) -> None:
+    dm = _group_dm(tmp_path, batch_size=8, val_batch_size=4, batch_multiple=multiple)
+    plain = _group_dm(tmp_path, batch_size=8, val_batch_size=4)
+    val_counts = []
+    for rank in range(world):
+        for module in (dm, plain):
+            module.trainer = SimpleNamespace(global_rank=rank, world_size=world)  # type: ignore[assignment]
+        # training: batch_size rows, the batches the module serves without batch_multiple
+        train = list(dm.train_dataloader())
+        assert all(len(b.inputs) % multiple == 0 for b in train)
+        for got, want in zip(train, plain.train_dataloader(), strict=True):
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        # validation: whole groups, rank r reads blocks r, r + W, .. of each domain's kept blocks
+        val = list(dm.val_dataloader())
+        val_counts.append(len(val))
+        assert len(val) == len(dm.val_dataloader())
+        assert all(0 < len(b.inputs) <= 4 and len(b.inputs) % multiple == 0 for b in val)
+        for d, (_, tokens) in enumerate(dm._domain_splits):
+            n_blocks = (len(tokens) - 1) // 4
+            kept = n_blocks - n_blocks % (world * multiple)
+            assert 0 <= n_blocks - kept < world * multiple
+            blocks = tokens[: kept * 4].view(kept, 4)[rank::world]
+            rows = torch.cat([b.inputs[b.domains == d] for b in val])
+            targets = torch.cat([b.targets[b.domains == d] for b in val])
+            assert torch.equal(rows, blocks), (rank, d)
+            assert torch.equal(targets, tokens[1 : kept * 4 + 1].view(kept, 4)[rank::world])
+            # the same blocks as without batch_multiple, less the dropped tail
+            plain_rows = torch.cat([b.inputs[b.domains == d] for b in plain.val_dataloader()])
+            assert torch.equal(plain_rows[: len(rows)], rows)
+    assert len(set(val_counts)) == 1  # every rank the same number of batches
+
+
+def test_batch_multiple_refuses_a_domain_too_short_for_a_group(tmp_path: Path) -> None:
+    dm = _group_dm(tmp_path, batch_size=8, batch_multiple=8)  # 11 and 9 val blocks
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2)  # type: ignore[assignment]
+    with pytest.raises(
+        ValueError, match=r"domain 0: the val split has 11 blocks .* fewer than the 16"
+    ):
+        dm.val_dataloader()
+    with pytest.raises(ValueError, match="multiples of batch_multiple=8"):
+        _group_dm(tmp_path, batch_size=8, val_batch_size=4, batch_multiple=8)
+
+
+def test_mixture_of_tokens_trains_on_domain_batches(tmp_path: Path) -> None:
+    """experiment=lm_mot with data=lm_domains: every train and val batch whole groups of 4."""
+    from mtl.training.config import compose_config
+    from mtl.training.train import train
+
+    (tmp_path / "a.txt").write_text("abcab cabca " * 40)
+    (tmp_path / "b.txt").write_text("xyzzy zyxxy " * 31)
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=lm_mot",
+            "data=lm_domains",
+            f"data.paths=[{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}]",
+            "data.block_size=4",
+            "data.batch_size=8",
+            "data.steps_per_epoch=3",
+            "trainer.max_steps=3",
+            "trainer.enable_progress_bar=false",
+            "model.d_model=8",
+            "model.n_layers=1",
+            "model.n_heads=2",
+            "model.moe.num_experts=2",
+            "model.moe.group_size=4",
+            "model.moe.experts.d_hidden=8",
+            "generate.max_new_tokens=4",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
+    assert cfg.data.batch_multiple == 4
+    res = train(cfg)
+    assert res["global_step"] == 3
+    assert math.isfinite(res["val_loss"]) and res["val_loss"] > 0

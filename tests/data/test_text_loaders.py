@@ -119,3 +119,64 @@ def test_ranks_validation_metrics_equal_single_process(world: int) -> None:
     assert torch.equal(got.tokens_per_expert_E, want.tokens_per_expert_E)
     assert float(got.num_tokens) == float(want.num_tokens) == n * block
     torch.testing.assert_close(got.entropy, want.entropy)
+
+
+# ------------------------------------------------------------ whole groups (batch multiple)
+
+
+@pytest.mark.parametrize(
+    ("n_blocks", "batch", "world", "multiple"),
+    [
+        (23, 8, 1, 4),  # 23 blocks: 20 kept, batches 8, 8, 4
+        (24, 8, 1, 4),  # nothing to drop
+        (23, 4, 2, 2),  # unit 4: 20 kept, shares of 10
+        (37, 6, 3, 3),  # unit 9: 36 kept, shares of 12
+        (9, 8, 2, 4),  # one group per rank, the last block dropped
+    ],
+)
+def test_packed_multiple_gives_whole_groups_and_drops_only_the_tail(
+    n_blocks: int, batch: int, world: int, multiple: int
+) -> None:
+    block = 5
+    tokens = torch.arange(n_blocks * block + 3)  # a partial block at the end, never read
+    loaders = [
+        PackedBlockLoader(
+            tokens=tokens,
+            block_size=block,
+            batch_size=batch,
+            rank=r,
+            world_size=world,
+            multiple=multiple,
+        )
+        for r in range(world)
+    ]
+    per_rank = [list(loader) for loader in loaders]
+    assert len({len(batches) for batches in per_rank}) == 1
+    assert [len(batches) for batches in per_rank] == [len(loader) for loader in loaders]
+    sizes = [len(b.inputs) for batches in per_rank for b in batches]
+    assert all(0 < s <= batch and s % multiple == 0 for s in sizes), sizes
+    # the same blocks as without the multiple, less the tail of fewer than world * multiple
+    kept = n_blocks - n_blocks % (world * multiple)
+    starts = sorted(int(s) for batches in per_rank for b in batches for s in b.inputs[:, 0])
+    assert starts == list(range(0, kept * block, block))
+    plain = [
+        int(s)
+        for r in range(world)
+        for b in PackedBlockLoader(
+            tokens=tokens, block_size=block, batch_size=batch, rank=r, world_size=world
+        )
+        for s in b.inputs[:, 0]
+    ]
+    assert set(starts) <= set(plain) and len(set(plain) - set(starts)) == n_blocks - kept
+    for batches in per_rank:
+        for b in batches:
+            assert torch.equal(b.targets, b.inputs + 1)
+
+
+def test_packed_multiple_refuses_an_off_batch_and_too_few_blocks() -> None:
+    with pytest.raises(ValueError, match=r"batch_size=6 must be a multiple of multiple=4"):
+        PackedBlockLoader(tokens=torch.arange(100), block_size=4, batch_size=6, multiple=4)
+    with pytest.raises(ValueError, match=r"7 blocks of block_size=4 .* fewer than the 8"):
+        PackedBlockLoader(
+            tokens=torch.arange(30), block_size=4, batch_size=4, world_size=2, multiple=4
+        )

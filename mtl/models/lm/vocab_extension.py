@@ -15,6 +15,12 @@
 3. Training continues on the new text with the extended tokenizer (the
    ``lm_extend_vocab`` experiment: :meth:`VocabExtension.tokenizer_from_checkpoint`
    for the data, :meth:`VocabExtension.lm_from_checkpoint` for the model).
+
+In a run the new merges are learned once, for the data: the data node reads
+only the checkpoint's tokenizer, and the model node, which the run hands the
+data's extended tokenizer, loads the trained LM once and reads the extension
+off the two tokenizers (:meth:`VocabExtension.between`) instead of learning it
+again.
 """
 
 from __future__ import annotations
@@ -69,10 +75,66 @@ class VocabExtension:
         return torch.tensor(out, dtype=torch.long)
 
     @classmethod
+    def between(cls, old: Tokenizer, extended: Tokenizer) -> VocabExtension:
+        """The extension that turns ``old`` into ``extended``, read off their merges (no BPE learned).
+
+        ``extended`` must be ``old`` with merges appended, each making the next new
+        id (what :func:`extend_bpe_tokenizer` builds); a new token's sub-tokens come
+        from its merge, as they do there.
+
+        Raises:
+            ValueError: either is not a byte-level BPE, or ``extended`` is not ``old``
+                with appended merges.
+
+        Example:
+            >>> old = BPETokenizer.train("the cat sat on the mat " * 40, vocab_size=262)
+            >>> ext = extend_bpe_tokenizer(old, "a dog and a frog " * 40, num_new_tokens=3)
+            >>> VocabExtension.between(old, ext.tokenizer).sub_tokens == ext.sub_tokens
+            True
+        """
+        if not isinstance(old, BPETokenizer) or not isinstance(extended, BPETokenizer):
+            raise ValueError("vocabulary extension needs byte-level BPE tokenizers")
+        old_vocab, old_merges = _bpe_model(old)
+        vocab, merges = _bpe_model(extended)
+        old_size = old.vocab_size
+        if merges[: len(old_merges)] != old_merges or any(
+            vocab.get(token) != i for token, i in old_vocab.items()
+        ):
+            raise ValueError(
+                "the extended tokenizer does not start with the trained tokenizer's vocabulary "
+                "and merges: give data.tokenizer and model the same checkpoint"
+            )
+        expansion: dict[str, tuple[int, ...]] = {}
+        new_tokens: list[str] = []
+        for a, b in merges[len(old_merges) :]:
+            token = a + b
+            if vocab.get(token) != old_size + len(new_tokens):
+                raise ValueError(
+                    f"the extended tokenizer's merge {a!r} + {b!r} does not make new id "
+                    f"{old_size + len(new_tokens)}"
+                )
+            expansion[token] = _ids(a, old_vocab, expansion) + _ids(b, old_vocab, expansion)
+            new_tokens.append(token)
+        if extended.vocab_size != old_size + len(new_tokens):
+            raise ValueError(
+                f"the extended tokenizer has {extended.vocab_size} tokens, the trained one "
+                f"{old_size} plus {len(new_tokens)} appended merges"
+            )
+        return cls(
+            tokenizer=extended,
+            old_vocab_size=old_size,
+            new_tokens=tuple(new_tokens),
+            sub_tokens=tuple(expansion[t] for t in new_tokens),
+        )
+
+    @classmethod
     def from_checkpoint(
         cls, *, checkpoint: str, text_path: str | None, num_new_tokens: int, min_frequency: int = 2
     ) -> tuple[VocabExtension, TransformerLM]:
         """The extension of a training checkpoint's tokenizer on a text, and the checkpoint's LM.
+
+        Loads the checkpoint and learns the new merges; a run does each once
+        (:meth:`tokenizer_from_checkpoint`, :meth:`lm_from_checkpoint`).
 
         Args:
             checkpoint: a ``mtl train`` checkpoint of an LM trained with a BPE tokenizer.
@@ -81,29 +143,36 @@ class VocabExtension:
             min_frequency: a new merge must occur this often in the new text.
         """
         from mtl.data.text import default_corpus, load_text
-        from mtl.training.build import load_module  # the training layer builds on the models
 
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"model.checkpoint: no checkpoint file {checkpoint}")
-        module = load_module(checkpoint)
-        if not isinstance(module.net, TransformerLM) or module.tokenizer is None:
-            raise ValueError(
-                f"model.checkpoint: {checkpoint} holds no language model with a tokenizer"
-            )
+        net, tokenizer = _load_lm(checkpoint)
         text = default_corpus() if text_path is None else load_text(text_path)
         ext = extend_bpe_tokenizer(
-            module.tokenizer, text, num_new_tokens=num_new_tokens, min_frequency=min_frequency
+            tokenizer, text, num_new_tokens=num_new_tokens, min_frequency=min_frequency
         )
-        return ext, module.net
+        return ext, net
 
     @classmethod
     def tokenizer_from_checkpoint(
         cls, *, checkpoint: str, text_path: str | None, num_new_tokens: int, min_frequency: int = 2
     ) -> BPETokenizer:
-        """The extended tokenizer alone: the ``data.tokenizer`` node of the experiment."""
-        ext, _ = cls.from_checkpoint(
-            checkpoint=checkpoint,
-            text_path=text_path,
+        """The extended tokenizer alone: the ``data.tokenizer`` node of the experiment.
+
+        Reads only the checkpoint's tokenizer (no network is built) and learns the
+        new merges on the text.
+        """
+        from mtl.data.text import default_corpus, load_text
+        from mtl.training.checkpoints import read_checkpoint  # training builds on the models
+
+        _check_file(checkpoint)
+        saved = read_checkpoint(checkpoint, role="model.checkpoint").get("lm_tokenizer")
+        if saved is None:
+            raise ValueError(
+                f"model.checkpoint: {checkpoint} holds no language model with a tokenizer"
+            )
+        text = default_corpus() if text_path is None else load_text(text_path)
+        ext = extend_bpe_tokenizer(
+            Tokenizer.from_state(saved["state"]),
+            text,
             num_new_tokens=num_new_tokens,
             min_frequency=min_frequency,
         )
@@ -120,18 +189,33 @@ class VocabExtension:
         init: RowInit = "subtoken_mean",
         vocab_size: int | None = None,
         max_seq_len: int | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> TransformerLM:
         """The checkpoint's LM resized to the extended vocabulary: the experiment's ``model`` node.
 
-        ``vocab_size`` and ``max_seq_len`` are the data's (the run passes them);
-        the vocabulary must be the extension's (same checkpoint, text and count).
+        ``vocab_size``, ``max_seq_len`` and ``tokenizer`` are the data's (the run
+        passes them). With ``tokenizer`` (the data's extended tokenizer) the
+        extension is read off it and the checkpoint's tokenizer
+        (:meth:`between`), so the merges are not learned a second time; without
+        it they are learned here (``text_path``, ``num_new_tokens``, ``min_frequency``),
+        with the same result. The vocabulary must be the extension's (same
+        checkpoint, text and count).
         """
-        ext, lm = cls.from_checkpoint(
-            checkpoint=checkpoint,
-            text_path=text_path,
-            num_new_tokens=num_new_tokens,
-            min_frequency=min_frequency,
-        )
+        if tokenizer is None:
+            ext, lm = cls.from_checkpoint(
+                checkpoint=checkpoint,
+                text_path=text_path,
+                num_new_tokens=num_new_tokens,
+                min_frequency=min_frequency,
+            )
+        else:
+            lm, trained = _load_lm(checkpoint)
+            ext = cls.between(trained, tokenizer)
+            if len(ext.new_tokens) > num_new_tokens:
+                raise ValueError(
+                    f"the data's tokenizer adds {len(ext.new_tokens)} tokens to the checkpoint's, "
+                    f"more than num_new_tokens={num_new_tokens}"
+                )
         if vocab_size is not None and vocab_size != ext.vocab_size:
             raise ValueError(
                 f"the data's tokenizer has {vocab_size} tokens, the extension {ext.vocab_size}: "
@@ -143,6 +227,30 @@ class VocabExtension:
             )
         resize_lm_vocab(lm, ext, init=init)
         return lm
+
+
+def _check_file(checkpoint: str) -> None:
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"model.checkpoint: no checkpoint file {checkpoint}")
+
+
+def _load_lm(checkpoint: str) -> tuple[TransformerLM, Tokenizer]:
+    """The LM of a training checkpoint, with its weights, and its tokenizer."""
+    from mtl.training.build import load_module  # the training layer builds on the models
+
+    _check_file(checkpoint)
+    module = load_module(checkpoint)
+    if not isinstance(module.net, TransformerLM) or module.tokenizer is None:
+        raise ValueError(f"model.checkpoint: {checkpoint} holds no language model with a tokenizer")
+    return module.net, module.tokenizer
+
+
+def _bpe_model(tokenizer: BPETokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A BPE tokenizer's vocabulary and merges, in rank order."""
+    model = json.loads(tokenizer.state_dict()["hf_json"])["model"]
+    # tokenizers writes a merge as a pair, older versions as one "a b" string
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
+    return model["vocab"], merges  # type: ignore[return-value]
 
 
 def extend_bpe_tokenizer(

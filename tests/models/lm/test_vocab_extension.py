@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -144,3 +145,106 @@ def test_lm_extend_vocab_experiment(tmp_path: Path, shakespeare_path: Path) -> N
     assert res["global_step"] == 15
     tuned = load_module(res["last_ckpt"])
     assert tuned.net.vocab_size == 300 + 16 and tuned.tokenizer.vocab_size == 316
+
+
+def test_between_reads_the_learned_extension_off_the_two_tokenizers(
+    ext: VocabExtension, old_tok: BPETokenizer
+) -> None:
+    """The extension read off the merges equals the one built while learning them."""
+    read = VocabExtension.between(old_tok, ext.tokenizer)
+    assert read.tokenizer is ext.tokenizer and read.old_vocab_size == ext.old_vocab_size
+    assert read.new_tokens == ext.new_tokens and read.sub_tokens == ext.sub_tokens
+    with pytest.raises(ValueError, match="does not start with the trained tokenizer"):
+        VocabExtension.between(BPETokenizer.train(NEW_TEXT, vocab_size=290), ext.tokenizer)
+    with pytest.raises(ValueError, match="byte-level BPE"):
+        VocabExtension.between(CharTokenizer.fit("abc"), ext.tokenizer)
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count checkpoint loads (``load_module``) and BPE learning (``BPETokenizer.train``)."""
+    import mtl.training.build as build_mod
+
+    calls = {"load": 0, "learn": 0}
+    load, learn = build_mod.load_module, BPETokenizer.train.__func__  # type: ignore[attr-defined]
+
+    def counted_load(*args: Any, **kwargs: Any) -> Any:
+        calls["load"] += 1
+        return load(*args, **kwargs)
+
+    def counted_learn(cls: type, *args: Any, **kwargs: Any) -> Any:
+        calls["learn"] += 1
+        return learn(cls, *args, **kwargs)
+
+    monkeypatch.setattr(build_mod, "load_module", counted_load)
+    monkeypatch.setattr(BPETokenizer, "train", classmethod(counted_learn))
+    return calls
+
+
+def test_a_run_loads_the_checkpoint_and_learns_the_merges_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mtl.data.text_corpus import default_corpus
+    from mtl.training.build import build_datamodule, build_module, load_module
+    from mtl.training.config import compose_config
+    from mtl.training.train import train
+
+    (tmp_path / "old.txt").write_text(default_corpus()[:20_000])
+    (tmp_path / "new.txt").write_text(default_corpus()[20_000:40_000].upper())  # new merges
+    tiny = [
+        "data.block_size=16",
+        "data.batch_size=4",
+        "data.steps_per_epoch=2",
+        "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false",
+        "generate.max_new_tokens=3",
+    ]
+    base = train(
+        compose_config(
+            "train",
+            [
+                "experiment=lm_dense",
+                f"data.path={tmp_path / 'old.txt'}",
+                "data.tokenizer=bpe",
+                "+data.tokenizer_kwargs.vocab_size=300",
+                "model.d_model=16",
+                "model.n_layers=1",
+                "model.n_heads=2",
+                "model.d_ff=32",
+                f"output_dir={tmp_path / 'base'}",
+                *tiny,
+            ],
+        )
+    )
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=lm_extend_vocab",
+            f"model.checkpoint={base['last_ckpt']}",
+            f"data.path={tmp_path / 'new.txt'}",
+            "model.num_new_tokens=12",
+            f"output_dir={tmp_path / 'ext'}",
+            *tiny,
+        ],
+    )
+    # the result of loading and learning by hand, before the counting starts
+    ref = load_module(base["last_ckpt"])
+    ref_ext = extend_bpe_tokenizer(
+        ref.tokenizer, (tmp_path / "new.txt").read_text(), num_new_tokens=12
+    )
+    resize_lm_vocab(ref.net, ref_ext)
+
+    calls = _counting(monkeypatch)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    assert calls == {"load": 1, "learn": 1}
+    assert dm.tokenizer.state_dict() == ref_ext.tokenizer.state_dict()
+    assert module.net.vocab_size == ref_ext.vocab_size == 300 + 12
+    want = ref.net.state_dict()
+    got = module.net.state_dict()
+    assert got.keys() == want.keys()
+    for name, value in got.items():
+        assert torch.equal(value, want[name]), name
+
+    calls.update(load=0, learn=0)
+    assert train(cfg)["global_step"] == 2
+    assert calls == {"load": 1, "learn": 1}
