@@ -27,7 +27,7 @@ Training with data parallelism for the rest of the model: :class:`ExpertParallel
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -123,21 +123,7 @@ def shard_experts(bank: nn.Module, *, shard: int, num_shards: int) -> ExpertShar
     if isinstance(bank, ExpertList):
         local: nn.Module = ExpertList(copy.deepcopy(list(bank.experts)[lo : lo + L]))
         return ExpertShard(local=local, num_experts=E, shard=shard)
-    local = copy.deepcopy(bank)
-    for module in local.modules():
-        for name, p in list(module._parameters.items()):
-            if p is None:
-                continue
-            if p.dim() == 0 or p.shape[0] != E:
-                raise ValueError(
-                    f"parameter {name} of shape {tuple(p.shape)} has no expert dim {E}"
-                )
-            module._parameters[name] = nn.Parameter(
-                p.detach()[lo : lo + L].clone(), requires_grad=p.requires_grad
-            )
-        for name, b in list(module._buffers.items()):
-            if b is not None and b.dim() > 0 and b.shape[0] == E:
-                module._buffers[name] = b[lo : lo + L].clone()
+    local = _restacked(bank, E, lambda t: t[lo : lo + L].clone())
     local.num_experts = L
     return ExpertShard(local=local, num_experts=E, shard=shard)
 
@@ -160,18 +146,31 @@ def gather_experts(shard: ExpertShard, group: GroupLike = None) -> nn.Module:
         raise ValueError(f"group has {pg.size()} ranks but the bank has {shard.num_shards} shards")
     if isinstance(shard.local, ExpertList):
         raise ValueError("gather_experts needs a stacked bank (SwiGLUExperts or ExpertBank)")
-    full = copy.deepcopy(shard.local)
-    for module in full.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None:
-                module._parameters[name] = nn.Parameter(
-                    gather_expert_rows(p.detach(), pg), requires_grad=p.requires_grad
-                )
-        for name, b in list(module._buffers.items()):
-            if b is not None and b.dim() > 0 and b.shape[0] == shard.local.num_experts:
-                module._buffers[name] = gather_expert_rows(b, pg)
+    full = _restacked(shard.local, shard.local.num_experts, lambda t: gather_expert_rows(t, pg))
     full.num_experts = shard.num_experts
     return full
+
+
+def _restacked(bank: nn.Module, num_experts: int, rows: Callable[[Tensor], Tensor]) -> nn.Module:
+    """A copy of a stacked bank whose per-expert tensors ``t`` are replaced by ``rows(t)``.
+
+    Every parameter leads with the expert dimension ``num_experts`` (else ValueError);
+    buffers that do are replaced too, the others copied as they are.
+    """
+    out = copy.deepcopy(bank)
+    for module in out.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if p.dim() == 0 or p.shape[0] != num_experts:
+                raise ValueError(
+                    f"parameter {name} of shape {tuple(p.shape)} has no expert dim {num_experts}"
+                )
+            module._parameters[name] = nn.Parameter(rows(p.detach()), requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.dim() > 0 and b.shape[0] == num_experts:
+                module._buffers[name] = rows(b)
+    return out
 
 
 @torch.no_grad()

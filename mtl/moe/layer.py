@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from mtl.moe.dispatch import DispatchResult
-from mtl.moe.experts import GroupedExperts
 from mtl.moe.losses import AUX_LOSSES, aux_losses
 from mtl.moe.routing import RoutingResult, RoutingStats, routing_stats
+from mtl.moe.shared_expert import shared_output
 
 
 @dataclass
@@ -123,7 +123,7 @@ class MoELayer(nn.Module):
         if self.output_scale != 1.0:
             out_TD = out_TD * self.output_scale
         if self.shared is not None:
-            out_TD = out_TD + self._shared(x_TD)
+            out_TD = out_TD + shared_output(self.shared, x_TD)
         losses = aux_losses(routing, self.aux_loss_weights)
         total = (
             torch.stack(list(losses.values())).sum()
@@ -137,8 +137,3 @@ class MoELayer(nn.Module):
             stats=routing_stats(routing, res.kept_TK),
             routing=routing,
         )
-
-    def _shared(self, x_TD: Tensor) -> Tensor:
-        if isinstance(self.shared, GroupedExperts):
-            return self.shared.forward_all(x_TD).sum(0)
-        return self.shared(x_TD)

@@ -1,4 +1,4 @@
-"""An always-on shared expert whose output a learned sigmoid gate scales per token (Qwen2-MoE)."""
+"""Always-on shared experts: their output, and the sigmoid-gated shared expert of Qwen2-MoE."""
 
 from __future__ import annotations
 
@@ -45,8 +45,24 @@ class SigmoidGatedSharedExpert(nn.Module):
         self.gate = nn.Linear(d_model, 1, bias=False)
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        if isinstance(self.expert, GroupedExperts):
-            y_TD = self.expert.forward_all(x_TD).sum(0)
-        else:
-            y_TD = self.expert(x_TD)
-        return torch.sigmoid(self.gate(x_TD)) * y_TD
+        return torch.sigmoid(self.gate(x_TD)) * shared_output(self.expert, x_TD)
+
+
+def shared_output(shared: nn.Module, x_TD: Tensor) -> Tensor:
+    """The output of an always-on expert part: a stacked bank's experts summed, else ``shared(x_TD)``.
+
+    Args:
+        shared: a stacked bank (:class:`~mtl.moe.experts.GroupedExperts`) or any
+            module ``(T, D) -> (T, D_out)``.
+        x_TD: ``(T, D)`` input.
+
+    Example:
+        >>> from mtl.moe import SwiGLUExperts
+        >>> bank = SwiGLUExperts(num_experts=2, d_model=4, d_hidden=8)
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(shared_output(bank, x), bank.forward_all(x)[0] + bank.forward_all(x)[1])
+        True
+    """
+    if isinstance(shared, GroupedExperts):
+        return shared.forward_all(x_TD).sum(0)
+    return shared(x_TD)

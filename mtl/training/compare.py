@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,19 +154,31 @@ def run_configs(overrides: Sequence[str] = (), seed: int | None = None) -> dict[
         >>> cfgs["ple"].model.expert_hidden, cfgs["ple"].data.batch_size
         ([72], 512)
     """
-    base, models, seeds, per_model, others = _plan(overrides)
-    out_dir = Path(str(base.output_dir)).expanduser()
-    first = seeds[0] if seed is None else seed
-    return {
-        name: _run_config(name, first, others, per_model, out_dir, _split_seed(base), base)
-        for name in models
-    }
+    plan = _plan(overrides)
+    first = plan.seeds[0] if seed is None else seed
+    return {name: _run_config(plan, name, first) for name in plan.models}
 
 
-def _plan(
-    overrides: Sequence[str],
-) -> tuple[DictConfig, list[str], list[int], dict[str, list[str]], list[str]]:
-    """The checked compare config, its models, seeds, per-model and other overrides."""
+@dataclass(frozen=True)
+class _Plan:
+    """What every run of one comparison is composed from, worked out once."""
+
+    base: DictConfig
+    """The checked compare config (``model.*`` overrides aside)."""
+    models: list[str]
+    seeds: list[int]
+    others: list[str]
+    """The overrides that are not ``model.*``."""
+    per_model: dict[str, list[str]]
+    """Per model, its ``model.*`` overrides (:func:`_model_overrides`)."""
+    experiments: dict[str, str | None]
+    """Per model, the experiment that sizes it (:func:`size_experiment`)."""
+    out_dir: Path
+    split_seed: int
+
+
+def _plan(overrides: Sequence[str]) -> _Plan:
+    """The checked compare config, its models and seeds, and each model's overrides and sizes."""
     base = compare_config(overrides)
     check_compare_config(base)
     if str(base.kind) != "rec":
@@ -175,10 +188,16 @@ def _plan(
         raise ConfigError("models is empty; e.g. models=[mmoe,home]")
     for name in models:
         check_choice("model", name)
-    seeds = seed_list(base.seeds if isinstance(base.seeds, int) else list(base.seeds))
-    per_model = _model_overrides(models, overrides)
-    others = [o for o in overrides if not _is_model_key(o)]
-    return base, models, seeds, per_model, others
+    return _Plan(
+        base=base,
+        models=models,
+        seeds=seed_list(base.seeds if isinstance(base.seeds, int) else list(base.seeds)),
+        others=[o for o in overrides if not _is_model_key(o)],
+        per_model=_model_overrides(models, overrides),
+        experiments={name: size_experiment(base, name) for name in models},
+        out_dir=Path(str(base.output_dir)).expanduser(),
+        split_seed=_split_seed(base),
+    )
 
 
 def _split_seed(base: DictConfig) -> int:
@@ -215,9 +234,8 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
     """
     from mtl.training.report import write_report
 
-    base, models, seeds, per_model, others = _plan(overrides)
-    out_dir = Path(str(base.output_dir)).expanduser()
-    split_seed = _split_seed(base)
+    plan = _plan(overrides)
+    base, out_dir = plan.base, plan.out_dir
     # Each run checks and locks its own sub-folder; the lock here keeps two compares apart.
     with RunLock(out_dir):
         check_run_dir(
@@ -226,12 +244,9 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
             overwrite=bool(base.get("overwrite")),
             names=COMPARE_FILES,
         )
-        configs = {
-            name: _run_config(name, seeds[0], others, per_model, out_dir, split_seed, base)
-            for name in models
-        }
+        configs = {name: _run_config(plan, name, plan.seeds[0]) for name in plan.models}
         _check_shared(configs)
-        dm = build_datamodule(configs[models[0]])
+        dm = build_datamodule(configs[plan.models[0]])
         match_to = base.get("match_params_to")
         sizes = fair_sizes(
             configs,
@@ -240,7 +255,7 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
             match_to=None if match_to is None else int(match_to),
         )
         for name, size in sizes.items():
-            size["experiment"] = size_experiment(base, name)
+            size["experiment"] = plan.experiments[name]
             log.info(
                 "compare: %s has %d parameters, sizes %s (from %s)",
                 name,
@@ -249,33 +264,25 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
                 size["experiment"] or "its model config",
             )
         widths = {name: size["widths"] for name, size in sizes.items()}
-        runs = _train_all(models, seeds, others, per_model, out_dir, base, dm, widths)
+        runs = _train_all(plan, dm, widths)
         config = OmegaConf.to_container(base, resolve=True)
         assert isinstance(config, dict)
         config["run_order"] = RUN_ORDER
         return write_report(out_dir, runs, config=config, sizes=sizes)
 
 
-def _run_config(
-    name: str,
-    seed: int,
-    others: Sequence[str],
-    per_model: dict[str, list[str]],
-    out_dir: Path,
-    split_seed: int,
-    base: DictConfig,
-) -> DictConfig:
+def _run_config(plan: _Plan, name: str, seed: int) -> DictConfig:
     """The config of run ``name`` x ``seed``: its size experiment, ``model_overrides`` merged."""
-    experiment = size_experiment(base, name)
+    base, experiment = plan.base, plan.experiments[name]
     cfg = compose_config(
         "compare",
         [
-            *others,
+            *plan.others,
             *([f"experiment={experiment}"] if experiment else []),
-            f"++data.split_seed={split_seed}",
-            f"output_dir={out_dir / name / f'seed{seed}'}",
+            f"++data.split_seed={plan.split_seed}",
+            f"output_dir={plan.out_dir / name / f'seed{seed}'}",
             f"model={name}",
-            *per_model[name],
+            *plan.per_model[name],
             f"seed={seed}",
         ],
     )
@@ -292,27 +299,22 @@ def _run_config(
 
 
 def _train_all(
-    models: Sequence[str],
-    seeds: Sequence[int],
-    others: Sequence[str],
-    per_model: dict[str, list[str]],
-    out_dir: Path,
-    base: DictConfig,
+    plan: _Plan,
     dm: DataModule | None = None,
     widths: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every model x seed into ``out_dir/<model>/seed<s>``, on one shared data module.
+    """Every model x seed into ``<output_dir>/<model>/seed<s>``, on one shared data module.
 
     Runs are interleaved by seed (seed 0 of every model, then seed 1, ...), so a
     change in the machine's load during the comparison falls on every model alike.
     ``widths``: per model, width overrides merged last (from ``match_params``).
     """
+    models, seeds = plan.models, plan.seeds
     runs: list[dict[str, Any]] = []
-    split_seed = _split_seed(base)
     for seed in seeds:
         for name in models:
-            run_dir = out_dir / name / f"seed{seed}"
-            cfg = _run_config(name, seed, others, per_model, out_dir, split_seed, base)
+            run_dir = plan.out_dir / name / f"seed{seed}"
+            cfg = _run_config(plan, name, seed)
             if (widths or {}).get(name):
                 cfg.model = OmegaConf.merge(cfg.model, (widths or {})[name])
             if dm is None:
@@ -325,6 +327,4 @@ def _train_all(
             result["load_avg"] = {"start": before, "end": load_average()}
             runs.append(result)
     # Reported model by model, each with its seeds in order.
-    return sorted(
-        runs, key=lambda r: (list(models).index(r["model"]), list(seeds).index(r["seed"]))
-    )
+    return sorted(runs, key=lambda r: (models.index(r["model"]), seeds.index(r["seed"])))

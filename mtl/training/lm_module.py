@@ -54,6 +54,7 @@ from mtl.training.lm_expert_parallel import (
     gather_expert_checkpoint,
     slice_expert_checkpoint,
 )
+from mtl.training.ranks import rank_sum, trainer_world_size
 from mtl.training.routing_logging import log_routing
 from mtl.training.routing_totals import RoutingTotals, sum_over_ranks
 from mtl.training.schedules import OptimizerFactory, SchedulerFactory, optimizers_with_schedule
@@ -153,16 +154,6 @@ class LMModule(pl.LightningModule):
             return self.net(idx_BT, targets_BT)
         return self.net(idx_BT, targets_BT, domain_B=domain_B)
 
-    def _world_size(self) -> int:
-        try:
-            return int(self.trainer.world_size)
-        except RuntimeError:  # not attached to a trainer
-            return 1
-
-    def _sum_over_ranks(self, x: Tensor) -> Tensor:
-        # Lightning's strategy reduces in place: hand it a tensor nobody else holds.
-        return self.trainer.strategy.reduce(x.clone(), reduce_op="sum")
-
     def configure_model(self) -> None:
         # trainer=fsdp (mtl.training.fsdp.FSDPStrategy): shard each transformer block
         # over the ranks; other strategies have no `shard` and leave the model whole.
@@ -195,14 +186,15 @@ class LMModule(pl.LightningModule):
             losses["train/aux_loss"] = out.aux_loss.detach()
             losses |= {f"train/aux/{k}": v.detach() for k, v in out.aux_losses.items()}
         layer_stats = out.layer_stats
-        world_size = self._world_size()
+        world_size = trainer_world_size(self)
         if world_size > 1:
             # Every step on every rank, logged or not: whether a step logs can differ
             # between ranks (the progress bar runs on rank 0 only) and a collective
             # that one rank skips would hang the others. One small vector per step.
-            mean = self._sum_over_ranks(torch.stack(list(losses.values())).float()) / world_size
+            reduce_sum = rank_sum(self)
+            mean = reduce_sum(torch.stack(list(losses.values())).float()) / world_size
             losses = dict(zip(losses, mean.unbind(), strict=True))
-            layer_stats = sum_over_ranks(layer_stats, self._sum_over_ranks)
+            layer_stats = sum_over_ranks(layer_stats, reduce_sum)
         # Step values only where the logger or the progress bar reads them: a step logs
         # about 20 keys (routing statistics per layer), ~0.25 ms each on CPU.
         if step_metrics_due(self, batch_idx):
@@ -220,7 +212,7 @@ class LMModule(pl.LightningModule):
         if self.device.type == "cuda":  # kernels run asynchronously: wait for the step
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - self._step_start
-        tokens = batch[0].numel() * self._world_size()  # the global batch's tokens
+        tokens = batch[0].numel() * trainer_world_size(self)  # the global batch's tokens
         self.log(
             "train/tokens_per_s",
             tokens / max(seconds, 1e-9),
@@ -247,9 +239,9 @@ class LMModule(pl.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
-        if self._world_size() > 1:
+        if trainer_world_size(self) > 1:
             experts = {i: int(layer.num_experts) for i, layer in self.net.moe_layers().items()}
-            self.val_routing.reduce(self._sum_over_ranks, experts, self.device)
+            self.val_routing.reduce(rank_sum(self), experts, self.device)
         stats = self.val_routing.stats()  # the whole pass, every rank's tokens
         self.val_load.update(stats)
         log_routing(self, stats, "val", batch_size=1)

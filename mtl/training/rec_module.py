@@ -32,6 +32,7 @@ from mtl.moe.group_counts import count_routing_over
 from mtl.training.diagnostics import DiagnosticsAccumulator, ExpertDiagnostics
 from mtl.training.expert_load import ExpertLoad, log_load_histograms
 from mtl.training.metrics import LOG_LOSS_EPS, BinaryTaskMetrics, RegressionTaskMetrics
+from mtl.training.ranks import rank_sum, trainer_world_size
 from mtl.training.schedules import OptimizerFactory, SchedulerFactory, optimizers_with_schedule
 from mtl.training.step_logging import EpochMeans, step_metrics_due
 
@@ -297,21 +298,13 @@ class RecModule(pl.LightningModule):
             self.log(f"{split}/{key}", value, prog_bar=key == "auc_mean")
         self.eval_results[split] = flat
         if self.eval_load.has_data:
-            if self._world_size() > 1:
+            if trainer_world_size(self) > 1:
                 replicas = self._eval_replicas(split)
-                # the strategy reduces in place: hand it a tensor nobody else holds
-                self.eval_load.reduce(
-                    lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum") / replicas
-                )
+                reduce_sum = rank_sum(self)
+                self.eval_load.reduce(lambda t: reduce_sum(t) / replicas)
             self.eval_loads[split] = self.eval_load.as_dict(f"{split}/moe/")
             log_load_histograms(self.loggers, self.eval_loads[split], self.global_step)
             self.eval_load.reset()
-
-    def _world_size(self) -> int:
-        try:
-            return int(self.trainer.world_size)
-        except RuntimeError:  # not attached to a trainer
-            return 1
 
     def _eval_replicas(self, split: str) -> int:
         """How many ranks evaluate each row: every rank when the loader is not sharded
@@ -319,7 +312,7 @@ class RecModule(pl.LightningModule):
         trainer = self.trainer
         loader = trainer.val_dataloaders if split == "val" else trainer.test_dataloaders
         shards = getattr(loader, "num_shards", None)
-        return max(1, self._world_size() // shards) if shards else 1
+        return max(1, trainer_world_size(self) // shards) if shards else 1
 
     def _eval_epoch_start(self) -> None:
         for metrics in self.eval_metrics.values():

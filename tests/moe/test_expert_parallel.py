@@ -304,3 +304,27 @@ def test_shard_and_dispatch_refuse_misuse() -> None:
     )
     with pytest.raises(ValueError, match="needs an ExpertShard"):
         ExpertParallelDispatch()(torch.randn(2, 4), layer.gate(torch.randn(2, 4)), bank)
+
+
+def test_shards_are_copies_of_every_stacked_tensor_that_add_up_to_the_bank() -> None:
+    torch.manual_seed(0)
+    # unequal experts: the hidden mask is a per-expert buffer, sharded with the weights
+    bank = SwiGLUExperts(num_experts=6, d_model=4, d_hidden=4, hidden_sizes=[1, 2, 3, 4, 4, 2])
+    shards = [shard_experts(bank, shard=r, num_shards=3) for r in range(3)]
+    for name, want in [*bank.named_parameters(), *bank.named_buffers()]:
+        parts = [
+            dict([*s.local.named_parameters(), *s.local.named_buffers()])[name] for s in shards
+        ]
+        assert all(p.shape[0] == 2 for p in parts), name
+        torch.testing.assert_close(torch.cat([p.detach() for p in parts]), want.detach())
+    assert all(isinstance(s.local.w_up, torch.nn.Parameter) for s in shards)
+    with torch.no_grad():
+        shards[0].local.w_up.zero_()  # a copy: the bank keeps its weights
+    assert bank.w_up[:2].abs().sum() > 0
+
+
+def test_a_parameter_without_the_expert_dim_cannot_be_sharded() -> None:
+    bank = SwiGLUExperts(num_experts=4, d_model=4, d_hidden=4)
+    bank.scale = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=r"parameter scale of shape \(3,\) has no expert dim 4"):
+        shard_experts(bank, shard=0, num_shards=2)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mtl.moe import DroplessDispatch, MoELayer, SigmoidGatedSharedExpert, SwiGLUExperts, TopKGate
+from mtl.moe.shared_expert import shared_output
 
 
 def _layer(shared: torch.nn.Module | None) -> MoELayer:
@@ -52,3 +53,16 @@ def test_factory_form_and_gradients() -> None:
     y.pow(2).sum().backward()
     assert shared.gate.weight.grad is not None and shared.gate.weight.grad.abs().sum() > 0
     assert shared.expert.w_down.grad is not None
+
+
+def test_shared_output_sums_a_stacked_bank_and_calls_any_other_module() -> None:
+    torch.manual_seed(2)
+    bank = SwiGLUExperts(num_experts=3, d_model=8, d_hidden=12)
+    x_TD = torch.randn(5, 8)
+    # reference: each expert's SwiGLU written out, summed over the experts
+    expected_TD = sum(
+        (F.silu(x_TD @ bank.w_gate[e]) * (x_TD @ bank.w_up[e])) @ bank.w_down[e] for e in range(3)
+    )
+    torch.testing.assert_close(shared_output(bank, x_TD), expected_TD)
+    linear = torch.nn.Linear(8, 4)
+    torch.testing.assert_close(shared_output(linear, x_TD), x_TD @ linear.weight.T + linear.bias)

@@ -99,10 +99,8 @@ def test_runs_are_interleaved_by_seed_and_reported_model_by_model(
         return {"model": str(cfg.model_name), "seed": int(cfg.seed)}
 
     monkeypatch.setattr(compare, "train", fake_train)
-    base, models, seeds, per_model, others = compare._plan(["models=[mmoe,ple]", "seeds=2"])
-    runs = compare._train_all(
-        models, seeds, others, per_model, tmp_path, base, SimpleNamespace(seed=0)
-    )
+    plan = compare._plan(["models=[mmoe,ple]", "seeds=2", f"output_dir={tmp_path}"])
+    runs = compare._train_all(plan, SimpleNamespace(seed=0))
     assert calls == [("mmoe", 0), ("ple", 0), ("mmoe", 1), ("ple", 1)]
     assert [(r["model"], r["seed"]) for r in runs] == [
         ("mmoe", 0),
@@ -113,3 +111,25 @@ def test_runs_are_interleaved_by_seed_and_reported_model_by_model(
     for run in runs:  # the load average before and after each run
         assert run["load_avg"]["start"] is None or len(run["load_avg"]["start"]) == 3
         assert run["load_avg"]["end"] is None or len(run["load_avg"]["end"]) == 3
+
+
+def test_size_experiments_are_looked_up_once_per_comparison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looked_up: list[str] = []
+    lookup = compare.size_experiment
+
+    def counting_lookup(base: DictConfig, name: str) -> str | None:
+        looked_up.append(name)
+        return lookup(base, name)
+
+    def fake_train(cfg: DictConfig, datamodule: object = None) -> dict:
+        return {"model": str(cfg.model_name), "seed": int(cfg.seed), "cfg": cfg}
+
+    monkeypatch.setattr(compare, "size_experiment", counting_lookup)
+    monkeypatch.setattr(compare, "train", fake_train)
+    overrides = ["models=[mmoe,ple]", "data=census_income", "seeds=3", f"output_dir={tmp_path}"]
+    runs = compare._train_all(compare._plan(overrides), SimpleNamespace(seed=0))
+    assert sorted(looked_up) == ["mmoe", "ple"]  # not once per model x seed
+    # every seed's run still has its model's experiment sizes (census_ple: expert_hidden [72])
+    assert [r["cfg"].model.expert_hidden for r in runs if r["model"] == "ple"] == [[72]] * 3
