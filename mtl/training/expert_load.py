@@ -13,16 +13,14 @@ whose buckets are the experts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from mtl.moe import RoutingStats
-
-SumOverRanks = Callable[[Tensor], Tensor]
-"""Sums a tensor over the ranks; every rank calls it with a tensor of the same shape."""
+from mtl.moe.routing_sums import SumOverRanks
 
 LOAD_SUFFIX = "/tokens_per_expert"
 

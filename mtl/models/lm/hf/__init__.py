@@ -3,7 +3,8 @@
 Parts:
     spec        -- :class:`HFConfig` (config.json reading) and :class:`Architecture`
     mixtral, olmoe, qwen2_moe, deepseek_v3 -- one architecture each: config -> LM, LM -> config
-    weights     -- parameter names and expert layouts in both directions
+    softmax_topk -- :class:`SoftmaxTopK`, what Mixtral, OLMoE and Qwen2-MoE share (block, attention)
+    weights     -- parameter names and expert layouts in both directions, file tensors
     checkpoint  -- :func:`load_hf_checkpoint`, :func:`save_hf_checkpoint`, :func:`moe_layer_from_hf_block`
     mixtral_block -- :func:`moe_layer_from_hf_mixtral` from a ``MixtralSparseMoeBlock`` module
     tiny        -- tiny random transformers models of each architecture (tests, equivalence table)

@@ -19,6 +19,7 @@ from mtl.models.lm.hf import deepseek_v3, mixtral, olmoe, qwen2_moe
 from mtl.models.lm.hf.spec import Architecture, HFConfig
 from mtl.models.lm.hf.weights import (
     StateDictSource,
+    file_tensors,
     hf_state,
     load_lm_state,
     moe_block_name,
@@ -155,7 +156,8 @@ def save_hf_checkpoint(
     config.update(extra_config or {})
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.float() for k, v in hf_state(lm, arch).items()}
+    # views of the parameters, then one float32 contiguous copy of what needs one
+    tensors = file_tensors(hf_state(lm, arch), dtype=torch.float32)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out

@@ -9,6 +9,7 @@ from mtl.models.lm.hf.spec import (
     Architecture,
     HFConfig,
     base_config,
+    check_shared,
     dense_width,
     lm_kwargs,
     moe_parts,
@@ -97,12 +98,9 @@ def to_config(lm: TransformerLM) -> dict[str, Any]:
     for i, layer in layers.items():
         need(type(layer.gate) is SigmoidBiasGate, f"layer {i} gate must be SigmoidBiasGate", NAME)
         need(layer.gate.proj.bias is None, f"layer {i} gate has a bias", NAME)
-        need(
-            layer.shared is None or isinstance(layer.shared, SwiGLU),
-            f"layer {i} shared part must be a SwiGLU",
-            NAME,
-        )
-    first = next(iter(layers.values()))
+    check_shared(
+        layers, NAME, lambda s: s is None or isinstance(s, SwiGLU), "no shared expert or a SwiGLU"
+    )
     H = one_value([m.experts.d_hidden for m in layers.values()], "expert width", NAME)
     shared_h = one_value(
         [0 if m.shared is None else m.shared.d_hidden for m in layers.values()],
@@ -121,7 +119,9 @@ def to_config(lm: TransformerLM) -> dict[str, Any]:
         "num_key_value_heads": a0.n_heads,
         "intermediate_size": d_ff if d_ff is not None else H,
         "moe_intermediate_size": H,
-        "n_routed_experts": first.num_experts,
+        "n_routed_experts": one_value(
+            [m.num_experts for m in layers.values()], "expert count", NAME
+        ),
         "n_shared_experts": shared_h // H,
         "num_experts_per_tok": one_value([g.k for g in gates], "k", NAME),
         "n_group": one_value([g.n_group for g in gates], "n_group", NAME),

@@ -6,9 +6,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mtl.models.lm.blocks import CausalSelfAttention, RMSNorm
+from mtl.models.lm.blocks import RMSNorm
 from mtl.models.lm.transformer import TransformerLM
-from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
+from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts
 
 
 class HFConfig:
@@ -168,18 +168,6 @@ def need(condition: bool, what: str, arch: str) -> None:
         raise ValueError(f"this TransformerLM cannot be exported as {arch}: {what}")
 
 
-def check_plain_attention(
-    lm: TransformerLM, arch: str, *, bias: bool, qk_norm: bool
-) -> CausalSelfAttention:
-    """Every layer uses :class:`CausalSelfAttention` with the given options; returns layer 0's."""
-    for i, blk in enumerate(lm.layers):
-        a = blk.attn
-        need(isinstance(a, CausalSelfAttention), f"layer {i} attention is {type(a).__name__}", arch)
-        need((a.q_proj.bias is not None) == bias, f"layer {i} q/k/v bias must be {bias}", arch)
-        need((a.q_norm is not None) == qk_norm, f"layer {i} query/key norm must be {qk_norm}", arch)
-    return lm.layers[0].attn
-
-
 def check_norm_eps(lm: TransformerLM, arch: str) -> None:
     """One RMSNorm epsilon in the whole LM (transformers configs have one)."""
     eps = {m.eps for m in lm.modules() if isinstance(m, RMSNorm)}
@@ -206,29 +194,14 @@ def moe_parts(lm: TransformerLM, arch: str) -> dict[int, MoELayer]:
     return layers
 
 
-def check_softmax_top_k_gates(
-    layers: Mapping[int, MoELayer], arch: str, *, renormalize: bool | None = None
+def check_shared(
+    layers: Mapping[int, MoELayer], arch: str, allowed: Callable[[Any], bool], what: str
 ) -> None:
-    """Every layer's gate is a bias-free, jitter-free :class:`TopKGate` (softmax over all
-    experts, then top-k), renormalised over the chosen experts when ``renormalize`` says so
-    (None: either)."""
+    """Every MoE layer's shared part (None if it has none) passes ``allowed``; ``what`` says
+    which ones do, for the error message."""
     for i, layer in layers.items():
-        g = layer.gate
-        need(
-            type(g) is TopKGate and not g.softmax_after_topk,
-            f"layer {i} gate must be TopKGate(softmax_after_topk=False)",
-            arch,
-        )
-        need(
-            renormalize is None or g.renormalize == renormalize,
-            f"layer {i} gate must have renormalize={renormalize}",
-            arch,
-        )
-        need(
-            g.proj.bias is None and g.input_jitter == 0,
-            f"layer {i} gate has a bias or jitter",
-            arch,
-        )
+        found = "no shared expert" if layer.shared is None else type(layer.shared).__name__
+        need(allowed(layer.shared), f"layer {i} has {found}; {arch} needs {what}", arch)
 
 
 def one_value(values: list[Any], what: str, arch: str) -> Any:

@@ -46,6 +46,14 @@ def _layer_name(key: str) -> tuple[int, str] | None:
     return None if m is None else (int(m.group(1)), m.group(2))
 
 
+def _expert_param(key: str, moe: set[int]) -> tuple[int, str] | None:
+    """``(layer, "w_gate" | "w_up" | "w_down")`` when ``key`` is a routed expert bank's weight."""
+    parsed = _layer_name(key)
+    if parsed is None or parsed[0] not in moe or not parsed[1].startswith("ffn.experts."):
+        return None
+    return parsed[0], parsed[1].rsplit(".", 1)[-1]
+
+
 def _beyond(name: str, n_layers: int) -> bool:
     """A tensor of a layer after the last decoder layer: DeepSeek-V3's multi-token
     prediction module (``num_nextn_predict_layers``), which transformers does not load either."""
@@ -137,9 +145,9 @@ def load_lm_state(lm: TransformerLM, src: TensorSource, arch: Architecture) -> N
     expert_cache: dict[int, dict[str, Tensor]] = {}
     names = set(src.keys())
     for key, param in state.items():
-        parsed = _layer_name(key)
-        if parsed is not None and parsed[0] in moe and parsed[1].startswith("ffn.experts."):
-            i, param_name = parsed[0], parsed[1].rsplit(".", 1)[-1]
+        expert = _expert_param(key, moe)
+        if expert is not None:
+            i, param_name = expert
             if i not in expert_cache:
                 prefix = f"model.layers.{i}.{arch.moe_prefix}."
                 expert_cache[i] = read_experts(src, prefix, arch, lm.layers[i].ffn.num_experts)
@@ -184,22 +192,70 @@ def load_lm_state(lm: TransformerLM, src: TensorSource, arch: Architecture) -> N
 
 
 def hf_state(lm: TransformerLM, arch: Architecture) -> dict[str, Tensor]:
-    """``lm``'s parameters under transformers' on-disk names and layouts (contiguous copies)."""
+    """``lm``'s parameters under transformers' on-disk names and layouts, as views (no copy).
+
+    An expert's ``(H, D)`` / ``(D, H)`` weight is a transposed slice of mtl's
+    ``(E, D, H)`` / ``(E, H, D)`` bank, hence not contiguous; :func:`file_tensors`
+    makes the one contiguous copy the file needs.
+
+    Example:
+        >>> from mtl.models.lm.hf.mixtral import ARCH
+        >>> from mtl.models.lm.hf.spec import HFConfig
+        >>> lm = ARCH.build(HFConfig({
+        ...     "model_type": "mixtral", "vocab_size": 11, "hidden_size": 8, "num_hidden_layers": 1,
+        ...     "num_attention_heads": 2, "intermediate_size": 4, "num_local_experts": 3,
+        ...     "num_experts_per_tok": 2, "rope_theta": 1e4}))
+        >>> w1 = hf_state(lm, ARCH)["model.layers.0.block_sparse_moe.experts.2.w1.weight"]
+        >>> tuple(w1.shape), w1.is_contiguous(), torch.equal(w1, lm.layers[0].ffn.experts.w_gate[2].T)
+        ((4, 8), False, True)
+    """
     moe = set(lm.moe_layers())
     tied = lm.lm_head.weight is lm.embed.weight
     out: dict[str, Tensor] = {}
     for key, value in lm.state_dict().items():
         if tied and key == "lm_head.weight":
             continue
-        parsed = _layer_name(key)
-        if parsed is not None and parsed[0] in moe and parsed[1].startswith("ffn.experts."):
-            i, param = parsed[0], parsed[1].rsplit(".", 1)[-1]
-            hf = arch.expert_names[_EXPERT_PARAMS.index(param)]
-            for e in range(value.shape[0]):
-                out[f"model.layers.{i}.{arch.moe_prefix}.experts.{e}.{hf}.weight"] = value[e].T
+        expert = _expert_param(key, moe)
+        if expert is None:
+            out[hf_name(key, arch, moe)] = value
             continue
-        out[hf_name(key, arch, moe)] = value
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+        i, param = expert
+        hf = arch.expert_names[_EXPERT_PARAMS.index(param)]
+        for e, w in enumerate(value.unbind(0)):
+            out[f"model.layers.{i}.{arch.moe_prefix}.experts.{e}.{hf}.weight"] = w.T
+    return out
+
+
+def file_tensors(
+    tensors: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """``tensors`` as a safetensors file holds them: contiguous, on the CPU, of ``dtype``.
+
+    Each tensor is copied at most once -- a transposed expert slice or a
+    parameter of another dtype or device -- and a contiguous CPU tensor of
+    ``dtype`` is passed through as it is, unless its memory is already used by
+    an earlier one (safetensors refuses tensors that share memory).
+
+    Example:
+        >>> w = torch.arange(6.0).reshape(2, 3)
+        >>> out = file_tensors({"w": w, "t": w.T})
+        >>> out["w"].data_ptr() == w.data_ptr(), out["t"].is_contiguous(), torch.equal(out["t"], w.T)
+        (True, True, True)
+    """
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach()
+        ptr = t.untyped_storage().data_ptr()
+        as_is = t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+        if not as_is or ptr in seen:
+            # ``copy_`` into a fresh tensor converts, moves and packs in one pass
+            # (``.to(dtype)`` would keep a transposed layout and need a second copy)
+            t = torch.empty(t.shape, dtype=dtype).copy_(t)
+        else:
+            seen.add(ptr)
+        out[name] = t
+    return out
 
 
 class StateDictSource:
