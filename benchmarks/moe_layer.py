@@ -14,6 +14,11 @@ top-k, renormalised), measured side by side on the same input:
 * ``hf_eager``     -- transformers' own ``MixtralSparseMoeBlock`` (default
   "eager" experts: the same loop over stacked weights), when installed.
 * ``hf_grouped_mm``-- the same block with ``experts_implementation="grouped_mm"``.
+* ``experts_only`` -- ``mtl``'s experts alone on rows already routed, gathered and
+  sorted by expert (``mtl``'s routing of the same input, computed once): the
+  three grouped matmuls and the SwiGLU, then each token's ``k`` rows summed. No
+  routing, gather or scatter: the floor that no dropless dispatch over these
+  experts can beat with this grouped-matmul kernel.
 
 Every MoE variant gets the same weights and is checked against ``mtl`` before
 timing. fp32 on CPU; bf16 on CUDA when a GPU is present.
@@ -127,6 +132,35 @@ class LoopMoE(nn.Module):
             expert.w2.weight.copy_(bank.w_down[e].T)
 
 
+class ExpertsOnly(nn.Module):
+    """``layer``'s experts on pre-routed rows (the ``experts_only`` variant).
+
+    The rows ``x[token of slot]`` sorted by expert are gathered once, from the
+    first input seen, and kept as a leaf that receives gradients: every step
+    then runs only the experts' grouped computation and the per-token sum.
+    """
+
+    def __init__(self, layer: MoELayer, k: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.k = k
+        self._rows: tuple[Tensor, Tensor, Tensor] | None = None  # (input, rows_ND, counts_E)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        if self._rows is None or self._rows[0] is not x_TD:
+            with torch.no_grad():
+                experts_TK = self.layer.gate(x_TD).experts_TK
+                order_N = torch.argsort(experts_TK.reshape(-1), stable=True)
+                counts_E = torch.bincount(
+                    experts_TK.reshape(-1), minlength=self.layer.experts.num_experts
+                )
+                rows_ND = x_TD.detach()[order_N // self.k].clone().requires_grad_(True)
+            self._rows = (x_TD, rows_ND, counts_E)
+        _, rows_ND, counts_E = self._rows
+        y_ND = self.layer.experts.forward_grouped(rows_ND, counts_E)
+        return y_ND.view(x_TD.shape[0], self.k, -1).sum(1)
+
+
 def build_hf_block(layer: MoELayer, shape: Shape, implementation: str) -> nn.Module | None:
     """transformers' ``MixtralSparseMoeBlock`` with ``layer``'s weights, or None if absent."""
     try:
@@ -184,6 +218,7 @@ def build_variants(
         "mtl": (layer, lambda m, x: m(x).output),
         "dense": (dense, lambda m, x: m(x)),
         "loop": (loop, lambda m, x: m(x)),
+        "experts_only": (ExpertsOnly(layer, shape.k), lambda m, x: m(x)),
     }
     for impl in ("eager", "grouped_mm"):
         block = build_hf_block(layer, shape, impl)
@@ -205,7 +240,7 @@ def check_agreement(variants: dict[str, tuple[nn.Module, Forward]], x: Tensor) -
         return {
             n: float((f(x).float() - ref).abs().max())
             for n, (_, f) in variants.items()
-            if n not in ("mtl", "dense")
+            if n not in ("mtl", "dense", "experts_only")
         }
 
 

@@ -28,13 +28,13 @@ def test_moe_layer_variants_agree_and_report_throughput(tmp_path: Path) -> None:
         "moe_layer.py",
         tmp_path / "moe.json",
         *("--quick", "--tokens", "256", "--shapes", "8,2,64,32"),
-        *("--variants", "dense", "loop", "--repeats", "1", "--no-memory"),
+        *("--variants", "dense", "loop", "experts_only", "--repeats", "1", "--no-memory"),
     )
     (point,) = result["points"]
     assert point["max_abs_diff_vs_mtl"]["loop"] < 1e-4  # the per-expert loop computes the same
-    for name in ("mtl", "dense", "loop"):
+    for name in ("mtl", "dense", "loop", "experts_only"):
         assert point["variants"][name]["tokens_per_s"] > 0
-    assert set(point["ratios"]) == {"mtl_vs_dense", "mtl_vs_loop"}
+    assert set(point["ratios"]) == {"mtl_vs_dense", "mtl_vs_loop", "mtl_vs_experts_only"}
     # the plot of every round's ratios lands next to the JSON
     assert (tmp_path / "moe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -135,3 +135,31 @@ def test_time_interleaved_divides_each_round_by_its_calls(monkeypatch: pytest.Mo
     # per-call seconds, not per-round: both 2 ms although a ran 4 calls a round
     for ts in times.values():
         assert ts == pytest.approx([0.002] * 3), times
+
+
+def test_experts_only_runs_the_layers_experts_on_its_routed_rows() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from moe_layer import ExpertsOnly
+
+    from mtl.moe import DroplessDispatch, MoELayer, SwiGLUExperts, TopKGate
+
+    torch.manual_seed(0)
+    E, k, D = 4, 2, 8
+    layer = MoELayer(
+        gate=TopKGate(d_model=D, num_experts=E, k=k),
+        experts=SwiGLUExperts(num_experts=E, d_model=D, d_hidden=16),
+        dispatch=DroplessDispatch(),
+    )
+    x = torch.randn(10, D)
+    experts_TK = layer.gate(x).experts_TK
+    # reference: every (token, slot) row through its expert, summed per token
+    expected = torch.zeros(10, D)
+    for t in range(10):
+        for j in range(k):
+            e = int(experts_TK[t, j])
+            expected[t] += layer.experts.forward_grouped(
+                x[t : t + 1], torch.eye(E, dtype=torch.long)[e]
+            )[0]
+    out = ExpertsOnly(layer, k)(x)
+    # the floor sums each token's k rows in expert order, so compare the totals
+    torch.testing.assert_close(out.sum(0), expected.sum(0), rtol=1e-5, atol=1e-5)
