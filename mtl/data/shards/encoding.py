@@ -1,9 +1,10 @@
 """Fitting the feature encoding on a lazy train split, and keeping it as JSON.
 
 :func:`fit_lazy` is :func:`mtl.data.features.fit_features` for data that is not in
-memory: the category counts and the numeric sums come from polars' streaming engine,
-and the same rules turn them into the encoding
-(:func:`~mtl.data.features.vocabulary_from_counts`,
+memory: one streaming pass hands the train rows over in batches; each batch's category
+counts (:func:`~mtl.data.features.category_counts`, the in-memory path's query) and
+numeric moments are summed into running totals, and the same rules turn them into the
+encoding (:func:`~mtl.data.features.vocabulary_from_counts`,
 :func:`~mtl.data.features.numeric_feature`, :func:`~mtl.data.features.assemble_fitted`),
 so both paths give the same vocabularies, statistics and ids.
 """
@@ -11,10 +12,12 @@ so both paths give the same vocabularies, statistics and ids.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from mtl.data.features import (
@@ -30,6 +33,86 @@ from mtl.data.spec import FeatureSpec
 
 __all__ = ["fit_lazy", "load_encoding", "save_encoding"]
 
+_BATCH_ROWS = 50_000
+"""Rows per batch: one batch is in memory at a time, and each costs one group-by per column."""
+_MERGE_ROWS = 100_000
+"""Batch counts of a column wait until they hold this many rows before they are summed."""
+
+
+class _RunningCounts:
+    """One column's category counts (``value``/``n``) summed over the batches seen so far.
+
+    A batch's counts wait in a list until the list holds at least as many rows as the
+    total (and ``_MERGE_ROWS``); then all are summed at once. Each counted row is thus
+    re-summed a bounded number of times on average, and memory stays within a small
+    multiple of the column's distinct values, whatever the number of rows.
+    """
+
+    def __init__(self) -> None:
+        self._total = pl.DataFrame(schema={"value": pl.String, "n": pl.Int64})
+        self._waiting: list[pl.DataFrame] = []
+        self._waiting_rows = 0
+
+    def add(self, counts: pl.DataFrame) -> None:
+        self._waiting.append(counts)
+        self._waiting_rows += counts.height
+        if self._waiting_rows >= max(_MERGE_ROWS, self._total.height):
+            self._merge()
+
+    def _merge(self) -> None:
+        # Int64: a category may be seen more often than the UInt32 a count starts as.
+        parts = [self._total, *(c.with_columns(pl.col("n").cast(pl.Int64)) for c in self._waiting)]
+        self._total = pl.concat(parts).group_by("value").agg(pl.col("n").sum())
+        self._waiting, self._waiting_rows = [], 0
+
+    def total(self) -> pl.DataFrame:
+        if self._waiting:
+            self._merge()
+        return self._total
+
+
+class _RunningMoments:
+    """Count, mean and sum of squared deviations of numeric columns over batches.
+
+    Batches merge with the pairwise update of Chan, Golub and LeVeque (1979), which
+    never forms a sum of squares: the std keeps the accuracy of each batch's variance.
+    Nulls are skipped, as polars' ``mean``/``std`` skip them; a NaN makes the column's
+    mean and std NaN, as it does in polars.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.n = np.zeros(len(names))
+        self.mean = np.zeros(len(names))
+        self.m2 = np.zeros(len(names))
+
+    def add(self, batch: pl.DataFrame) -> None:
+        if not self.names:
+            return
+        cols = [pl.col(name).cast(pl.Float64) for name in self.names]
+        row = batch.select(
+            *[c.count().alias(f"n{i}") for i, c in enumerate(cols)],
+            *[c.mean().alias(f"mean{i}") for i, c in enumerate(cols)],
+            *[c.var(ddof=0).alias(f"var{i}") for i, c in enumerate(cols)],
+        ).row(0)
+        k = len(self.names)
+        # None (a batch without values in a column) reads as NaN, then weighs nothing.
+        n, mean, var = (np.array(row[i * k : (i + 1) * k], dtype=np.float64) for i in range(3))
+        seen = n > 0
+        mean, m2 = np.where(seen, mean, 0.0), np.where(seen, var * n, 0.0)
+        total = self.n + n
+        share = np.divide(n, total, out=np.zeros(k), where=total > 0)
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + delta * delta * self.n * share
+        self.mean = self.mean + delta * share
+        self.n = total
+
+    def std(self) -> np.ndarray:
+        """The population std (ddof 0), NaN for a column without values."""
+        return np.sqrt(
+            np.divide(self.m2, self.n, out=np.full_like(self.m2, math.nan), where=self.n > 0)
+        )
+
 
 def fit_lazy(
     train: pl.LazyFrame,
@@ -41,7 +124,10 @@ def fit_lazy(
     max_vocab: int | None = None,
     task_weights: Mapping[str, float] | None = None,
 ) -> FittedFeatures:
-    """Fit vocabularies and numeric statistics on the lazy ``train`` rows, streaming.
+    """Fit vocabularies and numeric statistics on the lazy ``train`` rows in one streaming pass.
+
+    The rows are read once, whatever the number of columns; memory holds one batch of
+    rows plus each column's distinct categories and their counts.
 
     Args:
         train: the train split as a lazy frame (categorical columns as text, numeric
@@ -56,6 +142,9 @@ def fit_lazy(
     Returns:
         The encoding :func:`~mtl.data.features.fit_features` gives on the same rows.
 
+    Raises:
+        ValueError: the train split is empty, or bad ``min_count``/``max_vocab``.
+
     Example:
         >>> lf = pl.LazyFrame({"c": ["x", "y", "y", None], "n": [1.0, 2.0, 3.0, 4.0], "y": [0, 1, 0, 1]})
         >>> f = fit_lazy(lf, ColumnRoles(categorical=["c"], numeric=["n"], labels={"y": "binary"}))
@@ -63,34 +152,33 @@ def fit_lazy(
         (['x', 'y'], 2.5)
     """
     check_vocab_options(min_count, max_vocab)
-    # One query per column: each reads only its column (Parquet) and keeps only the
-    # distinct values and their counts; collect_all runs them side by side.
-    count_queries = [category_counts(train, name) for name in roles.categorical]
-    stats_query = train.select(
-        *[pl.col(n).cast(pl.Float64).mean().alias(f"mean{i}") for i, n in enumerate(roles.numeric)],
-        *[
-            pl.col(n).cast(pl.Float64).std(ddof=0).alias(f"std{i}")
-            for i, n in enumerate(roles.numeric)
-        ],
-        pl.len().alias("rows"),
-    )
-    # Without common-subplan elimination: with it polars caches the shared scan, i.e.
-    # holds every row read in memory until all the queries are done.
-    *counts, stats = pl.collect_all(
-        [*count_queries, stats_query],
-        engine="streaming",
-        optimizations=pl.QueryOptFlags(comm_subplan_elim=False),
-    )
-    if stats["rows"].item() == 0:
+    # Not one polars group-by over all columns (unpivoted to column/value pairs): its
+    # streaming group-by keeps every row of a key outside its small table of frequent
+    # keys until the end, so with many distinct ids its memory grows with the rows.
+    # Batches counted in memory and summed as they come stay bounded.
+    columns = [*roles.categorical, *roles.numeric] or train.collect_schema().names()[:1]
+    counts = {name: _RunningCounts() for name in roles.categorical}
+    moments = _RunningMoments(list(roles.numeric))
+    rows = 0
+    # maintain_order: batches in row order, so the float sums do not vary between runs.
+    for batch in train.select(columns).collect_batches(
+        chunk_size=_BATCH_ROWS, maintain_order=True, engine="streaming"
+    ):
+        rows += batch.height
+        for name, running in counts.items():
+            running.add(category_counts(batch, name))
+        moments.add(batch)
+    if rows == 0:
         raise ValueError("the train split is empty")
     vocabularies = {
-        name: vocabulary_from_counts(c, name, min_count=min_count, max_vocab=max_vocab)
-        for name, c in zip(roles.categorical, counts, strict=True)
+        name: vocabulary_from_counts(
+            running.total(), name, min_count=min_count, max_vocab=max_vocab
+        )
+        for name, running in counts.items()
     }
-    row = stats.row(0, named=True)
     numeric = [
-        numeric_feature(name, float(row[f"mean{i}"]), float(row[f"std{i}"]))
-        for i, name in enumerate(roles.numeric)
+        numeric_feature(name, float(mean), float(std))
+        for name, mean, std in zip(roles.numeric, moments.mean, moments.std(), strict=True)
     ]
     return assemble_fitted(
         vocabularies=vocabularies,
