@@ -312,3 +312,29 @@ def test_export_refuses_an_lm_of_another_structure(build_preset: Any, tmp_path: 
     layer.gate = TopKGate(d_model=lm.d_model, num_experts=layer.num_experts, k=2)
     with pytest.raises(ValueError, match=r"layer 1 gate must have renormalize=True"):
         save_hf_checkpoint(lm, tmp_path, model_type="mixtral")
+
+
+def test_deepseek_v3_norm_epsilons(tmp_path: Path) -> None:
+    """transformers reads ``rms_norm_eps`` for the layer and final norms only and builds the
+    latent norms with 1e-6: such a model round-trips; other epsilons are refused on export."""
+    model = tiny_hf_model("deepseek_v3", rms_norm_eps=1e-5)
+    attn = model.model.layers[0].self_attn
+    assert model.model.layers[0].input_layernorm.variance_epsilon == 1e-5
+    assert attn.q_a_layernorm.variance_epsilon == attn.kv_a_layernorm.variance_epsilon == 1e-6
+    model.save_pretrained(tmp_path / "hf")
+    lm = load_hf_checkpoint(tmp_path / "hf")
+    ids = _ids()
+    ref = _hf_logits(model, ids)
+    torch.testing.assert_close(_mtl_logits(lm, ids), ref, atol=ATOL, rtol=0)
+    out = save_hf_checkpoint(lm, tmp_path / "export", model_type="deepseek_v3")
+    assert json.loads((out / "config.json").read_text())["rms_norm_eps"] == 1e-5
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_hf_logits(back, ids), ref, atol=ATOL, rtol=0)
+
+    lm.layers[2].ffn_norm.eps = 1e-3  # transformers' config cannot say this
+    with pytest.raises(ValueError, match=r"deepseek_v3: RMSNorm epsilons differ"):
+        save_hf_checkpoint(lm, tmp_path / "bad", model_type="deepseek_v3")
+    lm.layers[2].ffn_norm.eps = 1e-5
+    lm.layers[1].attn.kv_a_layernorm.eps = 1e-5  # transformers fixes it to 1e-6
+    with pytest.raises(ValueError, match=r"layers\.1\.attn\.kv_a_layernorm has epsilon 1e-05"):
+        save_hf_checkpoint(lm, tmp_path / "bad", model_type="deepseek_v3")

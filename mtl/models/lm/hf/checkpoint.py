@@ -19,11 +19,12 @@ from mtl.models.lm.hf import deepseek_v3, mixtral, olmoe, qwen2_moe
 from mtl.models.lm.hf.spec import Architecture, HFConfig
 from mtl.models.lm.hf.weights import (
     StateDictSource,
+    copy_experts,
+    copy_into,
     file_tensors,
     hf_state,
     load_lm_state,
     moe_block_name,
-    read_experts,
 )
 from mtl.models.lm.transformer import TransformerLM
 from mtl.moe import MoELayer
@@ -109,15 +110,19 @@ def load_hf_checkpoint(
 
     Returns:
         The model in eval mode; its logits equal transformers' (float32: within 1e-5).
+        Its parameters are built in ``dtype`` and each file tensor is copied
+        into them once, converted on the way; the file is read lazily, one
+        tensor at a time.
 
     Example:
         >>> lm = load_hf_checkpoint("path/to/OLMoE-1B-7B")  # doctest: +SKIP
     """
     cfg = read_config(directory)
     arch = architecture(cfg.model_type)
-    lm = arch.build(cfg)
+    # converted before loading, so that the file's values are converted once, not via float32
+    lm = arch.build(cfg).to(dtype)
     load_lm_state(lm, SafetensorsSource(Path(directory)), arch)
-    return lm.to(dtype).eval()
+    return lm.eval()
 
 
 def save_hf_checkpoint(
@@ -177,12 +182,10 @@ def moe_layer_from_hf_block(block: nn.Module, config: Mapping[str, Any] | Any) -
     data = config if isinstance(config, Mapping) else config.to_dict()
     cfg = HFConfig(data, source=f"{type(block).__name__} config")
     arch = architecture(cfg.model_type)
-    layer = arch.moe_layer(cfg)
+    layer = arch.moe_layer(cfg).to(next(block.parameters()).dtype)
     src = StateDictSource(block.state_dict())
-    experts = read_experts(src, "", arch, layer.num_experts)
-    state = {
-        k: experts[k.split(".", 1)[1]] if k.startswith("experts.") else src[moe_block_name(k, arch)]
-        for k in layer.state_dict()
-    }
-    layer.load_state_dict(state, strict=True)
-    return layer.to(next(block.parameters()).dtype).eval()
+    copy_experts(dict(layer.experts.named_parameters()), src, "", arch)
+    for key, value in layer.state_dict(keep_vars=True).items():
+        if not key.startswith("experts."):
+            copy_into(value, src[moe_block_name(key, arch)], key)
+    return layer.eval()

@@ -9,6 +9,7 @@ from mtl.models.lm.hf.spec import (
     Architecture,
     HFConfig,
     base_config,
+    check_norm_eps,
     check_shared,
     dense_width,
     lm_kwargs,
@@ -23,6 +24,10 @@ from mtl.models.lm.transformer import TransformerLM
 from mtl.moe import MoELayer, SigmoidBiasGate
 
 NAME = "deepseek_v3"
+
+LATENT_NORM_EPS = 1e-6
+"""Epsilon of the latent attention's norms: transformers builds ``q_a_layernorm`` and
+``kv_a_layernorm`` with its RMSNorm's default, not with ``rms_norm_eps``."""
 
 
 def moe_layer(cfg: HFConfig) -> MoELayer:
@@ -69,6 +74,7 @@ def build(cfg: HFConfig) -> TransformerLM:
             rope_interleave=bool(cfg.get("rope_interleave", True)),
             bias=bool(cfg.get("attention_bias", False)),
             rope_scaling=scaling,
+            norm_eps=LATENT_NORM_EPS,
         )
 
     first_dense = int(cfg.get("first_k_dense_replace", 0))
@@ -88,6 +94,9 @@ def to_config(lm: TransformerLM) -> dict[str, Any]:
         NAME,
     )
     a0: MultiHeadLatentAttention = attns[0]  # type: ignore[assignment]
+    check_norm_eps(
+        lm, NAME, fixed={"q_a_layernorm": LATENT_NORM_EPS, "kv_a_layernorm": LATENT_NORM_EPS}
+    )
     layers = moe_parts(lm, NAME)
     first_moe = min(layers)
     need(

@@ -168,9 +168,32 @@ def need(condition: bool, what: str, arch: str) -> None:
         raise ValueError(f"this TransformerLM cannot be exported as {arch}: {what}")
 
 
-def check_norm_eps(lm: TransformerLM, arch: str) -> None:
-    """One RMSNorm epsilon in the whole LM (transformers configs have one)."""
-    eps = {m.eps for m in lm.modules() if isinstance(m, RMSNorm)}
+def check_norm_eps(
+    lm: TransformerLM, arch: str, *, fixed: Mapping[str, float] | None = None
+) -> None:
+    """One RMSNorm epsilon in the whole LM (transformers configs have one ``rms_norm_eps``).
+
+    Args:
+        lm: the model to write.
+        arch: its ``model_type``, for the error message.
+        fixed: norms whose epsilon transformers does not read from the config but
+            fixes, by the last part of their name (e.g. ``{"kv_a_layernorm": 1e-6}``):
+            they must have that epsilon and do not count as the one of the config.
+    """
+    fixed = fixed or {}
+    eps: set[float] = set()
+    for name, m in lm.named_modules():
+        if not isinstance(m, RMSNorm):
+            continue
+        short = name.rsplit(".", 1)[-1]
+        if short in fixed:
+            need(
+                m.eps == fixed[short],
+                f"{name} has epsilon {m.eps}; transformers fixes it to {fixed[short]}",
+                arch,
+            )
+        else:
+            eps.add(m.eps)
     need(len(eps) == 1, f"RMSNorm epsilons differ: {sorted(eps)}", arch)
 
 

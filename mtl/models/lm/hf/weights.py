@@ -106,89 +106,118 @@ def moe_block_name(rest: str, arch: Architecture) -> str:
     raise KeyError(rest)
 
 
-def read_experts(
-    src: TensorSource, prefix: str, arch: Architecture, num_experts: int
-) -> dict[str, Tensor]:
-    """``w_gate, w_up (E, D, H)`` and ``w_down (E, H, D)`` of the block at ``prefix`` (ends in ``.``)."""
+def copy_into(dst: Tensor, value: Tensor, what: str) -> None:
+    """``dst.copy_(value)`` -- one pass that converts dtype and layout -- after checking
+    the shapes match exactly (``copy_`` alone would broadcast a wrong shape)."""
+    if value.shape != dst.shape:
+        raise ValueError(
+            f"{what}: checkpoint shape {tuple(value.shape)}, model shape {tuple(dst.shape)}"
+        )
+    with torch.no_grad():
+        dst.copy_(value)
+
+
+def copy_experts(
+    bank: Mapping[str, Tensor], src: TensorSource, prefix: str, arch: Architecture
+) -> set[str]:
+    """Copy the routed experts of the block at ``prefix`` (ends in ``.``) into a bank, in place.
+
+    Each expert's weight is read, transposed as a view and copied once into its
+    slice of the bank (no stacked intermediate), converted to the bank's dtype
+    on the way.
+
+    Args:
+        bank: ``w_gate, w_up (E, D, H)`` and ``w_down (E, H, D)``, e.g. a
+            :class:`~mtl.moe.SwiGLUExperts`' ``named_parameters()``.
+        src: holds the block's experts in either transformers layout.
+        prefix: the block's name in ``src``.
+        arch: names the per-expert weights.
+
+    Returns:
+        The names read from ``src``.
+
+    Raises:
+        KeyError: an expert's weight is missing.
+        ValueError: a weight's shape does not fit the bank.
+
+    Example:
+        >>> from mtl.models.lm.hf.olmoe import ARCH
+        >>> from mtl.moe import SwiGLUExperts
+        >>> bank = SwiGLUExperts(num_experts=2, d_model=4, d_hidden=3)
+        >>> src = StateDictSource({f"experts.{e}.{n}.weight": torch.full(
+        ...     (4, 3) if n == "down_proj" else (3, 4), float(e)) for e in range(2)
+        ...     for n in ("gate_proj", "up_proj", "down_proj")})
+        >>> used = copy_experts(dict(bank.named_parameters()), src, "", ARCH)
+        >>> len(used), bank.w_down[1].unique().tolist()
+        (6, [1.0])
+    """
     names = set(src.keys())
     fused = f"{prefix}experts.gate_up_proj"
-    if fused in names:  # transformers >= 5 in memory
+    if fused in names:  # transformers >= 5 in memory: (E, 2H, D) gate rows, then up rows
+        down = f"{prefix}experts.down_proj"
         gate_up_EhD = src[fused]
         H = gate_up_EhD.shape[1] // 2
-        return {
-            "w_gate": gate_up_EhD[:, :H].transpose(1, 2),
-            "w_up": gate_up_EhD[:, H:].transpose(1, 2),
-            "w_down": src[f"{prefix}experts.down_proj"].transpose(1, 2),
-        }
-    out: dict[str, list[Tensor]] = {p: [] for p in _EXPERT_PARAMS}
-    for e in range(num_experts):
-        for param, hf in zip(_EXPERT_PARAMS, arch.expert_names, strict=True):
+        copy_into(bank["w_gate"], gate_up_EhD[:, :H].transpose(1, 2), f"{fused} gate, transposed")
+        copy_into(bank["w_up"], gate_up_EhD[:, H:].transpose(1, 2), f"{fused} up, transposed")
+        copy_into(bank["w_down"], src[down].transpose(1, 2), f"{down}, transposed")
+        return {fused, down}
+    used: set[str] = set()
+    num_experts = bank["w_gate"].shape[0]
+    for param, hf in zip(_EXPERT_PARAMS, arch.expert_names, strict=True):
+        for e in range(num_experts):
             name = f"{prefix}experts.{e}.{hf}.weight"
             if name not in names:
                 raise KeyError(f"checkpoint lacks {name!r} (expected {num_experts} experts)")
-            out[param].append(src[name].T)
-    return {p: torch.stack(ws) for p, ws in out.items()}
+            copy_into(bank[param][e], src[name].T, f"{name}, transposed")
+            used.add(name)
+    return used
 
 
 def load_lm_state(lm: TransformerLM, src: TensorSource, arch: Architecture) -> None:
     """Copy a transformers checkpoint's tensors into ``lm`` (built for its config), strictly.
 
+    Every tensor is read from ``src`` when its parameter's turn comes and copied
+    once, straight into the parameter (an expert's weight into its slice of the
+    bank), converted to the parameter's dtype on the way: loading needs no
+    memory beyond ``lm`` and the tensor being copied.
+
     Raises:
         KeyError: a parameter of ``lm`` has no tensor in ``src``, or ``src``
-            holds tensors ``lm`` has no place for.
+            holds tensors ``lm`` has no place for (``lm`` is then partly loaded).
         ValueError: a tensor's shape differs from the parameter's.
     """
     moe = set(lm.moe_layers())
-    state = lm.state_dict()
-    used: set[str] = set()
-    new: dict[str, Tensor] = {}
-    expert_cache: dict[int, dict[str, Tensor]] = {}
+    tied = lm.lm_head.weight is lm.embed.weight
     names = set(src.keys())
-    for key, param in state.items():
+    used: set[str] = set()
+    banks_done: set[int] = set()
+    for key, param in lm.state_dict(keep_vars=True).items():
         expert = _expert_param(key, moe)
         if expert is not None:
-            i, param_name = expert
-            if i not in expert_cache:
-                prefix = f"model.layers.{i}.{arch.moe_prefix}."
-                expert_cache[i] = read_experts(src, prefix, arch, lm.layers[i].ffn.num_experts)
-                used |= {n for n in names if n.startswith(prefix + "experts.")}
-            value = expert_cache[i][param_name]
-        else:
-            name = hf_name(key, arch, moe)
-            if (
-                key == "lm_head.weight"
-                and name not in names
-                and lm.lm_head.weight is lm.embed.weight
-            ):
-                continue  # tied: the embedding is the head
-            if name not in names:
-                raise KeyError(f"checkpoint lacks {name!r} (for mtl parameter {key!r})")
-            value = src[name]
-            used.add(name)
-        if value.shape != param.shape:
-            raise ValueError(
-                f"{key}: checkpoint shape {tuple(value.shape)}, model shape {tuple(param.shape)}"
-            )
-        new[key] = value.to(param.dtype)
+            i = expert[0]
+            if i not in banks_done:
+                bank = dict(lm.layers[i].ffn.experts.named_parameters())
+                used |= copy_experts(bank, src, f"model.layers.{i}.{arch.moe_prefix}.", arch)
+                banks_done.add(i)
+            continue
+        name = hf_name(key, arch, moe)
+        if key == "lm_head.weight" and name not in names and tied:
+            continue  # tied: the embedding is the head
+        if name not in names:
+            raise KeyError(f"checkpoint lacks {name!r} (for mtl parameter {key!r})")
+        copy_into(param, src[name], key)
+        used.add(name)
     left = sorted(
         n
         for n in names - used
         if not n.endswith("rotary_emb.inv_freq") and not _beyond(n, lm.n_layers)
     )
-    if lm.lm_head.weight is lm.embed.weight:
+    if tied:
         left = [n for n in left if n != "lm_head.weight"]
     if left:
         raise KeyError(
             f"checkpoint tensors with no place in the {arch.model_type} model: {left[:5]}"
         )
-    lm.load_state_dict(new, strict=False)
-    missing = (
-        set(state)
-        - set(new)
-        - ({"lm_head.weight"} if lm.lm_head.weight is lm.embed.weight else set())
-    )
-    if missing:
-        raise KeyError(f"parameters not loaded: {sorted(missing)[:5]}")
 
 
 def hf_state(lm: TransformerLM, arch: Architecture) -> dict[str, Tensor]:
