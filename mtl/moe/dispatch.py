@@ -26,13 +26,37 @@ from mtl.moe.routing import RoutingResult, bin_counts
 
 
 class Experts(Protocol):
-    """What a dispatch needs from experts (:mod:`mtl.moe.experts`)."""
+    """What a dispatch needs from experts (:mod:`mtl.moe.experts`).
+
+    :class:`~mtl.moe.SwiGLUExperts`, :class:`~mtl.moe.ExpertBank` and
+    :class:`~mtl.moe.ExpertList` implement it; so can any object with these
+    three members.
+
+    Attributes:
+        num_experts: ``E``.
+
+    Shapes:
+        ``forward_all``: a shared ``(T, D)`` input, or one input per expert
+        ``(E, T, D)`` -> ``(E, T, D_out)``, every expert on its rows.
+        ``forward_grouped``: ``x_ND (N, D)`` sorted by expert, ``counts_E (E,)``
+        rows per expert (``N = counts_E.sum()``) -> ``(N, D_out)``, each row
+        through its own expert.
+
+    Example:
+        >>> from mtl.moe import ExpertList
+        >>> experts: Experts = ExpertList(experts=[nn.Linear(4, 2) for _ in range(3)])
+        >>> x_ND, counts_E = torch.randn(5, 4), torch.tensor([2, 0, 3])
+        >>> experts.forward_all(x_ND).shape, experts.forward_grouped(x_ND, counts_E).shape
+        (torch.Size([3, 5, 2]), torch.Size([5, 2]))
+    """
 
     num_experts: int
 
-    def forward_all(self, x: Tensor) -> Tensor: ...
+    def forward_all(self, x: Tensor) -> Tensor:
+        """Every expert on ``(T, D)`` or its own ``(E, T, D)`` rows -> ``(E, T, D_out)``."""
 
-    def forward_grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor: ...
+    def forward_grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        """Each expert on its block of the expert-sorted ``(N, D)`` rows -> ``(N, D_out)``."""
 
 
 @dataclass
@@ -43,6 +67,18 @@ class DispatchResult:
         output_TD: ``(T, D_out)`` combined expert outputs (zero for a token whose
             every slot was dropped: the residual carries it).
         kept_TK: ``(T, K)`` bool, slots really computed; None = every valid slot.
+
+    Example:
+        >>> from mtl.moe import SwiGLUExperts
+        >>> routing = RoutingResult(  # tokens 0-2 choose expert 0, token 3 expert 1
+        ...     weights_TK=torch.ones(4, 1), experts_TK=torch.tensor([[0], [0], [0], [1]]),
+        ...     logits_TE=torch.zeros(4, 2), probs_TE=torch.full((4, 2), 0.5))
+        >>> experts = SwiGLUExperts(num_experts=2, d_model=6, d_hidden=8)
+        >>> out = CapacityDispatch(capacity_factor=0.5)(torch.randn(4, 6), routing, experts)
+        >>> out.kept_TK.flatten().tolist()  # one slot per expert: tokens 1 and 2 dropped
+        [True, False, False, True]
+        >>> out.output_TD.shape, out.output_TD[1:3].abs().sum().item()
+        (torch.Size([4, 6]), 0.0)
     """
 
     output_TD: Tensor
@@ -136,9 +172,7 @@ class DroplessDispatch(nn.Module):
             expert_S = expert_S.masked_fill(~routing.valid_TK.reshape(-1), E)
             w_TK = w_TK.masked_fill(~routing.valid_TK, 0.0)
         counts_E = bin_counts(expert_S, E + 1)[:E]
-        # a (1, S) view takes ATen's per-row stable sort, not the 1-D radix sort,
-        # which is much slower on CPU at these sizes (benchmarks/RESULTS.md)
-        slot_N = torch.sort(expert_S.view(1, -1), dim=-1, stable=True).indices.view(-1)
+        slot_N = torch.sort(expert_S, stable=True).indices
         if routing.valid_TK is not None:
             slot_N = slot_N[: int(counts_E.sum())]  # one host sync buys skipping invalid slots
         x_ND = x_TD.index_select(0, slot_N // K)

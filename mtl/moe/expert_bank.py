@@ -179,19 +179,19 @@ class ExpertBank(GroupedExperts):
         E, D, H = self.weights[0].shape
         return self.weights[0].permute(1, 0, 2).reshape(D, E * H)
 
-    def forward_all_projected(self, z_TN: Tensor) -> Tensor:
-        """:meth:`forward_all` of a shared input ``x`` given ``z_TN = x @ first_layer_weight()``.
+    def forward_all_projected(self, z_TX: Tensor) -> Tensor:
+        """:meth:`forward_all` of a shared input ``x`` given ``z_TX = x @ first_layer_weight()``.
 
         Args:
-            z_TN: ``(T, E*H)`` first-layer products.
+            z_TX: ``(T, E*H)`` first-layer products.
 
         Returns:
             ``(E, T, D_out)``, a view of a ``(T, E, D_out)`` tensor.
         """
         E, _, H = self.weights[0].shape
-        if z_TN.dim() != 2 or z_TN.shape[1] != E * H:
-            raise ValueError(f"first-layer products must be (T, {E * H}), got {tuple(z_TN.shape)}")
-        h_TEH = self._finish_layer(0, z_TN.reshape(z_TN.shape[0], E, H))
+        if z_TX.dim() != 2 or z_TX.shape[1] != E * H:
+            raise ValueError(f"first-layer products must be (T, {E * H}), got {tuple(z_TX.shape)}")
+        h_TEH = self._finish_layer(0, z_TX.reshape(z_TX.shape[0], E, H))
         return self._layers_from(1, h_TEH)
 
     def _layers_from(self, first: int, h_TED: Tensor) -> Tensor:

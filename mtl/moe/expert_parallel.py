@@ -121,7 +121,7 @@ def shard_experts(bank: nn.Module, *, shard: int, num_shards: int) -> ExpertShar
     L = E // num_shards
     lo = shard * L
     if isinstance(bank, ExpertList):
-        local: nn.Module = ExpertList(copy.deepcopy(list(bank.experts)[lo : lo + L]))
+        local: nn.Module = ExpertList(experts=copy.deepcopy(list(bank.experts)[lo : lo + L]))
         return ExpertShard(local=local, num_experts=E, shard=shard)
     local = _restacked(bank, E, lambda t: t[lo : lo + L].clone())
     local.num_experts = L
@@ -193,6 +193,7 @@ class _ExchangedExperts:
 
     def __init__(
         self,
+        *,
         shard: ExpertShard,
         pg: dist.ProcessGroup,
         count_pg: dist.ProcessGroup,
@@ -216,7 +217,7 @@ class _ExchangedExperts:
         M = x_MD.shape[0]
         local_M = torch.arange(L, device=x_ND.device).repeat(R)
         local_M = local_M.repeat_interleave(recv_RL.reshape(-1), output_size=M)
-        order_M = torch.sort(local_M.view(1, -1), dim=-1, stable=True).indices.view(-1)
+        order_M = torch.argsort(local_M, stable=True)
         y_MD = self.shard.local.forward_grouped(x_MD.index_select(0, order_M), recv_RL.sum(0))
         y_MD = y_MD.new_zeros(M, y_MD.shape[-1]).index_copy(0, order_M, y_MD)
         return all_to_all_rows(y_MD, recv, send, self.pg)
@@ -274,7 +275,7 @@ class ExpertParallelDispatch(DroplessDispatch):
                 f"{experts.shard} of {experts.num_shards}: the shard must be the rank's"
             )
         count_pg = pg if self.count_group is None else resolve_group(self.count_group)
-        exchanged = _ExchangedExperts(experts, pg, count_pg, routing)
+        exchanged = _ExchangedExperts(shard=experts, pg=pg, count_pg=count_pg, routing=routing)
         return super().forward(x_TD, routing, exchanged)  # type: ignore[arg-type]
 
 

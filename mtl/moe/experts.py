@@ -29,7 +29,34 @@ from mtl.moe.grouped import grouped_mm
 
 
 class GroupedExperts(nn.Module):
-    """Base of the stacked banks: the grouped-matmul seam they share."""
+    """Base of the stacked banks: the grouped-matmul seam they share.
+
+    It takes no constructor arguments; a subclass sets ``num_experts`` and keeps
+    its weights stacked ``(E, D, H)``, and every product of its forward goes
+    through :meth:`_grouped_mm` (expert-sorted rows) or :meth:`_batched_mm`
+    (dense inputs). Overriding these two methods swaps the kernel, or adds a
+    term to every product, without touching the expert computation.
+
+    Attributes:
+        num_experts: ``E``.
+
+    Shapes:
+        ``_grouped_mm``: ``x_ND (N, D)``, ``w_EDH (E, D, H)``, ``counts_E (E,)``
+        with ``N = counts_E.sum()`` -> ``(N, H)``; ``_batched_mm``: ``(T, D)`` or
+        ``(E, T, D)`` -> ``(E, T, H)``.
+
+    Example:
+        >>> class LoopExperts(SwiGLUExperts):  # the same seam, one matmul per expert
+        ...     def _grouped_mm(self, x_ND, w_EDH, counts_E):
+        ...         blocks = x_ND.split(counts_E.tolist())
+        ...         return torch.cat([x @ w for x, w in zip(blocks, w_EDH)])
+        >>> bank = SwiGLUExperts(num_experts=3, d_model=4, d_hidden=8)
+        >>> loop = LoopExperts(num_experts=3, d_model=4, d_hidden=8)
+        >>> _ = loop.load_state_dict(bank.state_dict())
+        >>> x_ND, counts_E = torch.randn(6, 4), torch.tensor([1, 3, 2])
+        >>> torch.allclose(loop.forward_grouped(x_ND, counts_E), bank.forward_grouped(x_ND, counts_E))
+        True
+    """
 
     num_experts: int
 
@@ -164,12 +191,12 @@ class ExpertList(nn.Module):
         experts: modules mapping ``(N, D_in) -> (N, D_out)``.
 
     Example:
-        >>> ex = ExpertList([nn.Linear(8, 4) for _ in range(3)])
+        >>> ex = ExpertList(experts=[nn.Linear(8, 4) for _ in range(3)])
         >>> ex.forward_all(torch.randn(5, 8)).shape
         torch.Size([3, 5, 4])
     """
 
-    def __init__(self, experts: Sequence[nn.Module]) -> None:
+    def __init__(self, *, experts: Sequence[nn.Module]) -> None:
         super().__init__()
         if len(experts) == 0:
             raise ValueError("ExpertList needs at least one expert")

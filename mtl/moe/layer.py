@@ -24,6 +24,18 @@ class MoEOutput:
         aux_losses: weighted auxiliary losses by name (already multiplied by weight).
         stats: routing statistics of this call (detached).
         routing: the gate's decision.
+
+    Example:
+        >>> from mtl.moe import DenseDispatch, DenseSoftmaxGate, SwiGLUExperts
+        >>> layer = MoELayer(
+        ...     gate=DenseSoftmaxGate(d_model=4, num_experts=2),
+        ...     experts=SwiGLUExperts(num_experts=2, d_model=4, d_hidden=8),
+        ...     dispatch=DenseDispatch())
+        >>> out = layer(torch.randn(2, 3, 4))
+        >>> out.output.shape, out.aux_loss.item(), out.aux_losses
+        (torch.Size([2, 3, 4]), 0.0, {})
+        >>> out.stats.tokens_per_expert_E.tolist(), out.routing.experts_TK.shape  # dense: K = E
+        ([6.0, 6.0], torch.Size([6, 2]))
     """
 
     output: Tensor

@@ -43,7 +43,7 @@ class LoRASwiGLUExperts(SwiGLUExperts):
         num_experts: ``E``.
         d_model: ``D``.
         d_hidden: ``H``.
-        rank: adapter rank ``r``.
+        rank: adapter rank ``r`` (``Y`` in shape suffixes).
         alpha: adapter scale numerator; the update is ``(alpha / r) A B``.
         hidden_sizes: as :class:`~mtl.moe.SwiGLUExperts`.
 
@@ -125,22 +125,22 @@ class LoRASwiGLUExperts(SwiGLUExperts):
         raise ValueError("weight is not one of this bank's projections")
 
     def _batched_mm(self, x: Tensor, w_EDH: Tensor) -> Tensor:
-        a_EDr, b_ErH = self._adapter(w_EDH)
-        # (T, D) @ (E, D, r) broadcasts to (E, T, r); then (E, T, r) @ (E, r, H) is a bmm
-        low_ETH = super()._batched_mm(super()._batched_mm(x, a_EDr), b_ErH)
+        a_EDY, b_EYH = self._adapter(w_EDH)
+        # (T, D) @ (E, D, Y) broadcasts to (E, T, Y); then (E, T, Y) @ (E, Y, H) is a bmm
+        low_ETH = super()._batched_mm(super()._batched_mm(x, a_EDY), b_EYH)
         return super()._batched_mm(x, w_EDH) + self.scaling * low_ETH
 
     def _grouped_mm(self, x_ND: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
-        a_EDr, b_ErH = self._adapter(w_EDH)
-        low_NH = super()._grouped_mm(super()._grouped_mm(x_ND, a_EDr, counts_E), b_ErH, counts_E)
+        a_EDY, b_EYH = self._adapter(w_EDH)
+        low_NH = super()._grouped_mm(super()._grouped_mm(x_ND, a_EDY, counts_E), b_EYH, counts_E)
         return super()._grouped_mm(x_ND, w_EDH, counts_E) + self.scaling * low_NH
 
     def delta_weight(self, name: str) -> Tensor:
         """``(alpha / r) A_e B_e`` for every expert of projection ``name``: ``(E, D, H)``."""
         if name not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {name!r}")
-        a_EDr, b_ErH = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
-        return self.scaling * torch.bmm(a_EDr, b_ErH)
+        a_EDY, b_EYH = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
+        return self.scaling * torch.bmm(a_EDY, b_EYH)
 
     @torch.no_grad()
     def merged(self) -> SwiGLUExperts:

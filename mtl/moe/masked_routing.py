@@ -45,7 +45,7 @@ def restrict_to_allowed(routing: RoutingResult) -> RoutingResult:
     Example:
         >>> from mtl.moe import TopKGate
         >>> from mtl.moe.multi_gate import MaskedGate
-        >>> gate = MaskedGate(TopKGate(d_model=4, num_experts=4, k=1), expert_mask=[1, 3])
+        >>> gate = MaskedGate(gate=TopKGate(d_model=4, num_experts=4, k=1), expert_mask=[1, 3])
         >>> r = restrict_to_allowed(gate(torch.randn(6, 4)))
         >>> r.num_experts, set(r.experts_TK.flatten().tolist()) <= {0, 1}
         (2, True)
@@ -54,10 +54,11 @@ def restrict_to_allowed(routing: RoutingResult) -> RoutingResult:
     if keep_E is None or bool(keep_E.all()):
         return routing
     if routing.dense_TE is not None:
-        w_TN = routing.dense_TE[:, keep_E]
-        T, N = w_TN.shape
-        experts_TK = torch.arange(N, device=w_TN.device).expand(T, N)
-        weights_TK, valid_TK, dense_TE = w_TN, None, w_TN
+        # a dense gate's slots are its experts: K = E_allowed
+        w_TK = routing.dense_TE[:, keep_E]
+        T, K = w_TK.shape
+        experts_TK = torch.arange(K, device=w_TK.device).expand(T, K)
+        weights_TK, valid_TK, dense_TE = w_TK, None, w_TK
     else:
         new_id_E = torch.cumsum(keep_E.long(), 0) - 1
         on_allowed_TK = keep_E[routing.experts_TK]

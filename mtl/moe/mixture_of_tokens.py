@@ -36,7 +36,7 @@ divide, the text data module's ``batch_multiple`` drops the validation blocks
 that do not fill a last group, and :func:`~mtl.models.lm.generate.generate`
 fills the last group with copies of the last prompt (:func:`token_group_size`).
 
-Shape names: the batch ``B`` is ``n`` groups of ``g`` examples (``x_ngTD``).
+Shape names: the batch ``B`` is ``W`` groups of ``Z = group_size`` examples (``x_WZTD``).
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ class MixtureOfTokens(nn.Module):
     Args:
         d_model: ``D``.
         experts: the expert bank (e.g. :class:`~mtl.moe.SwiGLUExperts`), run
-            through its ``forward_all`` on per-expert inputs ``(E, N, D)``.
-        group_size: examples mixed together (``g``).
+            through its ``forward_all`` on per-expert inputs ``(E, W*T, D)``.
+        group_size: examples mixed together (``g``; ``Z`` in shape suffixes).
         temperature: initial softmax temperature ``tau`` (a buffer: saved, and
             set by :class:`TemperatureSchedule`).
 
@@ -100,12 +100,12 @@ class MixtureOfTokens(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def mixing_weights(self, x_BTD: Tensor) -> Tensor:
-        """Softmax over each group of the scores, float32: ``(n, g, T, E)`` for ``n`` groups."""
+        """Softmax over each group of the scores, float32: ``(W, Z, T, E)`` for ``W`` groups."""
         self._check_batch(x_BTD)
         B, T, D = x_BTD.shape
-        x_ngTD = x_BTD.view(B // self.group_size, self.group_size, T, D)
-        scores_ngTE = F.linear(x_ngTD.float(), self.controller.weight.float())
-        return torch.softmax(scores_ngTE / self.temperature, dim=1)
+        x_WZTD = x_BTD.view(B // self.group_size, self.group_size, T, D)
+        scores_WZTE = F.linear(x_WZTD.float(), self.controller.weight.float())
+        return torch.softmax(scores_WZTE / self.temperature, dim=1)
 
     def _check_batch(self, x_BTD: Tensor) -> None:
         if x_BTD.dim() != 3 or x_BTD.shape[-1] != self.d_model:
@@ -121,17 +121,17 @@ class MixtureOfTokens(nn.Module):
             )
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        w_ngTE = self.mixing_weights(x_BTD)
+        w_WZTE = self.mixing_weights(x_BTD)
         B, T, D = x_BTD.shape
-        n, g = w_ngTE.shape[:2]
-        x_ngTD = x_BTD.view(n, g, T, D)
-        w = w_ngTE.to(x_BTD.dtype)
-        # one mixed token per group, position and expert: (E, n*T, D)
-        mixed_EnTD = torch.einsum("agte,agtd->eatd", w, x_ngTD)
-        y_EnTD = self.experts.forward_all(mixed_EnTD.reshape(self.num_experts, n * T, D))
-        y_EnTD = y_EnTD.reshape(self.num_experts, n, T, D)
-        out_ngTD = torch.einsum("agte,eatd->agtd", w, y_EnTD)
-        return out_ngTD.reshape(B, T, D)
+        W, Z = w_WZTE.shape[:2]
+        x_WZTD = x_BTD.view(W, Z, T, D)
+        w_WZTE = w_WZTE.to(x_BTD.dtype)
+        # one mixed token per group, position and expert: (E, W*T, D)
+        mixed_EWTD = torch.einsum("wzte,wztd->ewtd", w_WZTE, x_WZTD)
+        y_EWTD = self.experts.forward_all(mixed_EWTD.reshape(self.num_experts, W * T, D))
+        y_EWTD = y_EWTD.reshape(self.num_experts, W, T, D)
+        out_WZTD = torch.einsum("wzte,ewtd->wztd", w_WZTE, y_EWTD)
+        return out_WZTD.reshape(B, T, D)
 
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}, temperature={float(self.temperature):.4g}"

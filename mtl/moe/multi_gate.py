@@ -45,6 +45,18 @@ class MultiGateOutput:
             computed only their routed rows (sparse compute).
         routed_outputs: under sparse compute, each expert's outputs on its routed
             rows (:class:`~mtl.moe.multi_gate_sparse.RoutedExpertOutputs`); else None.
+
+    Example:
+        >>> from mtl.moe import DenseSoftmaxGate, ExpertBank
+        >>> mix = MultiGateMixture(
+        ...     experts=ExpertBank(num_experts=3, dims=[4, 6]),
+        ...     gates={"click": DenseSoftmaxGate(d_model=4, num_experts=3)})
+        >>> out = mix(torch.randn(5, 4))
+        >>> out.outputs["click"].shape, out.expert_outputs_ETD.shape, out.routed_outputs
+        (torch.Size([5, 6]), torch.Size([3, 5, 6]), None)
+        >>> w_ET1 = out.routing["click"].dense_weights().T.unsqueeze(-1)
+        >>> torch.allclose(out.outputs["click"], (out.expert_outputs_ETD * w_ET1).sum(0), atol=1e-6)
+        True
     """
 
     outputs: dict[str, Tensor]
@@ -213,23 +225,23 @@ class MultiGateMixture(nn.Module):
         return gates  # type: ignore[return-value]
 
     def input_weight(self) -> Tensor:
-        """``(D, N)``: the experts' first layer, then each gate's ``E`` logit columns."""
+        """``(D, X)``: the experts' first layer, then each gate's ``E`` logit columns."""
         bank: ExpertBank = self.experts  # type: ignore[assignment]
         w_gates = [g.proj.weight.t() for g in self._dense_gates()]
         return torch.cat([bank.first_layer_weight(), *w_gates], dim=1)
 
-    def forward_projected(self, z_TN: Tensor) -> MultiGateOutput:
-        """:meth:`forward` of a shared input ``x`` given ``z_TN = x @ input_weight()``.
+    def forward_projected(self, z_TX: Tensor) -> MultiGateOutput:
+        """:meth:`forward` of a shared input ``x`` given ``z_TX = x @ input_weight()``.
 
         Args:
-            z_TN: ``(T, N)`` products, float32 (the gate logits are taken from them).
+            z_TX: ``(T, X)`` products, float32 (the gate logits are taken from them).
         """
         gates = self._dense_gates()
         bank: ExpertBank = self.experts  # type: ignore[assignment]
         E = bank.num_experts
-        n_experts = z_TN.shape[1] - E * len(gates)
+        n_experts = z_TX.shape[1] - E * len(gates)
         # split, not slicing: each slice's backward would zero-fill a full-size gradient
-        z_expert, *z_gates = z_TN.split([n_experts] + [E] * len(gates), dim=1)
+        z_expert, *z_gates = z_TX.split([n_experts] + [E] * len(gates), dim=1)
         y_ETD = bank.forward_all_projected(z_expert)
         routing = {}
         for (name, gate), z_TE in zip(self.gates.items(), z_gates, strict=True):
@@ -267,13 +279,13 @@ class MaskedGate(nn.Module):
         expert_mask: ``E`` booleans or the indices of the allowed experts.
 
     Example:
-        >>> gate = MaskedGate(TopKGate(d_model=8, num_experts=4, k=1), expert_mask=[0, 2])
+        >>> gate = MaskedGate(gate=TopKGate(d_model=8, num_experts=4, k=1), expert_mask=[0, 2])
         >>> set(gate(torch.randn(16, 8)).experts_TK.flatten().tolist()) <= {0, 2}
         True
     """
 
     def __init__(
-        self, gate: Router, *, expert_mask: Sequence[bool] | Sequence[int] | Tensor
+        self, *, gate: Router, expert_mask: Sequence[bool] | Sequence[int] | Tensor
     ) -> None:
         super().__init__()
         if not isinstance(gate, _MASKABLE_BY_LOGITS):
@@ -358,7 +370,7 @@ def make_gate(
             f"{type(gate).__name__} cannot do; use dense_softmax, top_k, noisy_top_k, top_p "
             "or sigmoid_bias (or turn the model's expert mask off)"
         )
-    return MaskedGate(gate, expert_mask=list(expert_mask))  # type: ignore[arg-type]
+    return MaskedGate(gate=gate, expert_mask=list(expert_mask))  # type: ignore[arg-type]
 
 
 def _keyword_arguments(factory: GateFactory) -> set[str] | None:

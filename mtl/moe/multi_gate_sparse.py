@@ -93,7 +93,21 @@ class RoutedExpertOutputs:
 
 class SparseMixResult(NamedTuple):
     """What :class:`MultiGateDroplessDispatch` returns: one ``(T, D_out)`` output per
-    gate, in the order of the routings, and what the experts computed."""
+    gate, in the order of the routings, and what the experts computed.
+
+    Attributes:
+        outputs: ``G`` tensors ``(T, D_out)``, gate ``g``'s mixture for every row.
+        computed: the experts' ``(N, D_out)`` outputs on the ``N`` chosen
+            ``(row, expert)`` pairs (:class:`RoutedExpertOutputs`).
+
+    Example:
+        >>> from mtl.moe import ExpertBank, TopKGate
+        >>> bank = ExpertBank(num_experts=3, dims=[4, 2])
+        >>> x = torch.randn(6, 4)
+        >>> res = MultiGateDroplessDispatch()(x, [TopKGate(d_model=4, num_experts=3, k=1)(x)], bank)
+        >>> len(res.outputs), res.outputs[0].shape, res.computed.outputs_ND.shape  # one pair per row
+        (1, torch.Size([6, 2]), torch.Size([6, 2]))
+    """
 
     outputs: list[Tensor]
     computed: RoutedExpertOutputs

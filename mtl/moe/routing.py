@@ -99,6 +99,16 @@ class RoutingStats:
         entropy: scalar, mean per-token entropy (nats) of ``probs_TE``.
         mean_weight_E: ``(E,)`` mean combine weight each expert receives; for
             dense gates this is the expert utilisation a task's gate shows.
+
+    Example:
+        >>> r = RoutingResult(
+        ...     weights_TK=torch.ones(3, 1), experts_TK=torch.tensor([[0], [0], [1]]),
+        ...     logits_TE=torch.zeros(3, 2), probs_TE=torch.full((3, 2), 0.5))
+        >>> s = routing_stats(r, kept_TK=torch.tensor([[True], [False], [True]]))
+        >>> s.tokens_per_expert_E.tolist(), s.dropped_tokens.item(), round(s.dropped_fraction.item(), 3)
+        ([1.0, 1.0], 1.0, 0.333)
+        >>> s.as_dict("moe/")["moe/load_max_over_mean"].item()
+        1.0
     """
 
     tokens_per_expert_E: Tensor

@@ -86,7 +86,7 @@ def test_from_modules_equals_expert_list() -> None:
     torch.manual_seed(3)
     mods = [nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 5)) for _ in range(4)]
     bank = ExpertBank.from_modules(mods, activation="gelu")
-    lst = ExpertList(mods)
+    lst = ExpertList(experts=mods)
     x = torch.randn(6, 5)
     torch.testing.assert_close(bank.forward_all(x), lst.forward_all(x))
     counts = torch.tensor([1, 2, 0, 3])

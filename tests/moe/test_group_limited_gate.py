@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtl.moe import SigmoidBiasGate
-from mtl.moe.gates.group_limited import group_limited_mask
+from mtl.moe.gates.sigmoid import group_limited_mask
 
 
 def _reference(

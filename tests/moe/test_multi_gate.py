@@ -166,7 +166,7 @@ def test_projected_path_needs_an_expert_bank_and_dense_gates_without_jitter() ->
         gates={"a": DenseSoftmaxGate(d_model=6, num_experts=4, input_jitter=0.1)},
     )
     listed = MultiGateMixture(
-        experts=ExpertList([torch.nn.Linear(6, 5) for _ in range(4)]),
+        experts=ExpertList(experts=[torch.nn.Linear(6, 5) for _ in range(4)]),
         gates={"a": DenseSoftmaxGate(d_model=6, num_experts=4)},
     )
     for mix in (topk, jittery, listed):

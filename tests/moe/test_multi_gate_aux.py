@@ -69,7 +69,7 @@ def test_ple_top_k_aux_losses_normalise_by_the_allowed_experts() -> None:
 def test_restricted_routing_renumbers_experts_and_drops_padding_on_masked_ones() -> None:
     torch.manual_seed(1)
     allowed = [0, 2, 5]
-    gate = MaskedGate(TopPGate(d_model=4, num_experts=6, p=0.9), expert_mask=allowed)
+    gate = MaskedGate(gate=TopPGate(d_model=4, num_experts=6, p=0.9), expert_mask=allowed)
     x = torch.randn(30, 4)
     r = gate(x)
     sub = restrict_to_allowed(r)
@@ -84,7 +84,9 @@ def test_restricted_routing_renumbers_experts_and_drops_padding_on_masked_ones()
 def test_noisy_top_k_load_cv_counts_allowed_experts_only() -> None:
     torch.manual_seed(2)
     allowed = [1, 2, 3]
-    gate = MaskedGate(NoisyTopKGate(d_model=4, num_experts=5, k=1), expert_mask=allowed).train()
+    gate = MaskedGate(
+        gate=NoisyTopKGate(d_model=4, num_experts=5, k=1), expert_mask=allowed
+    ).train()
     with torch.no_grad():
         gate.gate.noise_proj.weight.normal_()  # a real noise scale, so the estimate is smooth
     r = gate(torch.randn(64, 4))

@@ -36,6 +36,22 @@ class Router(nn.Module):
             gate input during training (Switch Transformer); 0 disables it.
 
     Subclasses implement :meth:`route` from float32 logits ``(T, E)``.
+
+    Shapes:
+        ``x (..., D)``, flattened to ``(T, D)`` -> :class:`RoutingResult` over ``T``
+        tokens, with ``(T, E)`` float32 logits.
+
+    Example:
+        >>> class Top1Gate(Router):
+        ...     def route(self, logits_TE, x_TD):
+        ...         probs_TE = logits_TE.softmax(-1)
+        ...         weights_TK, experts_TK = probs_TE.max(-1, keepdim=True)
+        ...         return RoutingResult(weights_TK=weights_TK, experts_TK=experts_TK,
+        ...                              logits_TE=logits_TE, probs_TE=probs_TE)
+        >>> gate = Top1Gate(d_model=8, num_experts=4)
+        >>> r = gate(torch.randn(2, 3, 8, dtype=torch.bfloat16))
+        >>> r.experts_TK.shape, r.logits_TE.dtype
+        (torch.Size([6, 1]), torch.float32)
     """
 
     def __init__(

@@ -1,4 +1,9 @@
-"""Sigmoid scoring with auxiliary-loss-free balancing (DeepSeek-V3)."""
+"""Sigmoid scoring with auxiliary-loss-free balancing (DeepSeek-V3).
+
+:class:`SigmoidBiasGate` is the gate; :func:`group_limited_mask` and
+:func:`check_groups` are its optional group-limited selection, in which tokens
+choose experts only in their best groups.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import torch
 from torch import Tensor
 
 from mtl.moe.gates.base import Router, check_k
-from mtl.moe.gates.group_limited import check_groups, group_limited_mask
 from mtl.moe.routing import RoutingResult
 
 
@@ -92,3 +96,51 @@ class SigmoidBiasGate(Router):
         load_E = tokens_per_expert_E.to(self.expert_bias_E)
         delta_E = self.bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.expert_bias_E += delta_E - delta_E.mean()
+
+
+def check_groups(*, num_experts: int, k: int, n_group: int, topk_group: int) -> None:
+    """Raise ValueError unless ``n_group`` groups of equal size can serve ``k`` choices.
+
+    Example:
+        >>> check_groups(num_experts=8, k=2, n_group=4, topk_group=2)
+    """
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"n_group={n_group} must be >= 1 and divide num_experts={num_experts}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    per_group = num_experts // n_group
+    if n_group > 1 and per_group < 2:
+        raise ValueError(
+            f"group scores sum each group's top-2 experts: need >= 2 experts per group, "
+            f"got num_experts={num_experts}, n_group={n_group}"
+        )
+    if k > topk_group * per_group:
+        raise ValueError(
+            f"k={k} exceeds the experts of the kept groups (topk_group={topk_group} x {per_group})"
+        )
+
+
+def group_limited_mask(select_TE: Tensor, *, n_group: int, topk_group: int) -> Tensor:
+    """``(T, E)`` bool: the experts of each token's ``topk_group`` best groups.
+
+    Experts ``[g E/n_group, (g+1) E/n_group)`` form group ``g``; a group's score
+    is the sum of its two highest selection scores (DeepSeek-V3's node-limited
+    routing, which bounds the devices a token is sent to).
+
+    Args:
+        select_TE: ``(T, E)`` selection scores (sigmoid scores plus bias).
+        n_group: number of groups (divides ``E``).
+        topk_group: groups kept per token.
+
+    Example:
+        >>> s = torch.tensor([[0.9, 0.1, 0.5, 0.6]])  # groups: (0.9+0.1, 0.5+0.6)
+        >>> group_limited_mask(s, n_group=2, topk_group=1).tolist()
+        [[False, False, True, True]]
+    """
+    T, E = select_TE.shape
+    P, Q = n_group, E // n_group
+    select_TPQ = select_TE.view(T, P, Q)
+    group_scores_TP = select_TPQ.topk(min(2, Q), dim=-1).values.sum(-1)
+    keep_TP = torch.zeros_like(group_scores_TP, dtype=torch.bool)
+    keep_TP.scatter_(1, group_scores_TP.topk(topk_group, dim=-1).indices, True)
+    return keep_TP.unsqueeze(-1).expand(T, P, Q).reshape(T, E)
