@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 5 in one call, for a machine with a CUDA GPU and torch
-# (the device tool's machines have no Hydra, polars or Lightning, and no registry):
+# The CUDA tests and GPU benchmarks below in one call, for a machine with a CUDA
+# GPU and torch (the device tool's machines have no Hydra, polars or Lightning,
+# and no registry):
 #   1. tests/test_cuda.py: the CUDA paths against CPU references, the bf16
 #      MoE layer step with no host sync, and a torch.compile'd MoE LM against
 #      its eager twin (aot_eager, and inductor where triton imports);

@@ -30,7 +30,22 @@ from mtl.data.tokenizers import Tokenizer, build_tokenizer
 
 
 class DomainTokenBatch(NamedTuple):
-    """``inputs``, ``targets`` ``(B, T)`` long and ``domains`` ``(B,)`` long."""
+    """A batch for next-token prediction whose rows are tagged with their domain.
+
+    Attributes:
+        inputs: ``(B, T)`` long token ids.
+        targets: ``(B, T)`` long, ``inputs`` shifted by one token.
+        domains: ``(B,)`` long, the domain id of each row (what ``moe.route_on=domain``
+            routes on).
+
+    Example:
+        >>> batch = DomainTokenBatch(inputs=torch.tensor([[1, 2], [7, 8]]),
+        ...                          targets=torch.tensor([[2, 3], [8, 9]]),
+        ...                          domains=torch.tensor([0, 1]))
+        >>> inputs, targets, domains = batch  # unpacks like a tuple
+        >>> tuple(inputs.shape), domains.tolist()
+        ((2, 2), [0, 1])
+    """
 
     inputs: torch.Tensor
     targets: torch.Tensor

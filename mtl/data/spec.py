@@ -40,6 +40,12 @@ class CategoricalFeature:
 class NumericFeature:
     """A numeric input column, standardised as ``(x - mean) / std`` with train statistics.
 
+    Args:
+        name: raw column name.
+        mean: mean of the column over the train split.
+        std: its standard deviation over the train split (ddof 0); 1.0 for a
+            constant column, which then maps to 0.
+
     Example:
         >>> NumericFeature(name="age", mean=34.5, std=22.3).name
         'age'

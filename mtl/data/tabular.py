@@ -260,7 +260,23 @@ class _SetsEpoch(Protocol):
 
 class EpochSetter:
     """Forwards Lightning's ``dataloader.sampler.set_epoch(epoch)`` to a loader that is
-    not a torch ``DataLoader`` (this module's and the shard stream's)."""
+    not a torch ``DataLoader`` (this module's and the shard stream's).
+
+    Lightning looks for ``set_epoch`` on the loader's ``sampler``; a loader of this
+    kind sets ``self.sampler = EpochSetter(self)`` so the call reaches its own
+    ``set_epoch``.
+
+    Args:
+        loader: the loader whose ``set_epoch`` receives the epoch.
+
+    Example:
+        >>> t = TabularTensors(cat_BF=torch.zeros(4, 1, dtype=torch.long),
+        ...     num_BF=torch.zeros(4, 0), labels_BT=torch.zeros(4, 1))
+        >>> loader = TensorBatchLoader(tensors=t, batch_size=2)
+        >>> EpochSetter(loader).set_epoch(3)
+        >>> loader.epoch
+        3
+    """
 
     def __init__(self, loader: _SetsEpoch) -> None:
         self._loader = loader

@@ -33,7 +33,19 @@ __all__ = [
 
 
 class TokenBatch(NamedTuple):
-    """A batch for next-token prediction: ``inputs`` and ``targets``, both ``(B, T)`` long."""
+    """A batch for next-token prediction.
+
+    Attributes:
+        inputs: ``(B, T)`` long token ids.
+        targets: ``(B, T)`` long, ``targets[:, t] == inputs[:, t + 1]``; the last
+            target is the token after the block.
+
+    Example:
+        >>> loader = PackedBlockLoader(tokens=torch.arange(10), block_size=4, batch_size=1)
+        >>> inputs, targets = next(iter(loader))  # a TokenBatch unpacks like a tuple
+        >>> inputs.tolist(), targets.tolist()
+        ([[0, 1, 2, 3]], [[1, 2, 3, 4]])
+    """
 
     inputs: torch.Tensor
     targets: torch.Tensor

@@ -71,7 +71,27 @@ class DataError(ValueError):
 
 
 class UnseenCategoriesWarning(UserWarning):
-    """A split whose categorical column holds no id known from the train split."""
+    """A split whose categorical column holds no id known from the train split.
+
+    Issued by :func:`warn_unseen_categories`; ``warnings.simplefilter("error",
+    UnseenCategoriesWarning)`` makes it stop a run.
+
+    Example:
+        >>> import warnings
+        >>> import torch
+        >>> from mtl.data.spec import CategoricalFeature, FeatureSpec, TaskSpec
+        >>> from mtl.data.tabular import TabularTensors
+        >>> spec = FeatureSpec(categorical=[CategoricalFeature("item", 10, 4)], numeric=[],
+        ...                    tasks=[TaskSpec("click", "binary")])
+        >>> val = TabularTensors(cat_BF=torch.zeros(2, 1, dtype=torch.long),  # all ids unknown
+        ...                      num_BF=torch.zeros(2, 0), labels_BT=torch.zeros(2, 1))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_unseen_categories(pl.DataFrame({"item": ["x", "y"]}), val, spec, origin="val")
+        ['item']
+        >>> [w.category.__name__ for w in caught]
+        ['UnseenCategoriesWarning']
+    """
 
 
 def _first_line(exc: BaseException) -> str:

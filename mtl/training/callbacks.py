@@ -44,6 +44,12 @@ class TokenMixingTemperature(pl.Callback):
     ``tau`` falls from ``start`` to ``end`` over ``steps`` steps; logged as
     ``train/mot_temperature``. Does nothing in a model without such layers.
 
+    Args:
+        start: temperature at step 0.
+        end: temperature from step ``steps`` on.
+        steps: training steps over which ``tau`` moves from ``start`` to ``end``.
+        kind: ``"exponential"`` (geometric interpolation) or ``"linear"``.
+
     Example:
         >>> TokenMixingTemperature(start=1.0, end=0.1, steps=10).schedule.at(10)
         0.1
@@ -71,7 +77,10 @@ class SaveAdapters(pl.Callback):
     """Write the model's LoRA adapters (only) to ``path`` when training ends.
 
     The file loads onto the base model with :func:`~mtl.models.lm.lora.load_adapters`.
-    Does nothing in a model without adapters.
+    Does nothing in a model without adapters, and on ranks other than 0.
+
+    Args:
+        path: file to write; its parent folders are created when training ends.
 
     Example:
         >>> SaveAdapters(path="runs/x/adapters.pt").path.name

@@ -138,27 +138,6 @@ _SHARED_KEYS = ("data", "trainer", "optim", "scheduler", "task_weights")
 """Keys every run of a comparison must share, whatever experiment sized its model."""
 
 
-def run_configs(overrides: Sequence[str] = (), seed: int | None = None) -> dict[str, DictConfig]:
-    """Per model, the run config ``mtl compare`` trains it with (compose only, no data).
-
-    Args:
-        overrides: the ``mtl compare`` command line.
-        seed: the model seed of the configs (default: the first of ``seeds``).
-
-    Raises:
-        ConfigError: bad models or seeds, or two models' size experiments that
-            disagree on the data, trainer or optimiser.
-
-    Example:
-        >>> cfgs = run_configs(["models=[mmoe,ple]", "data=census_income", "seeds=1"])
-        >>> cfgs["ple"].model.expert_hidden, cfgs["ple"].data.batch_size
-        ([72], 512)
-    """
-    plan = _plan(overrides)
-    first = plan.seeds[0] if seed is None else seed
-    return {name: _run_config(plan, name, first) for name in plan.models}
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What every run of one comparison is composed from, worked out once."""
@@ -244,7 +223,7 @@ def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
             overwrite=bool(base.get("overwrite")),
             names=COMPARE_FILES,
         )
-        configs = {name: _run_config(plan, name, plan.seeds[0]) for name in plan.models}
+        configs = _first_seed_configs(plan)
         _check_shared(configs)
         dm = build_datamodule(configs[plan.models[0]])
         match_to = base.get("match_params_to")
@@ -296,6 +275,12 @@ def _run_config(plan: _Plan, name: str, seed: int) -> DictConfig:
     if extra:
         cfg.model = OmegaConf.merge(cfg.model, extra)
     return cfg
+
+
+def _first_seed_configs(plan: _Plan) -> dict[str, DictConfig]:
+    """Per model, its run config at the first seed: what the shared-keys check and the
+    parameter counts read (composed only, no data)."""
+    return {name: _run_config(plan, name, plan.seeds[0]) for name in plan.models}
 
 
 def _train_all(

@@ -119,16 +119,15 @@ def log_load_histograms(
     writers = [w for w in writers if hasattr(w, "add_histogram_raw")]  # rank 0 only
     if not writers or not loads:
         return 0
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # A bare Figure renders without a display and leaves pyplot's state and backend alone.
+    from matplotlib.figure import Figure
 
     for tag, load in loads.items():
         counts = [float(v) for v in load]
         E = len(counts)
         total = sum(counts)
-        fig, ax = plt.subplots(figsize=(max(3.0, 0.35 * E + 1.5), 2.5))
+        fig = Figure(figsize=(max(3.0, 0.35 * E + 1.5), 2.5))
+        ax = fig.subplots()
         ax.bar(range(E), counts, color="tab:blue")
         if total > 0:  # the balanced share, for reading the bars
             ax.axhline(total / E, color="tab:red", linewidth=1, linestyle="--")
@@ -152,5 +151,4 @@ def log_load_histograms(
                 bucket_counts=counts,
                 global_step=step,
             )
-        plt.close(fig)
     return len(writers)

@@ -58,6 +58,11 @@ class AUCInterval:
         low, high: the two-sided interval at ``level`` (clipped to [0, 1]).
         level: the confidence level, e.g. 0.95.
         df: degrees of freedom of the t reference (``inf``: normal).
+
+    Example:
+        >>> r = seed_mean_auc([[0.9, 0.7, 0.6, 0.4, 0.3, 0.1]], [1, 1, 0, 1, 0, 0])
+        >>> round(r.auc, 4), r.low < r.auc < r.high, r.level
+        (0.8889, True, 0.95)
     """
 
     auc: float
@@ -81,6 +86,12 @@ class PairedTest:
         level: the confidence level.
         df: degrees of freedom of the t reference (``inf``: normal).
         per_seed: the single-seed tests a seed-level test combines (empty otherwise).
+
+    Example:
+        >>> y = [1, 1, 0, 1, 0, 0]
+        >>> t = seed_paired_test([[0.9, 0.7, 0.6, 0.4, 0.3, 0.1]], [[0.1, 0.7, 0.6, 0.4, 0.3, 0.9]], y)
+        >>> round(t.diff, 4), round(t.p_value, 3), t.significant(alpha=0.05)
+        (0.5556, 0.077, False)
     """
 
     diff: float
@@ -169,34 +180,6 @@ def delong_covariance(
     s10 = np.atleast_2d(np.cov(v10)) if m > 1 else np.zeros((len(rows), len(rows)))
     s01 = np.atleast_2d(np.cov(v01)) if n > 1 else np.zeros((len(rows), len(rows)))
     return auc, s10 / m + s01 / n
-
-
-def auc_interval(scores: ArrayLike, labels: ArrayLike, level: float = 0.95) -> AUCInterval:
-    """The AUC of one score vector with its DeLong standard error and normal interval.
-
-    Example:
-        >>> r = auc_interval([0.9, 0.7, 0.6, 0.4, 0.3, 0.1], [1, 1, 0, 1, 0, 0])
-        >>> round(r.auc, 4), r.low < r.auc < r.high
-        (0.8889, True)
-    """
-    auc, cov = delong_covariance([scores], labels)
-    return _interval(float(auc[0]), float(cov[0, 0]), level)
-
-
-def paired_delong_test(
-    scores_a: ArrayLike, scores_b: ArrayLike, labels: ArrayLike, level: float = 0.95
-) -> PairedTest:
-    """DeLong's paired test of ``AUC_a - AUC_b``, both models scored on the same rows.
-
-    Example:
-        >>> y = [1, 1, 0, 1, 0, 0]
-        >>> t = paired_delong_test([0.9, 0.7, 0.6, 0.4, 0.3, 0.1], [0.9, 0.7, 0.6, 0.4, 0.3, 0.1], y)
-        >>> t.diff, t.p_value
-        (0.0, 1.0)
-    """
-    auc, cov = delong_covariance([scores_a, scores_b], labels)
-    c = np.array([1.0, -1.0])
-    return _test(float(c @ auc), float(c @ cov @ c), level)
 
 
 def seed_mean_auc(

@@ -139,6 +139,15 @@ def test_from_state_errors() -> None:
         CharTokenizer.from_state(ByteTokenizer().state_dict())
 
 
+def test_defining_a_subclass_does_not_make_its_kind_loadable() -> None:
+    class ReversedBytes(ByteTokenizer):
+        kind = "reversed-bytes"
+
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'reversed-bytes'"):
+        Tokenizer.from_state(ReversedBytes().state_dict())
+    assert type(Tokenizer.from_state(ByteTokenizer().state_dict())) is ByteTokenizer
+
+
 def test_build_tokenizer_unknown_kind_lists_kinds() -> None:
     with pytest.raises(ValueError, match=r"unknown tokenizer kind 'wordpiece'.*byte, char, bpe"):
         build_tokenizer("wordpiece", "text")

@@ -10,12 +10,17 @@ from omegaconf import DictConfig
 
 from mtl.training import compare
 from mtl.training.build import plain
-from mtl.training.compare import _check_shared, run_configs, size_experiment
+from mtl.training.compare import _check_shared, size_experiment
 from mtl.training.config import ConfigError, compose_config
 from mtl.training.param_match import model_sizes
 from mtl.training.report import sizes_table
 
 CENSUS_MODELS = ["mmoe", "omoe", "ple", "home", "shared_bottom"]
+
+
+def run_configs(overrides: list[str]) -> dict[str, DictConfig]:
+    """Per model, the config ``mtl compare`` checks and sizes it with (compose only, no data)."""
+    return compare._first_seed_configs(compare._plan(overrides))
 
 
 def test_census_data_sizes_every_model_from_its_census_experiment() -> None:

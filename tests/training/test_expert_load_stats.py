@@ -98,6 +98,26 @@ def test_log_load_histograms_skips_other_loggers_and_writes_tensorboard(tmp_path
     )
 
 
+def test_log_load_histograms_leaves_the_matplotlib_backend_and_pyplot_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    def no_switch(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("log_load_histograms switched the process-wide matplotlib backend")
+
+    monkeypatch.setattr(matplotlib, "use", no_switch)
+    open_before = plt.get_fignums()
+    tb = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    loads = {"val/moe/layer0/tokens_per_expert": [1.0, 2.0]}
+    assert log_load_histograms([tb], loads, step=1) == 1
+    tb.experiment.flush()
+    assert plt.get_fignums() == open_before  # no figure registered with pyplot
+    assert "val/moe/layer0/tokens_per_expert/bars" in _events(tmp_path / "tb").Tags()["images"]
+
+
 def test_rec_run_records_the_load_in_metrics_json_and_tensorboard(tmp_path: Path) -> None:
     from mtl.training.config import compose_config
     from mtl.training.train import train

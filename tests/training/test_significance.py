@@ -14,10 +14,8 @@ from torchmetrics.classification import BinaryAUROC
 from mtl.training.report import write_report
 from mtl.training.results import TEST_SCORES_FILE, write_test_scores
 from mtl.training.significance import (
-    auc_interval,
     delong_covariance,
     midranks,
-    paired_delong_test,
     seed_mean_auc,
     seed_paired_test,
     two_sided_p,
@@ -84,17 +82,18 @@ def test_auc_equals_torchmetrics_binary_auroc(ties: bool) -> None:
     if ties:
         s = np.round(s * 2) / 2  # a few score levels: many positive/negative ties
     ref = BinaryAUROC(thresholds=None)(torch.tensor(s, dtype=torch.float64), torch.tensor(y).long())
-    assert auc_interval(s, y).auc == pytest.approx(float(ref), abs=1e-6)
-    assert auc_interval(torch.tensor(s), torch.tensor(y)).auc == pytest.approx(float(ref), abs=1e-6)
+    assert seed_mean_auc([s], y).auc == pytest.approx(float(ref), abs=1e-6)
+    from_tensors = seed_mean_auc([torch.tensor(s)], torch.tensor(y))
+    assert from_tensors.auc == pytest.approx(float(ref), abs=1e-6)
 
 
 def test_ties_count_one_half_and_constant_scores_give_auc_one_half() -> None:
     y = np.array([1, 0, 1, 0, 0])
     # Pairs (positive, negative): 1/2 + 1 + 1 for the first positive, 0 + 1/2 + 1/2 for the second.
-    assert auc_interval([1.0, 1.0, 0.0, 0.0, 0.0], y).auc == pytest.approx(3.5 / 6)
-    flat = auc_interval(np.ones(5), y)
+    assert seed_mean_auc([[1.0, 1.0, 0.0, 0.0, 0.0]], y).auc == pytest.approx(3.5 / 6)
+    flat = seed_mean_auc([np.ones(5)], y)
     assert flat.auc == 0.5 and flat.se == 0.0
-    t = paired_delong_test(np.ones(5), np.ones(5), y)
+    t = seed_paired_test([np.ones(5)], [np.ones(5)], y)
     assert t.p_value == 1.0 and not t.significant()
 
 
@@ -105,7 +104,7 @@ def test_interval_covers_the_true_auc_at_about_its_level() -> None:
     covered = 0
     for _ in range(200):
         y = (rng.random(600) < 0.3).astype(float)
-        r = auc_interval(0.8 * y + rng.normal(size=600), y)
+        r = seed_mean_auc([0.8 * y + rng.normal(size=600)], y)
         covered += r.low <= true_auc <= r.high
     assert 0.90 <= covered / 200 <= 0.99
 
@@ -117,8 +116,8 @@ def test_planted_difference_is_significant_and_a_null_one_is_not() -> None:
     for _ in range(draws):
         y, shared = _draw(rng, n=1000)
         a = _scores(rng, y, 1.0, shared)
-        null_rejects += paired_delong_test(a, _scores(rng, y, 1.0, shared), y).significant()
-        planted_rejects += paired_delong_test(_scores(rng, y, 1.4, shared), a, y).significant()
+        null_rejects += seed_paired_test([a], [_scores(rng, y, 1.0, shared)], y).significant()
+        planted_rejects += seed_paired_test([_scores(rng, y, 1.4, shared)], [a], y).significant()
     assert 0.01 <= null_rejects / draws <= 0.10
     assert planted_rejects / draws >= 0.9
 
@@ -156,21 +155,22 @@ def test_seed_mean_auc_widens_with_seed_spread_and_matches_one_seed() -> None:
     rng = np.random.default_rng(5)
     y, shared = _draw(rng)
     s = _scores(rng, y, 1.0, shared)
-    one, same = auc_interval(s, y), seed_mean_auc([s, s], y)
+    one, same = seed_mean_auc([s], y), seed_mean_auc([s, s], y)
     assert same.auc == pytest.approx(one.auc) and same.se == pytest.approx(one.se)
+    assert one.df == math.inf and same.df == math.inf  # no seed spread: the normal reference
     spread = seed_mean_auc([s, _scores(rng, y, 0.5, shared)], y)
     assert spread.df < 10 and spread.high - spread.low > 2 * (one.high - one.low)
 
 
 def test_bad_inputs_are_one_line_errors() -> None:
     with pytest.raises(ValueError, match="both classes"):
-        auc_interval([0.1, 0.2], [1, 1])
+        seed_mean_auc([[0.1, 0.2]], [1, 1])
     with pytest.raises(ValueError, match="differ in length"):
         delong_covariance([[0.1, 0.2], [0.1]], [0, 1])
     with pytest.raises(ValueError, match="pairs seeds"):
         seed_paired_test([[0.1, 0.2]], [], [0, 1])
     with pytest.raises(ValueError, match="NaN"):
-        auc_interval([0.1, math.nan], [0, 1])
+        seed_mean_auc([[0.1, math.nan]], [0, 1])
 
 
 # ---------------------------------------------------------------- the compare report

@@ -27,18 +27,7 @@ from mtl.data.validation import check_no_cascade_violations
 
 ALI_CCP_LABELS: tuple[str, ...] = ("click", "purchase")
 ALI_CCP_USER_FIELD = "101"
-# Dense columns of the torch-rechub layout; any other column starting with "D"
-# plus a digit is treated as dense too.
-ALI_CCP_DENSE: tuple[str, ...] = (
-    "D109_14",
-    "D110_14",
-    "D127_14",
-    "D150_14",
-    "D508",
-    "D509",
-    "D702",
-    "D853",
-)
+# Dense columns start with "D" and a digit (torch-rechub's layout: D109_14, D508, ...).
 _DENSE_RE = re.compile(r"^D\d")
 _SPLIT_FILES = {
     "train": ("ali_ccp_train.csv", "ali_ccp_train_sample.csv", "train.csv"),
