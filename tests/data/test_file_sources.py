@@ -11,6 +11,7 @@ import pytest
 from mtl.data.sources import SOURCES, load_source
 from mtl.data.sources.aliexpress import aliexpress
 from mtl.data.sources.kuairand import kuairand
+from mtl.data.validation import DataError
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -83,7 +84,7 @@ def test_aliexpress_validation_errors(aliexpress_dir: Path, tmp_path: Path) -> N
     assert filled["numerical_3"].null_count() == 0 and filled["numerical_3"][0] == 0.0
     assert filled.height == 100 and filled.height == raw.height  # no test.csv here: train only
     _write(tmp_path / "train.csv", raw.with_columns(pl.lit("n/a").alias("numerical_4")))
-    with pytest.raises(Exception, match="numerical_4"):
+    with pytest.raises(DataError, match=r"column 'numerical_4' must hold numbers .* \['n/a'\]"):
         aliexpress(tmp_path)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from mtl.cli import main
 from mtl.data.datamodule import RecDataModule
@@ -323,4 +324,5 @@ def test_no_warning_when_some_ids_are_known(aliexpress_dir: Path) -> None:
 def test_helpers_leave_good_files_alone(tmp_path: Path) -> None:
     path = tmp_path / "ok.csv.gz"
     path.write_bytes(gzip.compress(b"a,b\n1,2.5\n3,4\n"))
-    assert read_table(path, "data file").shape == (2, 2)
+    want = pl.DataFrame({"a": [1, 3], "b": [2.5, 4.0]})
+    assert_frame_equal(read_table(path, "data file"), want)

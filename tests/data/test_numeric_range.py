@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -89,7 +90,8 @@ def test_encode_refuses_a_value_that_overflows_once_standardised() -> None:
     train = pl.DataFrame({"x": [0.0, 0.001, 0.002, 0.003], "y": [0, 1, 0, 1]})
     fitted = fit_features(train, labels={"y": "binary"}, categorical=[], numeric=["x"])
     ok = encode(pl.DataFrame({"x": [0.5], "y": [1]}), fitted, origin="val split")
-    assert math.isfinite(float(ok.num_BF[0, 0]))
+    std = math.sqrt((2 * 0.0015**2 + 2 * 0.0005**2) / 4)  # ddof 0 about the mean 0.0015
+    assert float(ok.num_BF[0, 0]) == pytest.approx((0.5 - 0.0015) / std, rel=1e-6)
     test = pl.DataFrame({"x": [0.001, 3.0e38, -3.0e38], "y": [0, 1, 0]})
     with pytest.raises(
         ValueError,
@@ -102,3 +104,11 @@ def test_encode_refuses_a_value_that_overflows_once_standardised() -> None:
 def test_datamodule_on_the_sample_still_loads(aliexpress_dir: Path) -> None:
     dm = RecDataModule(source="aliexpress", path=str(aliexpress_dir), batch_size=32)
     assert bool(dm.tensors("train").num_BF.isfinite().all())
+    # numerical_1 standardised with the train rows' mean and std (ddof 0), val included
+    raw = pl.read_csv(aliexpress_dir / "train.csv")["numerical_1"].to_numpy().astype(np.float64)
+    train = raw[dm.row_index["train"]]
+    assert dm.spec.numeric[0].name == "numerical_1" and dm.origin["val"] == "train"
+    for split in ("train", "val"):
+        want = (raw[dm.row_index[split]] - train.mean()) / train.std()
+        got = dm.tensors(split).num_BF[:, 0].double().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -156,7 +156,18 @@ def test_shards_are_disjoint_and_equal() -> None:
 
 def test_rec_batch_to_device() -> None:
     b = RecBatch(
-        cat=torch.zeros(2, 1, dtype=torch.long), num=torch.zeros(2, 3), labels=torch.zeros(2, 1)
+        cat=torch.tensor([[3], [7]]),
+        num=torch.arange(6.0).reshape(2, 3),
+        labels=torch.tensor([[1.0], [0.0]]),
+        user=torch.tensor([11, 12]),
     )
-    moved = b.to("cpu")
-    assert moved.user is None and moved.num.shape == (2, 3) and moved.batch_size == 2
+    fields = ("cat", "num", "labels", "user")
+    meta = b.to("meta")  # a real move on any machine: every field must change device
+    for name in fields:
+        got, src = getattr(meta, name), getattr(b, name)
+        assert got.device.type == "meta" and (got.shape, got.dtype) == (src.shape, src.dtype)
+    same = b.to("cpu")
+    assert all(torch.equal(getattr(same, n), getattr(b, n)) for n in fields)
+    assert same.batch_size == 2
+    no_user = RecBatch(cat=b.cat, num=b.num, labels=b.labels).to("meta")
+    assert no_user.user is None and no_user.num.device.type == "meta"

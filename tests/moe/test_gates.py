@@ -74,8 +74,15 @@ def test_input_jitter_only_in_training() -> None:
 
 def test_logits_are_float32_for_half_inputs() -> None:
     gate = TopKGate(d_model=8, num_experts=4, k=2).to(torch.bfloat16)
-    r = gate(torch.randn(3, 8, dtype=torch.bfloat16))
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    r = gate(x)
     assert r.logits_TE.dtype == torch.float32 and r.weights_TK.dtype == torch.float32
+    # the projection itself in float32, not a bf16 product cast up afterwards
+    want = x.float() @ gate.proj.weight.float().T
+    torch.testing.assert_close(r.logits_TE, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        r.weights_TK, torch.softmax(want, -1).gather(1, r.experts_TK), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_logits_stay_float32_under_autocast() -> None:

@@ -84,9 +84,23 @@ def test_group_mask_keeps_best_groups_by_top2_sum() -> None:
 
 
 def test_gradients_flow_to_the_router() -> None:
-    gate = SigmoidBiasGate(d_model=6, num_experts=8, k=2, n_group=4, topk_group=2)
-    gate(torch.randn(10, 6)).weights_TK.sum().backward()
-    assert gate.proj.weight.grad is not None and gate.proj.weight.grad.abs().sum() > 0
+    """The router's gradient equals the chain rule written out in float64."""
+    torch.manual_seed(0)
+    gate = SigmoidBiasGate(d_model=6, num_experts=8, k=2, route_scale=2.5, n_group=4, topk_group=2)
+    x = torch.randn(10, 6)
+    c_TE = torch.randn(10, 8)  # each token's weights sum to route_scale: weigh them unevenly
+    r = gate(x)
+    (r.dense_weights() * c_TE).sum().backward()
+    # loss = sum_t sum_{e in top_t} c_te * scale * s_te / S_t, S_t = sum_{j in top_t} s_tj,
+    # s = sigmoid(x W^T): dloss/ds_te = scale * (c_te - sum_j c_tj s_tj / S_t) / S_t
+    s = torch.sigmoid(x.double() @ gate.proj.weight.detach().double().T)
+    top = torch.zeros_like(s).scatter_(1, r.experts_TK, 1.0)
+    S = (s * top).sum(1, keepdim=True)
+    mean_c = (c_TE.double() * s * top).sum(1, keepdim=True) / S
+    d_logits = top * 2.5 * (c_TE.double() - mean_c) / S * s * (1 - s)
+    want = d_logits.T @ x.double()
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(gate.proj.weight.grad, want.float(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

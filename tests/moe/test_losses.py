@@ -86,10 +86,18 @@ def test_load_balance_under_bf16_autocast() -> None:
     x = torch.randn(16, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
-        out.aux_loss.backward()
+    # outside the region, as torch.amp asks: inside, the backward matmuls run in bf16
+    out.aux_loss.backward()
     r = out.routing
     torch.testing.assert_close(out.aux_loss, load_balance_loss(r.probs_TE, r.experts_TK))
-    assert layer.gate.proj.weight.grad is not None
+    # the router runs in float32 under autocast: its gradient is the float32 run's
+    grad = layer.gate.proj.weight.grad
+    layer.zero_grad()
+    plain = layer(x)
+    assert torch.equal(plain.routing.experts_TK, r.experts_TK)
+    plain.aux_loss.backward()
+    assert grad is not None and grad.abs().sum() > 1e-3
+    torch.testing.assert_close(grad, layer.gate.proj.weight.grad)
 
 
 def test_losses_of_no_tokens_are_zero() -> None:

@@ -154,6 +154,9 @@ def test_routing_logits_stay_float32_under_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = mix(x)
     assert all(r.logits_TE.dtype == torch.float32 for r in out.routing.values())
+    plain = mix(x).routing
+    for task, r in out.routing.items():
+        torch.testing.assert_close(r.logits_TE, plain[task].logits_TE, rtol=1e-6, atol=1e-6)
 
 
 def test_projected_path_needs_an_expert_bank_and_dense_gates_without_jitter() -> None:

@@ -49,10 +49,17 @@ def test_factory_form_and_gradients() -> None:
         d_model=8, expert=partial(SwiGLUExperts, num_experts=1, d_hidden=12)
     )
     assert shared.expert.d_model == 8
-    y = shared(torch.randn(6, 8))
-    y.pow(2).sum().backward()
-    assert shared.gate.weight.grad is not None and shared.gate.weight.grad.abs().sum() > 0
-    assert shared.expert.w_down.grad is not None
+    x = torch.randn(6, 8)
+    params = [shared.gate.weight, shared.expert.w_gate, shared.expert.w_up, shared.expert.w_down]
+    got = torch.autograd.grad(shared(x).pow(2).sum(), params)
+    # the same output written out: sigmoid(x W_g^T) * SwiGLU(x)
+    bank = shared.expert
+    expert = (F.silu(x @ bank.w_gate[0]) * (x @ bank.w_up[0])) @ bank.w_down[0]
+    by_hand = torch.sigmoid(x @ shared.gate.weight.T) * expert
+    want = torch.autograd.grad(by_hand.pow(2).sum(), params)
+    for g, w in zip(got, want, strict=True):
+        assert w.abs().sum() > 1e-3
+        torch.testing.assert_close(g, w)
 
 
 def test_shared_output_sums_a_stacked_bank_and_calls_any_other_module() -> None:

@@ -35,9 +35,9 @@ from mtl.models.lm import MoEFFN, TransformerLM
 from mtl.moe import SwiGLUExperts, TopKGate
 from mtl.moe.expert_parallel import ExpertShard, gather_experts
 from mtl.moe.expert_parallel_plan import ExpertParallelPlan, set_ddp_ignore
+from tests.conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[3]
-SHAKESPEARE = Path(os.environ.get("MTL_SHARED_DATA", "/work/shared/data")) / "tinyshakespeare"
 STEPS, GLOBAL_BATCH, BLOCK, CLIP = 4, 8, 32, 0.5
 
 
@@ -48,10 +48,7 @@ def free_port() -> int:
 
 
 def corpus() -> torch.Tensor:
-    path = SHAKESPEARE / "input.txt"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    text = path.read_text()[:100_000]
+    text = shared_data("tinyshakespeare/input.txt").read_text()[:100_000]
     return CharTokenizer.fit(text).encode(text)
 
 
