@@ -18,7 +18,12 @@ from mtl.data.data_record import describe_split, label_rates
 from mtl.data.features import ColumnRoles, FeatureSpec, FittedFeatures, TaskKind, fit_features
 from mtl.data.sources import SourceData, load_source
 from mtl.data.tabular import TabularTensors, TensorBatchLoader, encode
-from mtl.data.validation import check_embed_dim, check_unique, warn_unseen_categories
+from mtl.data.validation import (
+    check_embed_dim,
+    check_unique,
+    warn_one_class_labels,
+    warn_unseen_categories,
+)
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -248,6 +253,11 @@ class RecDataModule(L.LightningDataModule):
                 self._tensors[name],
                 self._fitted.spec,
                 origin=f"{name} split of {self.source}",
+                train_dtypes=frames["train"].schema,
+            )
+        for name in SPLITS:
+            warn_one_class_labels(
+                self._tensors[name], self._fitted.spec, origin=f"{name} split of {self.source}"
             )
 
     def setup(self, stage: str | None = None) -> None:

@@ -11,11 +11,13 @@ the encoding; unseen categories are then mapped to index 0 (OOV).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import polars as pl
+import polars.selectors as cs
 
 from mtl.data.numeric_range import check_in_range
 from mtl.data.spec import (
@@ -26,7 +28,7 @@ from mtl.data.spec import (
     TaskKind,
     TaskSpec,
 )
-from mtl.data.validation import check_embed_dim
+from mtl.data.validation import DataWarning, check_embed_dim
 
 __all__ = [
     "DEFAULT_MAX_INT_CATEGORIES",
@@ -41,18 +43,58 @@ __all__ = [
     "assemble_fitted",
     "build_feature_spec",
     "category_counts",
+    "category_text",
     "check_roles_disjoint",
     "check_vocab_options",
     "default_embed_dim",
     "fit_features",
     "infer_roles",
+    "names_list",
     "numeric_feature",
     "vocabulary_from_counts",
+    "warn_id_like_columns",
 ]
 
 # Integer columns with at most this many distinct train values are treated as
 # categorical when roles are inferred (codes such as "industry recode 0..51").
 DEFAULT_MAX_INT_CATEGORIES = 1000
+# A categorical column with at least this many distinct train values per train row
+# (and at least _ID_LIKE_MIN_ROWS rows) is a row id, not a feature an embedding learns.
+_ID_LIKE_SHARE = 0.9
+_ID_LIKE_MIN_ROWS = 1000
+
+
+def names_list(value: object, *, key: str) -> list[str]:
+    """A config value that lists column names, as a list: one name alone is a list of one.
+
+    ``data.labels=click`` reaches the code as the text ``"click"``, which ``list()``
+    would split into characters; a name alone means that one column.
+
+    Args:
+        value: None or ``""`` (no names), a name, or a list of names (text or integers).
+        key: the config key, for the message.
+
+    Raises:
+        ValueError: ``value`` is neither, naming ``key``.
+
+    Example:
+        >>> names_list("click", key="data.labels"), names_list(["a", 1], key="data.numeric")
+        (['click'], ['a', '1'])
+    """
+
+    def is_name(v: object) -> bool:  # a header "2024" arrives from Hydra as an int
+        return isinstance(v, (str, int)) and not isinstance(v, bool)
+
+    if value is None or value == "":
+        return []
+    if is_name(value):
+        return [str(value)]
+    if isinstance(value, Sequence) and all(is_name(v) for v in value):
+        return [str(v) for v in value]
+    raise ValueError(
+        f"{key} must be a column name or a list of column names (e.g. {key}=[a,b]), "
+        f"got {type(value).__name__} {value!r}"
+    )
 
 
 @dataclass
@@ -187,18 +229,37 @@ def vocabulary_from_counts(
 FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 
 
+def category_text(name: str) -> pl.Expr:
+    """Column ``name`` as the text a category is known by, whatever the column's dtype.
+
+    A whole float is written as an integer (``12.0`` as ``"12"``), so an id column
+    stored as floats in one file (Parquet from pandas with missing values) matches the
+    same ids stored as integers or text in another. Other values are polars' text of them.
+
+    Example:
+        >>> pl.DataFrame({"c": [12.0, 0.5, None]}).select(category_text("c"))["c"].to_list()
+        ['12', '0.5', None]
+    """
+    # The selector names the column only when it is a float column: the rule needs no
+    # schema at the call site, so every path that builds this expression agrees.
+    floats = (cs.by_name(name) & cs.float()).as_expr()
+    whole = (floats == floats.round()) & (floats.abs() < 2**53)
+    as_int = pl.when(whole).then(floats.cast(pl.Int64).cast(pl.String))
+    return pl.coalesce(as_int, pl.col(name).cast(pl.String)).alias(name)
+
+
 def category_counts(frame: FrameT, name: str) -> FrameT:
     """Counts of the non-null categories of column ``name`` as text: the ``value``/``n``
     frame of :func:`vocabulary_from_counts`. Lazy in, lazy out, so the streaming fit of
     ``mtl prepare`` counts with the very same query.
 
     Example:
-        >>> category_counts(pl.DataFrame({"c": [1, 1, None]}), "c").rows()
+        >>> category_counts(pl.DataFrame({"c": [1.0, 1.0, None]}), "c").rows()
         [('1', 2)]
     """
     # Strings give one code path for every dtype; fixed names: a column may be called "count".
     return (
-        frame.select(pl.col(name).cast(pl.String).alias("value"))
+        frame.select(category_text(name).alias("value"))
         .drop_nulls()
         .group_by("value")
         .agg(pl.len().alias("n"))
@@ -216,6 +277,47 @@ def check_roles_disjoint(
             f"columns {sorted(overlap)} are given more than one role (feature and label, or "
             "both feature kinds); give each one role"
         )
+
+
+def warn_id_like_columns(
+    vocab_sizes: Mapping[str, int], n_rows: int, *, min_count: int, max_vocab: int | None
+) -> list[str]:
+    """Warn when a categorical column has about one distinct train value per train row.
+
+    Such a column (a row or request id) gets an embedding row per value that each
+    train row alone updates, and it holds ids val and test never show: many
+    parameters that learn nothing. No warning once ``min_count`` or ``max_vocab`` cuts it.
+
+    Args:
+        vocab_sizes: per categorical column, its count of distinct train values.
+        n_rows: train rows.
+        min_count: the fit's ``min_count`` (above 1: the user chose a cut, no warning).
+        max_vocab: the fit's ``max_vocab`` (set: no warning).
+
+    Returns:
+        The names of the columns warned about.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     warn_id_like_columns({"rid": 5000, "item": 40}, 5000, min_count=1, max_vocab=None)
+        ['rid']
+    """
+    if min_count > 1 or max_vocab is not None or n_rows < _ID_LIKE_MIN_ROWS:
+        return []
+    columns = [n for n, size in vocab_sizes.items() if size >= _ID_LIKE_SHARE * n_rows]
+    if columns:
+        sizes = ", ".join(f"{n!r} {vocab_sizes[n]:,}" for n in columns)
+        warnings.warn(
+            f"categorical column(s) with about one distinct value per train row ({sizes} "
+            f"distinct values in {n_rows:,} rows): each gets an embedding row per value that "
+            "learns little; cap the vocabulary with data.max_vocab=<n> or "
+            "data.min_count=<n>, or drop the column",
+            DataWarning,
+            stacklevel=2,
+        )
+    return columns
 
 
 def check_vocab_options(min_count: int, max_vocab: int | None) -> None:
@@ -319,6 +421,12 @@ def fit_features(
         )
         for name in categorical
     }
+    warn_id_like_columns(
+        {name: len(vocab) for name, vocab in vocabularies.items()},
+        train.height,
+        min_count=min_count,
+        max_vocab=max_vocab,
+    )
     return assemble_fitted(
         vocabularies=vocabularies,
         numeric=[_fit_numeric(train[name]) for name in numeric],

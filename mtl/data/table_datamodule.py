@@ -16,8 +16,10 @@ from typing import Any
 import polars as pl
 
 from mtl.data.datamodule import SPLITS, RecDataModule, Split
+from mtl.data.features import names_list
 from mtl.data.sources import SourceData, load_source
 from mtl.data.sources.table import split_files, table_files
+from mtl.data.validation import check_row_limit
 
 
 def _fractions(values: Sequence[float]) -> str:
@@ -29,9 +31,9 @@ class TableDataModule(RecDataModule):
 
     Args:
         path: the rows: a file, a folder of table files, or a glob.
-        labels: label columns (one task each).
-        categorical: categorical feature columns.
-        numeric: numeric feature columns.
+        labels: label columns (one task each); one name alone is a list of one.
+        categorical: categorical feature columns (or one name).
+        numeric: numeric feature columns (or one name).
         user: user column for per-user metrics (GAUC), or None.
         task_kinds: ``binary`` (default) or ``regression`` per label (list or mapping).
         separator: CSV separator (default ``,``; tab for ``.tsv``).
@@ -77,6 +79,14 @@ class TableDataModule(RecDataModule):
         name: str = "table",
         **kwargs: Any,
     ) -> None:
+        # From the command line a single name arrives as text: data.labels=click.
+        labels = names_list(labels, key="data.labels")
+        categorical = names_list(categorical, key="data.categorical")
+        numeric = names_list(numeric, key="data.numeric")
+        if isinstance(null_values, str):  # data.null_values=NA: that one string, "" included
+            null_values = [null_values]
+        # Checked here so the message names the config key (the source would say source_kwargs).
+        check_row_limit(n_rows, key="data.n_rows")
         if not labels:
             raise ValueError(
                 "data=table needs data.labels=[...], the label columns (e.g. data.labels=[click])"
@@ -86,16 +96,16 @@ class TableDataModule(RecDataModule):
                 "data=table needs feature columns: data.categorical=[...] and/or data.numeric=[...]"
             )
         if isinstance(embed_dim, Mapping):
-            unknown = [n for n in embed_dim if n not in (categorical or [])]
+            unknown = [n for n in embed_dim if n not in categorical]
             if unknown:
                 raise ValueError(
-                    f"data.embed_dim names {unknown}, which are not in data.categorical {list(categorical or [])}"
+                    f"data.embed_dim names {unknown}, which are not in data.categorical {categorical}"
                 )
         source_kwargs = {
             "path": path,
-            "labels": list(labels),
-            "categorical": list(categorical or []),
-            "numeric": list(numeric or []),
+            "labels": labels,
+            "categorical": categorical,
+            "numeric": numeric,
             "user": user,
             "task_kinds": task_kinds,
             "separator": separator,

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from mtl.data.features import FittedFeatures, NumericFeature
+from mtl.data.features import FittedFeatures, NumericFeature, category_text
 from mtl.data.numeric_range import check_standardised
 
 # Fixed seed for hashing string user ids: the same raw id then gets the same
@@ -116,10 +116,13 @@ def category_codes(name: str, vocab: pl.Series, dtype: pl.DataType = pl.Int64) -
         >>> df = pl.DataFrame({"c": ["b", None, "zzz", "a"]})
         >>> df.select(category_codes("c", pl.Series(["a", "b"])))["c"].to_list()
         [2, 0, 0, 1]
+        >>> pl.DataFrame({"c": [12.0, 7.0]}).select(category_codes("c", pl.Series(["12"])))["c"].to_list()
+        [1, 0]
     """
     # An Enum of the vocabulary numbers its categories 0.. in order; values outside it
     # become null. Unlike a replace with a mapping, the cast streams in polars' engine.
-    known = pl.col(name).cast(pl.String).cast(pl.Enum(vocab), strict=False)
+    # The text of category_text: the vocabulary was counted from it (category_counts).
+    known = category_text(name).cast(pl.Enum(vocab), strict=False)
     return (known.to_physical().cast(dtype) + 1).fill_null(0).alias(name)
 
 

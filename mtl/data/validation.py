@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DataError",
+    "DataWarning",
     "UnseenCategoriesWarning",
     "check_embed_dim",
     "check_label_cascade",
@@ -34,7 +35,9 @@ __all__ = [
     "check_row_limit",
     "check_unique",
     "read_error",
+    "separator_hint",
     "unparsable_values",
+    "warn_one_class_labels",
     "warn_unseen_categories",
 ]
 
@@ -57,6 +60,13 @@ _PARSE_RE = re.compile(
     r"could not parse `(?P<value>.*?)` as dtype `(?P<dtype>\w+)` at column '(?P<column>[^']*)'"
 )
 _INTEGER_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
+# Separators a header read whole as one column most often hides. The override is quoted
+# for the shell and for Hydra, which refuses a bare ";".
+_OTHER_SEPARATORS = {
+    ";": """set 'data.separator=";"'""",
+    "|": """set 'data.separator="|"'""",
+    "\t": "name the file .tsv (tab-separated) or set data.separator to a tab character",
+}
 
 
 class DataError(ValueError):
@@ -66,6 +76,15 @@ class DataError(ValueError):
 
     Example:
         >>> isinstance(DataError("train.csv: column 'x' ..."), ValueError)
+        True
+    """
+
+
+class DataWarning(UserWarning):
+    """Data that trains, but likely not as meant (a label of one class, a row-id feature).
+
+    Example:
+        >>> issubclass(DataWarning, UserWarning)
         True
     """
 
@@ -211,6 +230,25 @@ def read_error(
     return DataError(f"{what} {path} cannot be read: {message}")
 
 
+def separator_hint(columns: Sequence[str]) -> str:
+    """A hint to append to a missing-columns message when a CSV's header was read as one
+    column that holds another separator (``;``, ``|`` or a tab); else ``""``.
+
+    Example:
+        >>> print(separator_hint(["user_id;item_id;click"]))
+        ; the file was read as one column, its separator looks like ";": set 'data.separator=";"'
+        >>> separator_hint(["user_id", "click"])
+        ''
+    """
+    if len(columns) != 1:
+        return ""
+    for sep, fix in _OTHER_SEPARATORS.items():
+        if sep in columns[0]:
+            shown = "a tab" if sep == "\t" else f'"{sep}"'
+            return f"; the file was read as one column, its separator looks like {shown}: {fix}"
+    return ""
+
+
 def check_row_limit(n_rows: Any, *, key: str = "n_rows") -> None:
     """Refuse a row limit that is not a positive integer or None (all rows).
 
@@ -325,19 +363,27 @@ def check_label_cascade(dm: RecDataModule, *, first: str, then: Iterable[str], m
 
 
 def warn_unseen_categories(
-    frame: pl.DataFrame, tensors: TabularTensors, spec: FeatureSpec, *, origin: str
+    frame: pl.DataFrame,
+    tensors: TabularTensors,
+    spec: FeatureSpec,
+    *,
+    origin: str,
+    train_dtypes: Mapping[str, pl.DataType] | None = None,
 ) -> list[str]:
     """Warn once, naming the columns, when a split's categorical column has no id known from train.
 
     Every such id is encoded as the OOV index 0, so the feature carries nothing in
     that split; a split of ids disjoint from train (e.g. new ids in a later period,
     or ids written differently) is almost always a data problem, but not an error.
+    Where such a column's dtype differs from train's, the message names both dtypes:
+    the ids are then most likely written differently (``"12.5"`` against ``12.50``).
 
     Args:
         frame: the raw split.
         tensors: its encoding.
         spec: the fitted spec (categorical column order of ``tensors.cat_BF``).
         origin: split name for the message.
+        train_dtypes: the train split's dtype per column, or None.
 
     Returns:
         The names of the columns warned about.
@@ -352,10 +398,68 @@ def warn_unseen_categories(
         if not known and nulls < frame.height
     ]
     if columns:
+        train_dtypes = train_dtypes or {}
+        differ = [
+            f"{c!r} is {frame.schema[c]} here but {train_dtypes[c]} in train"
+            for c in columns
+            if c in train_dtypes and train_dtypes[c] != frame.schema[c]
+        ]
+        why = (
+            f"; the dtypes differ ({', '.join(differ)}): write the ids the same way in both files"
+            if differ
+            else ""
+        )
         warnings.warn(
             f"{origin}: 100% of the ids in categorical column(s) {columns} are unseen in the train "
-            "split (or rarer than min_count), so they all map to the unknown index 0",
+            f"split (or rarer than min_count), so they all map to the unknown index 0{why}",
             UnseenCategoriesWarning,
             stacklevel=2,
         )
     return columns
+
+
+def warn_one_class_labels(tensors: TabularTensors, spec: FeatureSpec, *, origin: str) -> list[str]:
+    """Warn, naming the tasks, when a split's binary label is all 0 or all 1.
+
+    The task's AUC on that split is undefined (it needs both classes), and in the
+    train split the model has nothing to tell apart.
+
+    Args:
+        tensors: the encoded split.
+        spec: its spec (task order of ``tensors.labels_BT``).
+        origin: split name for the message.
+
+    Returns:
+        The names of the tasks warned about.
+
+    Example:
+        >>> import torch
+        >>> from mtl.data.spec import FeatureSpec, TaskSpec
+        >>> from mtl.data.tabular import TabularTensors
+        >>> spec = FeatureSpec(categorical=[], numeric=[], tasks=[TaskSpec("click", "binary")])
+        >>> t = TabularTensors(cat_BF=torch.zeros(3, 0, dtype=torch.long),
+        ...                    num_BF=torch.zeros(3, 0), labels_BT=torch.zeros(3, 1))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_one_class_labels(t, spec, origin="train split")
+        ['click']
+        >>> print(caught[0].message)
+        train split: binary task 'click' has no positive labels (all 3 are 0), so its AUC is undefined
+    """
+    if len(tensors) == 0:
+        return []
+    positives_T = tensors.labels_BT.sum(dim=0).tolist()
+    n = len(tensors)
+    warned = []
+    for task, positives in zip(spec.tasks, positives_T, strict=True):
+        if task.kind != "binary" or 0 < positives < n:
+            continue
+        which, value = ("positive", 0) if positives == 0 else ("negative", 1)
+        warnings.warn(
+            f"{origin}: binary task {task.name!r} has no {which} labels (all {n:,} are {value}), "
+            "so its AUC is undefined",
+            DataWarning,
+            stacklevel=2,
+        )
+        warned.append(task.name)
+    return warned

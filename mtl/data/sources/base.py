@@ -149,11 +149,14 @@ def validate_frame(
             as_text = col.cast(pl.String)
             ok = as_text.is_in(["0", "1", "0.0", "1.0", "true", "false"]) & col.is_not_null()
             if not ok.all():
-                bad = col.filter(~ok)
-                examples = bad.unique(maintain_order=True).head(_EXAMPLES).to_list()
+                # Empty labels counted apart: "58 other values, e.g. [None]" hides that they are missing.
+                bad = col.filter(~ok).drop_nulls()
+                parts = [f"{col.null_count()} empty values"] if col.null_count() else []
+                if len(bad):
+                    examples = bad.unique(maintain_order=True).head(_EXAMPLES).to_list()
+                    parts.append(f"{len(bad)} other values (dtype {col.dtype}), e.g. {examples}")
                 raise ValueError(
-                    f"{origin}: label column {name!r} must be binary 0/1 but has {len(bad)} other values "
-                    f"(dtype {col.dtype}), e.g. {examples}"
+                    f"{origin}: label column {name!r} must be binary 0/1 but has {' and '.join(parts)}"
                 )
         elif not col.dtype.is_numeric():
             raise ValueError(

@@ -23,11 +23,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from mtl.data.features import ColumnRoles
+from mtl.data.features import ColumnRoles, category_text
 from mtl.data.sources.base import SourceData, read_table, validate_frame
 from mtl.data.sources.table_files import TABLE_SUFFIXES, _format, split_files, table_files
 from mtl.data.spec import TASK_KINDS, TaskKind
-from mtl.data.validation import DataError, check_row_limit, check_unique, read_error
+from mtl.data.validation import (
+    DataError,
+    check_row_limit,
+    check_unique,
+    read_error,
+    separator_hint,
+)
 
 # The file-finding names stay importable from here (the shard scan and the table data
 # module read them through this module).
@@ -67,7 +73,7 @@ def _read_file(
     if missing:
         raise DataError(
             f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
-            f"the file has columns {columns}"
+            f"the file has columns {columns}{separator_hint(columns)}"
         )
     names = list(needed)
     if fmt in ("csv", "tsv"):
@@ -101,7 +107,7 @@ def _concat(
     # An id column stored as integers in one file and text in another is one id space.
     mixed = [c for c in text_columns if len({f.schema[c] for f in frames}) > 1]
     if mixed:
-        frames = [f.with_columns(pl.col(mixed).cast(pl.String)) for f in frames]
+        frames = [f.with_columns(category_text(c) for c in mixed) for f in frames]
     try:
         return pl.concat(frames, how="vertical_relaxed")
     except pl.exceptions.PolarsError as exc:
@@ -169,6 +175,8 @@ def time_split(
 def _task_kinds(
     labels: Sequence[str], task_kinds: Sequence[str] | Mapping[str, str] | None
 ) -> dict[str, TaskKind]:
+    if isinstance(task_kinds, str):  # one kind alone: data.task_kinds=regression
+        task_kinds = [task_kinds]
     if task_kinds is None:
         kinds: dict[str, Any] = {}
     elif isinstance(task_kinds, Mapping):
@@ -202,7 +210,7 @@ def _validate(
         raise
     except ValueError as exc:
         message = str(exc)
-        if "must be binary 0/1" in message:
+        if "must be binary 0/1" in message and "other values" in message:
             message += "; a regression label needs data.task_kinds={<label>: regression}"
         message = message.replace(
             "pass fill_numeric_nulls=<value>", "set data.fill_numeric_nulls=<value>"
