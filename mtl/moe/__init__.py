@@ -31,7 +31,8 @@ Shape suffixes on tensor names (``scores_TE`` is ``(T, E)``), one letter per mea
     R  ranks of a process group;  L  experts per rank (E = R*L);  M  rows a rank receives
     P  expert groups of group-limited routing;  Q  experts per group (E = P*Q)
     W  token groups of mixture of tokens;  Z  examples per token group (B = W*Z)
-    Y  a low rank: LoRA adapters, low-rank factorisations, MLA's key/value latent
+    Y  a low rank: LoRA adapters, HoME's feature gates, MLA's latents
+    A  attention (query) heads;  J  key/value heads (A is a multiple of J);  U  width of one head
     X  columns of a fused first-layer product (all experts' E*H units, then any gate logits)
 """
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from mtl.data.datamodule import RecDataModule
 from mtl.data.text import TextDataModule
+from mtl.data.tokenizers import Tokenizer
 from mtl.data.validation import check_label_cascade
 from mtl.models.lm.transformer import TransformerLM
 from mtl.models.rec.esmm import ESMM
@@ -35,6 +36,7 @@ from mtl.training.config_checks import config_group_errors
 from mtl.training.lm_module import LMModule
 from mtl.training.rec_module import RecModule
 from mtl.training.safe_load import check_trusted_targets, state_dict_mismatch
+from mtl.training.upcycled_build import dense_weights, is_upcycled, upcycled_config
 
 DataModule = RecDataModule | TextDataModule
 Module = RecModule | LMModule
@@ -100,11 +102,10 @@ def build_net(cfg: DictConfig, dm: DataModule) -> tuple[nn.Module, dict[str, Any
                 f"data.block_size={dm.block_size}"
             )
         # fine-tuning entry points (model.checkpoint, init_checkpoint) check the run's tokenizer
-        run_tokenizer = {"tokenizer": dm.tokenizer} if _takes_tokenizer(net_config) else {}
-        net = build(net_config, what="model", **run_tokenizer)
-        # The weights a model starts from are no part of its structure: a reload of this
-        # run's checkpoint takes them from the checkpoint, not from the file named here.
-        net_config.pop("init_checkpoint", None)
+        injected = {"tokenizer": dm.tokenizer} if _takes_tokenizer(net_config) else {}
+        if is_upcycled(net_config):
+            net_config, injected = _upcycled_arguments(net_config, dm.tokenizer)
+        net = build(net_config, what="model", **injected)
         return net, net_config
     assert isinstance(dm, RecDataModule)
     spec_node = {"_target_": "mtl.data.spec.FeatureSpec.from_dict", "data": dm.spec.to_dict()}
@@ -128,6 +129,24 @@ def build_net(cfg: DictConfig, dm: DataModule) -> tuple[nn.Module, dict[str, Any
         "model": model_config,
     }
     return net, net_config
+
+
+def _upcycled_arguments(
+    node: dict[str, Any], tokenizer: Tokenizer | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An upcycled LM's config and the weights to inject: ``init_checkpoint`` is read here,
+    the model takes plain arguments (a ``dense`` node without Hydra keys, ``dense_state``)."""
+    try:
+        plain_node = upcycled_config(node)
+        # The weights a model starts from are no part of its structure: a reload of this
+        # run's checkpoint takes them from the checkpoint, not from the file named here.
+        path = plain_node.pop("init_checkpoint", None)
+        if path is None:
+            return plain_node, {}
+        return plain_node, {"dense_state": dense_weights(path, tokenizer=tokenizer)}
+    except ValueError as exc:  # a bad dense node, CheckpointError, VocabularyMismatchError
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"could not build model ({node.get('_target_')}): {message}") from exc
 
 
 def _takes_tokenizer(node: Mapping[str, Any]) -> bool:
@@ -235,6 +254,8 @@ def load_module(
     if net is None:
         # The file is data: only the library's own classes are built from it.
         check_trusted_targets(net_config, source=f"checkpoint {path}")
+        if is_upcycled(net_config):  # a stored dense node may carry its Hydra keys
+            net_config = upcycled_config(net_config)
         net = build(net_config, what="net")
     if not isinstance(net, Ranker | TransformerLM):
         raise ValueError(f"checkpoint {path} builds a {type(net).__name__}, not a network of mtl")
@@ -252,10 +273,15 @@ def load_module(
 def build_lm(config: Mapping[str, Any], *, vocab_size: int) -> TransformerLM:
     """A language model from a ``conf/model/lm_*.yaml`` mapping, for ``vocab_size`` tokens.
 
+    An upcycled model's ``init_checkpoint`` is read as a run reads it, less the
+    tokenizer check (there is no run's tokenizer to compare with).
+
     Example:
         >>> lm = build_lm({"_target_": "mtl.models.lm.TransformerLM", "d_model": 16,
         ...                "n_layers": 1, "n_heads": 2, "d_ff": 32, "max_seq_len": 8}, vocab_size=11)
         >>> lm.vocab_size
         11
     """
-    return build({**plain(config), "vocab_size": vocab_size}, what="model")
+    node = {**plain(config), "vocab_size": vocab_size}
+    node, injected = _upcycled_arguments(node, None) if is_upcycled(node) else (node, {})
+    return build(node, what="model", **injected)

@@ -46,7 +46,7 @@ class RotaryEmbedding(nn.Module):
         base: frequency base ``theta`` (10000 in RoFormer/LLaMA).
 
     Shapes:
-        ``q, k (B, H, T, d) -> (B, H, T, d)``.
+        ``q, k (B, A, T, U) -> (B, A, T, U)`` (``A`` heads of width ``U``).
 
     Example:
         >>> rope = RotaryEmbedding(head_dim=8)
@@ -64,25 +64,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``cos, sin`` of shape ``(T, d)`` (float32)."""
+        """``cos, sin`` of shape ``(T, U)`` (float32)."""
         pos_T = torch.arange(seq_len, device=device, dtype=torch.float32)
-        ang_Td2 = torch.outer(pos_T, self.inv_freq.to(device))
-        ang_Td = torch.cat([ang_Td2, ang_Td2], dim=-1)
-        return ang_Td.cos(), ang_Td.sin()
+        half = torch.outer(pos_T, self.inv_freq.to(device))  # (T, U / 2)
+        ang_TU = torch.cat([half, half], dim=-1)
+        return ang_TU.cos(), ang_TU.sin()
 
     @staticmethod
     def _rotate_half(x: Tensor) -> Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([-x2, x1], dim=-1)
 
-    def forward(self, q_BHTd: Tensor, k_BHTd: Tensor) -> tuple[Tensor, Tensor]:
-        cos_Td, sin_Td = self.tables(q_BHTd.shape[-2], q_BHTd.device)
+    def forward(self, q_BATU: Tensor, k_BATU: Tensor) -> tuple[Tensor, Tensor]:
+        cos_TU, sin_TU = self.tables(q_BATU.shape[-2], q_BATU.device)
 
         def rot(x: Tensor) -> Tensor:
             x32 = x.float()
-            return (x32 * cos_Td + self._rotate_half(x32) * sin_Td).to(x.dtype)
+            return (x32 * cos_TU + self._rotate_half(x32) * sin_TU).to(x.dtype)
 
-        return rot(q_BHTd), rot(k_BHTd)
+        return rot(q_BATU), rot(k_BATU)
 
 
 class CausalSelfAttention(nn.Module):
@@ -93,8 +93,8 @@ class CausalSelfAttention(nn.Module):
 
     Args:
         d_model: model width ``D``.
-        n_heads: query heads ``H`` (``D % H == 0``).
-        n_kv_heads: key/value heads (grouped-query attention); None = ``H``.
+        n_heads: query heads ``A`` (``D % A == 0``).
+        n_kv_heads: key/value heads ``J`` (grouped-query attention); None = ``A``.
         rope_base: rotary frequency base.
         dropout: attention dropout (training only).
         qkv_bias: learn biases on the query/key/value projections (Qwen2).
@@ -143,26 +143,25 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         B, T, _ = x_BTD.shape
-        d = self.head_dim
+        A, J, U = self.n_heads, self.n_kv_heads, self.head_dim
         q_BTO, k_BTO = self.q_proj(x_BTD), self.k_proj(x_BTD)
         if self.q_norm is not None and self.k_norm is not None:
             q_BTO, k_BTO = self.q_norm(q_BTO), self.k_norm(k_BTO)
-        q_BHTd = q_BTO.view(B, T, self.n_heads, d).transpose(1, 2)
-        k_BGTd = k_BTO.view(B, T, self.n_kv_heads, d).transpose(1, 2)
-        v_BGTd = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, d).transpose(1, 2)
-        q_BHTd, k_BGTd = self.rope(q_BHTd, k_BGTd)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k_BGTd = k_BGTd.repeat_interleave(rep, dim=1)
-            v_BGTd = v_BGTd.repeat_interleave(rep, dim=1)
-        y_BHTd = F.scaled_dot_product_attention(
-            q_BHTd,
-            k_BGTd,
-            v_BGTd,
+        q_BATU = q_BTO.view(B, T, A, U).transpose(1, 2)
+        k_BJTU = k_BTO.view(B, T, J, U).transpose(1, 2)
+        v_BJTU = self.v_proj(x_BTD).view(B, T, J, U).transpose(1, 2)
+        q_BATU, k_BJTU = self.rope(q_BATU, k_BJTU)
+        # grouped-query attention: each key/value head serves A / J consecutive query heads
+        k_BATU = k_BJTU.repeat_interleave(A // J, dim=1) if J != A else k_BJTU
+        v_BATU = v_BJTU.repeat_interleave(A // J, dim=1) if J != A else v_BJTU
+        y_BATU = F.scaled_dot_product_attention(
+            q_BATU,
+            k_BATU,
+            v_BATU,
             is_causal=True,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.o_proj(y_BHTd.transpose(1, 2).reshape(B, T, self.n_heads * d))
+        return self.o_proj(y_BATU.transpose(1, 2).reshape(B, T, A * U))
 
 
 class SwiGLU(nn.Module):

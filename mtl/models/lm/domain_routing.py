@@ -1,7 +1,7 @@
 """Condition routing in the LM (MoDE-style): MoE gates that see a sequence's domain, not its tokens.
 
-With ``MoEFFN(route_on="domain", num_domains=N, domain_dim=C)`` every gate of the
-LM is built ``C`` wide and :class:`~mtl.models.lm.TransformerLM` holds one
+With ``MoEFFN(route_on="domain")`` every gate of the LM is built ``domain_dim``
+wide and :class:`~mtl.models.lm.TransformerLM` holds one
 :class:`DomainEmbedding`; ``lm(idx_BT, domain_B=ids)`` then routes every token
 of sequence ``b`` on the embedding of ``domain_B[b]``: the routing depends on
 the domain only, the experts still compute on the tokens' hidden states.
@@ -19,13 +19,13 @@ class DomainEmbedding(nn.Module):
     """A learned embedding of the domain id of each sequence, broadcast over its tokens.
 
     Args:
-        num_domains: ``N``, the ids ``0 .. N-1``.
-        dim: ``C``, the width of the gates' input.
+        num_domains: how many ids, ``0 .. num_domains - 1``.
+        dim: the width of the gates' input.
         default_domain: the id of sequences given without one (sampling with
             ``mtl generate``); None: the ids are required.
 
     Shapes:
-        ``domain_B (B,) int64, T -> (B, T, C)``.
+        ``domain_B (B,) int64, T -> (B, T, dim)``.
 
     Example:
         >>> emb = DomainEmbedding(num_domains=2, dim=4)
@@ -70,7 +70,7 @@ class DomainEmbedding(nn.Module):
 def domain_condition(
     embedding: DomainEmbedding | None, domain_B: Tensor | None, idx_BT: Tensor
 ) -> Tensor | None:
-    """``(B, T, C)`` gate input of a domain-routed LM, or None for one routing on its tokens.
+    """``(B, T, domain_dim)`` gate input of a domain-routed LM; None for one routing on tokens.
 
     Raises:
         ValueError: domain ids missing for a domain-routed model, given to another

@@ -29,8 +29,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     Args:
         d_model: model width ``D``.
-        n_heads: heads ``H``.
-        kv_lora_rank: width of the key/value latent.
+        n_heads: heads ``A``.
+        kv_lora_rank: width ``Y`` of the key/value latent.
         qk_nope_head_dim: per-head query/key channels without positions.
         qk_rope_head_dim: per-head query/key channels with rotary positions.
         v_head_dim: per-head value width.
@@ -121,31 +121,32 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
+        # U is one head's width, whichever part: query/key (nope + rope), value or rotary
         B, T, _ = x_BTD.shape
-        H, nope, rope = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        q_BHTq = self._queries(x_BTD).view(B, T, H, self.qk_head_dim).transpose(1, 2)
-        q_nope_BHTn, q_rot_BHTr = q_BHTq.split([nope, rope], dim=-1)
-        latent_BTc, k_rot_BTr = self.kv_a_proj_with_mqa(x_BTD).split(
+        A, nope, rope = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        q_BATU = self._queries(x_BTD).view(B, T, A, self.qk_head_dim).transpose(1, 2)
+        q_nope_BATU, q_rot_BATU = q_BATU.split([nope, rope], dim=-1)
+        latent_BTY, k_rot_BTU = self.kv_a_proj_with_mqa(x_BTD).split(
             [self.kv_lora_rank, rope], dim=-1
         )
-        kv_BHTo = (
-            self.kv_b_proj(self.kv_a_layernorm(latent_BTc))
-            .view(B, T, H, nope + self.v_head_dim)
+        kv_BATU = (
+            self.kv_b_proj(self.kv_a_layernorm(latent_BTY))
+            .view(B, T, A, nope + self.v_head_dim)
             .transpose(1, 2)
         )
-        k_nope_BHTn, v_BHTv = kv_BHTo.split([nope, self.v_head_dim], dim=-1)
-        k_rot_B1Tr = k_rot_BTr.unsqueeze(1)  # one rotary key shared by every head
-        q_rot_BHTr, k_rot_B1Tr = self.rope(
-            self._deinterleave(q_rot_BHTr), self._deinterleave(k_rot_B1Tr)
+        k_nope_BATU, v_BATU = kv_BATU.split([nope, self.v_head_dim], dim=-1)
+        k_rot_B1TU = k_rot_BTU.unsqueeze(1)  # one rotary key shared by every head
+        q_rot_BATU, k_rot_B1TU = self.rope(
+            self._deinterleave(q_rot_BATU), self._deinterleave(k_rot_B1TU)
         )
-        q_BHTq = torch.cat([q_nope_BHTn, q_rot_BHTr], dim=-1)
-        k_BHTq = torch.cat([k_nope_BHTn, k_rot_B1Tr.expand(B, H, T, rope)], dim=-1)
-        y_BHTv = F.scaled_dot_product_attention(
-            q_BHTq,
-            k_BHTq,
-            v_BHTv,
+        q_BATU = torch.cat([q_nope_BATU, q_rot_BATU], dim=-1)
+        k_BATU = torch.cat([k_nope_BATU, k_rot_B1TU.expand(B, A, T, rope)], dim=-1)
+        y_BATU = F.scaled_dot_product_attention(
+            q_BATU,
+            k_BATU,
+            v_BATU,
             is_causal=True,
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.softmax_scale,
         )
-        return self.o_proj(y_BHTv.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+        return self.o_proj(y_BATU.transpose(1, 2).reshape(B, T, A * self.v_head_dim))

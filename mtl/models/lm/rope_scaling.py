@@ -149,5 +149,5 @@ class YarnRotaryEmbedding(RotaryEmbedding):
         self.cos_sin_factor = scaling.cos_sin_factor()
 
     def tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        cos_Td, sin_Td = super().tables(seq_len, device)
-        return cos_Td * self.cos_sin_factor, sin_Td * self.cos_sin_factor
+        cos_TU, sin_TU = super().tables(seq_len, device)
+        return cos_TU * self.cos_sin_factor, sin_TU * self.cos_sin_factor

@@ -108,16 +108,14 @@ class TransformerBlock(nn.Module):
         return isinstance(self.ffn, MoELayer)
 
     def forward(
-        self, x_BTD: Tensor, gate_input_BTC: Tensor | None = None
+        self, x_BTD: Tensor, gate_input: Tensor | None = None
     ) -> tuple[Tensor, MoEOutput | None]:
         h_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD)))
         z_BTD = self.ffn_norm(h_BTD)
         if self.is_moe:
-            # gate_input: a condition the gate routes on instead of z (domain routing)
+            # gate_input: a (B, T, domain_dim) condition the gate routes on instead of z
             moe_out = (
-                self.ffn(z_BTD)
-                if gate_input_BTC is None
-                else self.ffn(z_BTD, gate_input=gate_input_BTC)
+                self.ffn(z_BTD) if gate_input is None else self.ffn(z_BTD, gate_input=gate_input)
             )
             return h_BTD + self.drop(moe_out.output), moe_out
         return h_BTD + self.drop(self.ffn(z_BTD)), None
@@ -305,7 +303,7 @@ class TransformerLM(nn.Module):
         if self.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_seq_len}")
         x_BTD = self.drop(self.embed(idx_BT))
-        cond_BTC = domain_condition(self.domain_embed, domain_B, idx_BT)
+        condition = domain_condition(self.domain_embed, domain_B, idx_BT)
         aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
         aux_losses: dict[str, Tensor] = {}
         stats: dict[int, RoutingStats] = {}
@@ -313,7 +311,7 @@ class TransformerLM(nn.Module):
         pooled = self.aux_loss_pooling == "pooled"
         pool: list[tuple[RoutingResult, dict[str, float]]] = []
         for i, block in enumerate(self.layers):
-            x_BTD, moe_out = block(x_BTD, cond_BTC)
+            x_BTD, moe_out = block(x_BTD, condition)
             if moe_out is None:
                 continue
             if pooled and moe_out.routing is not None:

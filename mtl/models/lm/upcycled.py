@@ -1,26 +1,24 @@
-"""An upcycled language model described by a config (``conf/model/lm_upcycled.yaml``).
+"""An upcycled language model: a dense LM whose FFNs become MoE layers (``conf/model/lm_upcycled.yaml``).
 
-:class:`UpcycledLM` builds the dense :class:`~mtl.models.lm.TransformerLM` its
-``dense`` node describes, optionally loads the weights of a trained dense run
-(``init_checkpoint``), and replaces its FFNs by copy- or split-upcycled MoE
-layers (:mod:`mtl.models.lm.upcycling`). Because the whole construction is a
-config, a checkpoint of the upcycled run reloads with
-:func:`mtl.training.build.load_module` alone (the run saves the config without
-``init_checkpoint``: the weights come from the checkpoint itself).
+:class:`UpcycledLM` builds the dense :class:`~mtl.models.lm.TransformerLM` that
+``dense`` describes, optionally takes the weights of a trained dense run
+(``dense_state``), and replaces its FFNs by copy- or split-upcycled MoE layers
+(:mod:`mtl.models.lm.upcycling`). Its arguments are plain values: the run turns
+the config node into them and reads the dense run's checkpoint
+(:mod:`mtl.training.upcycled_build`). A checkpoint of the upcycled run rebuilds
+the model from its config without ``dense_state``: the weights come from the
+checkpoint itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch import Tensor
 
 from mtl.models.lm.blocks import SwiGLU
 from mtl.models.lm.finetune import freeze_all_but_experts
-from mtl.models.lm.lora import check_base_tokenizer
 from mtl.models.lm.transformer import TransformerLM
 from mtl.models.lm.upcycling import (
     Preserve,
@@ -32,16 +30,11 @@ from mtl.models.lm.upcycling import (
 )
 from mtl.moe import MoELayer
 
-if TYPE_CHECKING:
-    from mtl.data.tokenizers import Tokenizer
-
 Freeze = Literal["none", "all_but_experts"]
-
-_DENSE_TARGETS = ("mtl.models.lm.TransformerLM", "mtl.models.lm.transformer.TransformerLM")
 
 
 class UpcycledLM(TransformerLM):
-    """A dense LM (trained, from ``init_checkpoint``) with its FFNs upcycled to MoE layers.
+    """A dense LM (trained: ``dense_state``) with its FFNs upcycled to MoE layers.
 
     A :class:`~mtl.models.lm.TransformerLM` in every respect once built: the
     constructor builds the dense model ``dense`` describes, loads the dense
@@ -52,8 +45,8 @@ class UpcycledLM(TransformerLM):
 
     Args:
         dense: keyword arguments of the dense :class:`~mtl.models.lm.TransformerLM`
-            (a ``conf/model/lm_dense.yaml`` node; its ``_target_``, ``vocab_size`` and
-            ``max_seq_len`` are replaced by this class's).
+            (``moe`` None or absent); a ``vocab_size`` in it is replaced by this
+            class's, and its ``max_seq_len`` by ``max_seq_len`` when that is given.
         vocab_size: ``V``, from the data.
         num_experts: ``E`` per upcycled layer.
         k: experts per token.
@@ -68,19 +61,16 @@ class UpcycledLM(TransformerLM):
         split: ``"random"`` or ``"contiguous"`` neuron split (split only).
         seed: seed of the split or the noise (layer ``i`` uses ``seed + i``).
         aux_loss_weights: router losses of the MoE layers.
-        init_checkpoint: a checkpoint of a dense run (``mtl train experiment=lm_dense``)
-            whose weights the dense model takes before upcycling; None keeps the
+        dense_state: the dense model's weights (its ``state_dict``; a run reads them
+            from ``model.init_checkpoint``), loaded before upcycling; None keeps the
             dense model's initialisation.
         freeze: ``"all_but_experts"`` trains only the experts and the routers
             (:func:`~mtl.models.lm.freeze_all_but_experts`).
-        tokenizer: the run's tokenizer (the run passes it): ``init_checkpoint``'s must
-            be the same vocabulary (fingerprint), not only the same size.
 
     Raises:
-        ValueError: a ``dense`` node of another class or with MoE layers, an unknown
-            method, a combination that cannot keep the dense output, an
-            ``init_checkpoint`` of another tokenizer.
-        FileNotFoundError: ``init_checkpoint`` does not exist.
+        ValueError: a ``dense`` with MoE layers, an unknown method or freeze, a
+            combination that cannot keep the dense output, a ``dense_state`` that
+            does not fit the dense model.
 
     Shapes:
         as :class:`~mtl.models.lm.TransformerLM`: ``idx (B, T) -> logits (B, T, V)``.
@@ -109,20 +99,24 @@ class UpcycledLM(TransformerLM):
         split: SplitMethod = "random",
         seed: int = 0,
         aux_loss_weights: Mapping[str, float] | None = None,
-        init_checkpoint: str | None = None,
+        dense_state: Mapping[str, Tensor] | None = None,
         freeze: Freeze = "none",
-        tokenizer: Tokenizer | None = None,
     ) -> None:
         if method not in ("copy", "split"):
             raise ValueError(f"method must be 'copy' or 'split', got {method!r}")
         if freeze not in ("none", "all_but_experts"):
             raise ValueError(f"freeze must be 'none' or 'all_but_experts', got {freeze!r}")
-        kwargs = _dense_kwargs(dense)
+        kwargs = dict(dense)
+        if kwargs.pop("moe", None) is not None:
+            raise ValueError("dense must describe a dense model (moe: null) to upcycle")
+        kwargs["vocab_size"] = vocab_size
         if max_seq_len is not None:
             kwargs["max_seq_len"] = max_seq_len
-        super().__init__(vocab_size=vocab_size, **kwargs)
-        if init_checkpoint is not None:
-            _load_dense_weights(self, init_checkpoint, tokenizer=tokenizer)
+        elif kwargs.get("max_seq_len") is None:
+            kwargs.pop("max_seq_len", None)  # TransformerLM's default
+        super().__init__(**kwargs)
+        if dense_state is not None:
+            self._load_dense(dense_state)
         losses = None if aux_loss_weights is None else dict(aux_loss_weights)
 
         def make(ffn: SwiGLU, i: int) -> MoELayer:
@@ -153,40 +147,18 @@ class UpcycledLM(TransformerLM):
         if freeze == "all_but_experts":
             freeze_all_but_experts(self)
 
-
-def _dense_kwargs(dense: Mapping[str, Any]) -> dict[str, Any]:
-    node = OmegaConf.to_container(dense, resolve=True) if isinstance(dense, DictConfig) else dense
-    kwargs = dict(node)  # type: ignore[arg-type]
-    target = kwargs.pop("_target_", None)
-    if target is not None and target not in _DENSE_TARGETS:
-        raise ValueError(f"dense must describe a TransformerLM, got _target_={target!r}")
-    for key in ("_partial_", "_recursive_", "_convert_"):
-        kwargs.pop(key, None)
-    if kwargs.get("moe") is not None:
-        raise ValueError("dense must describe a dense model (moe: null) to upcycle")
-    kwargs.pop("moe", None)
-    kwargs.pop("vocab_size", None)
-    if kwargs.get("max_seq_len") is None:
-        kwargs.pop("max_seq_len", None)
-    return kwargs
-
-
-def _load_dense_weights(lm: nn.Module, path: str, *, tokenizer: Tokenizer | None = None) -> None:
-    """The ``net.*`` weights of a dense run's checkpoint, into ``lm`` (strict); the
-    checkpoint's tokenizer must be ``tokenizer`` where both are known."""
-    from mtl.training.checkpoints import read_checkpoint  # training imports models, not back
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"init_checkpoint not found: {path}")
-    checkpoint = read_checkpoint(path, role="init_checkpoint", require=("state_dict",))
-    saved = checkpoint.get("lm_tokenizer")
-    if tokenizer is not None and saved is not None:
-        check_base_tokenizer(saved, tokenizer, key="model.init_checkpoint", path=path)
-    state = checkpoint["state_dict"]
-    weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
-    missing, unexpected = lm.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"init_checkpoint {path} does not fit the dense model: missing {sorted(missing)[:4]}, "
-            f"unexpected {sorted(unexpected)[:4]} (is it a dense run of the same sizes?)"
-        )
+    def _load_dense(self, state: Mapping[str, Tensor]) -> None:
+        """``state`` into the still dense model: the same keys, each of the same shape."""
+        own = self.state_dict()
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        resized = [
+            f"{key} {tuple(state[key].shape)} for {tuple(own[key].shape)}"
+            for key in own.keys() & state.keys()
+            if state[key].shape != own[key].shape
+        ]
+        if missing or unexpected or resized:
+            raise ValueError(
+                f"dense_state does not fit the dense model: missing {missing[:4]}, unexpected "
+                f"{unexpected[:4]}, other shapes {sorted(resized)[:4]} (a dense model of other sizes?)"
+            )
+        self.load_state_dict(state)

@@ -78,15 +78,15 @@ class FeatureEmbedding(nn.Module):
             self.tables.append(table)
             self._features.append(features)
             columns += [starts[j] + c for j in features for c in range(width)]
-            R = max(counts)
-            self._rows_per_feature.append(R)
+            rows = max(counts)
+            self._rows_per_feature.append(rows)
             self.register_buffer(f"offsets_{t}", torch.tensor(offsets), persistent=False)
             self.register_buffer(f"limits_{t}", torch.tensor(counts) - 1, persistent=False)
-            # each feature's rows padded to R with copies of its row 0 (projected, never looked up)
+            # each feature padded to `rows` rows with copies of its row 0 (projected, not looked up)
             padded = [
                 o + (r if r < n else 0)
                 for o, n in zip(offsets, counts, strict=True)
-                for r in range(R)
+                for r in range(rows)
             ]
             self.register_buffer(f"padded_rows_{t}", torch.tensor(padded), persistent=False)
         # x_spec = x_tables[:, spec_columns], and x_spec @ w = x_tables @ w[table_columns]
@@ -109,16 +109,16 @@ class FeatureEmbedding(nn.Module):
     def folds(self, batch_size: int) -> list[bool]:
         """Per table, whether :meth:`project` folds it for batches of ``batch_size`` rows.
 
-        Folding a table of ``F`` width-``d`` features padded to ``R`` rows each
-        projects ``F * R * d * N`` multiply-adds and sums ``F`` projected rows
-        per sample (``B * F * N``), instead of multiplying ``B`` gathered
-        ``F * d``-wide rows (``B * F * d * N``): it pays when ``R * d < B * (d - 1)``.
+        Folding a table of ``F`` width-``d`` features padded to ``V`` rows each
+        projects ``F * V * d * X`` multiply-adds and sums ``F`` projected rows
+        per sample (``B * F * X``), instead of multiplying ``B`` gathered
+        ``F * d``-wide rows (``B * F * d * X``): it pays when ``V * d < B * (d - 1)``.
         A table holding a large vocabulary (ids) stays gathered; give ids their
         own embedding width to keep the small fields folding.
         """
         return [
-            self.fold and R * table.embedding_dim < batch_size * (table.embedding_dim - 1)
-            for R, table in zip(self._rows_per_feature, self.tables, strict=True)
+            self.fold and rows * table.embedding_dim < batch_size * (table.embedding_dim - 1)
+            for rows, table in zip(self._rows_per_feature, self.tables, strict=True)
         ]
 
     def _check_shapes(self, cat: torch.Tensor, num: torch.Tensor) -> None:
@@ -170,8 +170,8 @@ class FeatureEmbedding(nn.Module):
             return num.new_zeros((cat.shape[0], 0))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def project(self, cat: torch.Tensor, num: torch.Tensor, w_DN: torch.Tensor) -> torch.Tensor:
-        """``forward(cat, num) @ w_DN`` in float32, without forming the embedded batch.
+    def project(self, cat: torch.Tensor, num: torch.Tensor, w_DX: torch.Tensor) -> torch.Tensor:
+        """``forward(cat, num) @ w_DX`` in float32, without forming the embedded batch.
 
         ``x @ w`` over concatenated embeddings is ``sum_f table_f[i_f] @ w_f``.
         A table that :meth:`folds` has each feature's rows multiplied by its
@@ -183,41 +183,46 @@ class FeatureEmbedding(nn.Module):
         Args:
             cat: ``(B, F_c)`` int64 indices.
             num: ``(B, F_n)`` float.
-            w_DN: ``(D_in, N)`` weight over the concatenated input.
+            w_DX: ``(D_in, X)`` weight over the concatenated input.
 
         Returns:
-            ``(B, N)`` float32.
+            ``(B, X)`` float32.
         """
         self._check_shapes(cat, num)
-        if w_DN.dim() != 2 or w_DN.shape[0] != self.output_dim:
-            raise ValueError(f"weight must be ({self.output_dim}, N), got {tuple(w_DN.shape)}")
+        if w_DX.dim() != 2 or w_DX.shape[0] != self.output_dim:
+            raise ValueError(f"weight must be ({self.output_dim}, N), got {tuple(w_DX.shape)}")
         idx = self._table_indices(cat)
         folds = self.folds(cat.shape[0])
         with torch.autocast(device_type=cat.device.type, enabled=False):
-            # split, not slices: a slice's backward zero-fills a gradient of w_DN's full size
-            w_cat, w_num = w_DN.float().split([self._cat_width, self.n_numeric])
+            # split, not slices: a slice's backward zero-fills a gradient of w_DX's full size
+            w_cat, w_num = w_DX.float().split([self._cat_width, self.n_numeric])
             if not self._in_spec_order:
                 w_cat = w_cat.index_select(0, self.table_columns)
             sizes = [
                 len(f) * table.embedding_dim
                 for f, table in zip(self._features, self.tables, strict=True)
             ]
-            z_BN = num.float() @ w_num
-            for t, (idx_BF, w_XN) in enumerate(zip(idx, w_cat.split(sizes), strict=True)):
+            z_BX = num.float() @ w_num
+            # w_table_DX: the rows of w that table t's columns of the input meet
+            for t, (idx_BF, w_table_DX) in enumerate(zip(idx, w_cat.split(sizes), strict=True)):
                 if folds[t]:
-                    z_BN = z_BN + self._folded(t, idx_BF, w_XN)
+                    z_BX = z_BX + self._folded(t, idx_BF, w_table_DX)
                 else:
-                    z_BN = z_BN + self._gather(t, idx_BF).float() @ w_XN
-        return z_BN
+                    z_BX = z_BX + self._gather(t, idx_BF).float() @ w_table_DX
+        return z_BX
 
-    def _folded(self, t: int, idx_BF: torch.Tensor, w_XN: torch.Tensor) -> torch.Tensor:
-        """Table ``t``'s share of ``x @ w``: project its padded rows, then bag-sum per sample."""
-        table, R = self.tables[t], self._rows_per_feature[t]
-        F_t, d = len(self._features[t]), table.embedding_dim
-        rows_FRd = table.weight.float().index_select(0, getattr(self, f"padded_rows_{t}"))
-        projected_FRN = torch.bmm(rows_FRd.view(F_t, R, d), w_XN.view(F_t, d, -1))
-        bag_rows_BF = idx_BF + torch.arange(F_t, device=idx_BF.device) * R
-        return F.embedding_bag(bag_rows_BF, projected_FRN.view(F_t * R, -1), mode="sum")
+    def _folded(self, t: int, idx_BF: torch.Tensor, w_table_DX: torch.Tensor) -> torch.Tensor:
+        """Table ``t``'s share of ``x @ w``: project its padded rows, then bag-sum per sample.
+
+        ``w_table_DX`` is ``(F * D, X)``: each of the table's ``F`` features has
+        ``V`` (padded) rows of width ``D`` and meets its own ``(D, X)`` block.
+        """
+        table, V = self.tables[t], self._rows_per_feature[t]
+        F_t, D = len(self._features[t]), table.embedding_dim
+        rows_FVD = table.weight.float().index_select(0, getattr(self, f"padded_rows_{t}"))
+        projected_FVX = torch.bmm(rows_FVD.view(F_t, V, D), w_table_DX.view(F_t, D, -1))
+        bag_rows_BF = idx_BF + torch.arange(F_t, device=idx_BF.device) * V
+        return F.embedding_bag(bag_rows_BF, projected_FVX.view(F_t * V, -1), mode="sum")
 
     def extra_repr(self) -> str:
         return f"n_categorical={self.n_categorical}, n_numeric={self.n_numeric}, output_dim={self.output_dim}"

@@ -45,7 +45,7 @@ class FeatureGate(nn.Module):
     Args:
         num_experts: ``E``.
         d_model: ``D``, width of the (per-expert) input.
-        rank: ``r``, rank of the factorisation.
+        rank: ``r``, rank of the factorisation (``Y`` in shape suffixes).
         init_scale: approximate standard deviation of the initial gate logits.
 
     Shapes:
@@ -70,6 +70,7 @@ class FeatureGate(nn.Module):
         self.d_model = d_model
         self.rank = rank
         self.init_scale = float(init_scale)
+        # R in these two names is the rank Y; the names stay, they are state_dict keys
         self.down_EDR = nn.Parameter(torch.empty(num_experts, d_model, rank))
         self.up_ERD = nn.Parameter(torch.empty(num_experts, rank, d_model))
         self.reset_parameters()
@@ -83,14 +84,14 @@ class FeatureGate(nn.Module):
         if x.shape[-1] != self.d_model:
             raise ValueError(f"feature gate input has width {x.shape[-1]}, expected {self.d_model}")
         if x.dim() == 2:
-            z_ETR = torch.einsum("td,edr->etr", x, self.down_EDR)
+            z_ETY = torch.einsum("td,edr->etr", x, self.down_EDR)
         elif x.dim() == 3 and x.shape[0] == self.num_experts:
-            z_ETR = torch.einsum("etd,edr->etr", x, self.down_EDR)
+            z_ETY = torch.einsum("etd,edr->etr", x, self.down_EDR)
         else:
             raise ValueError(
                 f"feature gate expects (T, D) or ({self.num_experts}, T, D), got {tuple(x.shape)}"
             )
-        return 2.0 * torch.sigmoid(torch.einsum("etr,erd->etd", z_ETR, self.up_ERD))
+        return 2.0 * torch.sigmoid(torch.einsum("etr,erd->etd", z_ETY, self.up_ERD))
 
     def forward(self, x: Tensor) -> Tensor:
         """Gated per-expert input ``(E, T, D)``."""
@@ -297,8 +298,8 @@ class HoME(nn.Module):
         x1 = x_BD if self.meta_feature_gate is None else self.meta_feature_gate(x_BD)
         meta = self.meta(x1, gate_inputs=x_BD)
         m = meta.outputs
-        units_UBH = torch.stack([m[SHARED_UNIT], *(m[g] for g in self.groups)])
-        x2_EBH = units_UBH.index_select(0, self.owner_E)  # each expert reads its owner's rep
+        reps_GBH = torch.stack([m[SHARED_UNIT], *(m[g] for g in self.groups)])
+        x2_EBH = reps_GBH.index_select(0, self.owner_E)  # each expert reads its owner's rep
         if self.task_feature_gate is not None:
             x2_EBH = self.task_feature_gate(x2_EBH)
         top = self.task_level(x2_EBH, gate_inputs={t: m[self.group_of[t]] for t in self.tasks})

@@ -128,12 +128,12 @@ class MMoE(nn.Module):
         return self.mixture.supports_projection()
 
     def input_weight(self) -> Tensor:
-        """``(d_in, N)``: the experts' first layer and the gates' logit columns."""
+        """``(d_in, X)``: the experts' first layer and the gates' logit columns."""
         return self.mixture.input_weight()
 
-    def forward_projected(self, z_BN: Tensor) -> MultiTaskOutput:
-        """:meth:`forward` given ``z_BN = x_BD @ input_weight()`` (float32)."""
-        return self._towers(self.mixture.forward_projected(z_BN))
+    def forward_projected(self, z_BX: Tensor) -> MultiTaskOutput:
+        """:meth:`forward` given ``z_BX = x_BD @ input_weight()`` (float32)."""
+        return self._towers(self.mixture.forward_projected(z_BX))
 
     def _towers(self, mix: MultiGateOutput) -> MultiTaskOutput:
         """Each task's tower on its gate's mixture, with the gates' diagnostics."""

@@ -152,12 +152,12 @@ class PLE(nn.Module):
         return self.levels[0].supports_projection()
 
     def input_weight(self) -> Tensor:
-        """``(d_in, N)``: the first level's experts' first layer and gate logit columns."""
+        """``(d_in, X)``: the first level's experts' first layer and gate logit columns."""
         return self.levels[0].input_weight()
 
-    def forward_projected(self, z_BN: Tensor) -> MultiTaskOutput:
-        """:meth:`forward` given ``z_BN = x_BD @ input_weight()`` (float32)."""
-        return self._upper_levels(self.levels[0].forward_projected(z_BN))
+    def forward_projected(self, z_BX: Tensor) -> MultiTaskOutput:
+        """:meth:`forward` given ``z_BX = x_BD @ input_weight()`` (float32)."""
+        return self._upper_levels(self.levels[0].forward_projected(z_BX))
 
     def _upper_levels(self, mix: MultiGateOutput) -> MultiTaskOutput:
         """Levels ``1..`` on the first level's output, then the towers."""
@@ -169,8 +169,8 @@ class PLE(nn.Module):
             reps = mix.outputs
             # unit 0 is a placeholder when there are no shared experts (never indexed)
             shared = reps.get(SHARED_UNIT, reps[self.tasks[0]])
-            units_UBH = torch.stack([shared, *(reps[t] for t in self.tasks)])
-            x_EBH = units_UBH.index_select(0, self.owner_E)  # each expert reads its owner's rep
+            reps_GBH = torch.stack([shared, *(reps[t] for t in self.tasks)])
+            x_EBH = reps_GBH.index_select(0, self.owner_E)  # each expert reads its owner's rep
             gate_inputs = {name: reps[name] for name in level.gates}
             mix = level(x_EBH, gate_inputs=gate_inputs)
             routings += mix.routing.values()

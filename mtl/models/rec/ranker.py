@@ -24,11 +24,11 @@ class ProjectsInput(Protocol):
         ...
 
     def input_weight(self) -> Tensor:
-        """``(D_in, N)``: every column the model's first layer takes from ``x``."""
+        """``(D_in, X)``: every column the model's first layer takes from ``x``."""
         ...
 
-    def forward_projected(self, z_BN: Tensor) -> MultiTaskOutput:
-        """The model's output given ``z_BN = x @ input_weight()`` (float32)."""
+    def forward_projected(self, z_BX: Tensor) -> MultiTaskOutput:
+        """The model's output given ``z_BX = x @ input_weight()`` (float32)."""
         ...
 
 
@@ -40,7 +40,7 @@ class Ranker(nn.Module):
     MMoE, OMoE, PLE) and some embedding table is small enough to fold at this
     batch size (:meth:`FeatureEmbedding.folds`), the ranker computes that
     product with :meth:`FeatureEmbedding.project` instead and continues the
-    model from it: the same result, without the ``(B, D_in) @ (D_in, N)`` GEMM.
+    model from it: the same result, without the ``(B, D_in) @ (D_in, X)`` GEMM.
     A model whose first map is not linear in ``x`` (sparse or jittered gates:
     ``supports_projection()`` is false) takes the plain path.
 
@@ -50,7 +50,7 @@ class Ranker(nn.Module):
             :class:`~mtl.models.rec.output.MultiTaskOutput` (MMoE, PLE, HoME, ...).
 
     Shapes:
-        ``cat_BF (B, F_c)`` int64, ``num_BN (B, F_n)`` float -> logits ``{task: (B,)}``.
+        ``cat_BF (B, F_c)`` int64, ``num_BF (B, F_n)`` float -> logits ``{task: (B,)}``.
 
     Example:
         >>> import torch
@@ -77,9 +77,9 @@ class Ranker(nn.Module):
             and any(self.embedding.folds(batch_size))
         )
 
-    def forward(self, cat_BF: Tensor, num_BN: Tensor) -> MultiTaskOutput:
+    def forward(self, cat_BF: Tensor, num_BF: Tensor) -> MultiTaskOutput:
         if self.folds(cat_BF.shape[0]):
-            w_DN = self.model.input_weight()  # type: ignore[operator]
-            z_BN = self.embedding.project(cat_BF, num_BN, w_DN)
-            return self.model.forward_projected(z_BN)  # type: ignore[operator]
-        return self.model(self.embedding(cat_BF, num_BN))
+            w_DX = self.model.input_weight()  # type: ignore[operator]
+            z_BX = self.embedding.project(cat_BF, num_BF, w_DX)
+            return self.model.forward_projected(z_BX)  # type: ignore[operator]
+        return self.model(self.embedding(cat_BF, num_BF))

@@ -132,9 +132,9 @@ class TaskRoutedMoE(nn.Module):
 
     def gate_input(self, x_BD: Tensor, task: str) -> Tensor:
         """``(B, d_gate)``: the condition the gate sees for ``task``."""
-        c_C = self.task_embedding.weight[self.tasks.index(task)]  # no id tensor to copy over
-        c_BC = c_C.to(x_BD.dtype).expand(x_BD.shape[0], -1)
-        return c_BC if self.route_on == "task" else torch.cat([c_BC, x_BD], dim=-1)
+        vec = self.task_embedding.weight[self.tasks.index(task)]  # no id tensor to copy over
+        condition = vec.to(x_BD.dtype).expand(x_BD.shape[0], -1)  # (B, task_dim)
+        return condition if self.route_on == "task" else torch.cat([condition, x_BD], dim=-1)
 
     def forward(self, x_BD: Tensor) -> MultiTaskOutput:
         mix = self.mixture(x_BD, gate_inputs={t: self.gate_input(x_BD, t) for t in self.tasks})
