@@ -153,7 +153,9 @@ class _Plan:
     experiments: dict[str, str | None]
     """Per model, the experiment that sizes it (:func:`size_experiment`)."""
     out_dir: Path
-    split_seed: int
+    split_seed: int | None
+    """The data split's seed, pinned for every run; None for data without one (``data=shards``:
+    the split is fixed by ``mtl prepare``)."""
 
 
 def _plan(overrides: Sequence[str]) -> _Plan:
@@ -179,8 +181,10 @@ def _plan(overrides: Sequence[str]) -> _Plan:
     )
 
 
-def _split_seed(base: DictConfig) -> int:
+def _split_seed(base: DictConfig) -> int | None:
     # The data split must not follow the model seed.
+    if "split_seed" not in base.data:
+        return None
     split_seed = base.data.get("split_seed")
     return int(base.data.get("seed", 0) if split_seed is None else split_seed)
 
@@ -202,8 +206,9 @@ def _check_shared(configs: dict[str, DictConfig]) -> None:
 def run_compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train every model of ``models`` with every seed of ``seeds`` on one data split.
 
-    The data split seed is pinned to the base config's, so every run trains and
-    tests on identical rows, and the data is loaded once and shared. Runs go to
+    The data split seed is pinned to the base config's (``data=shards`` has none: its
+    split is the prepared one), so every run trains and tests on identical rows, and
+    the data is loaded once and shared. Runs go to
     ``<output_dir>/<model>/seed<s>/`` (each with its ``test_scores.npz``, which the
     report's paired tests read); the report (``report.md``, ``results.json``, PNG
     plots) to ``<output_dir>``.
@@ -258,7 +263,7 @@ def _run_config(plan: _Plan, name: str, seed: int) -> DictConfig:
         [
             *plan.others,
             *([f"experiment={experiment}"] if experiment else []),
-            f"++data.split_seed={plan.split_seed}",
+            *([] if plan.split_seed is None else [f"++data.split_seed={plan.split_seed}"]),
             f"output_dir={plan.out_dir / name / f'seed{seed}'}",
             f"model={name}",
             *plan.per_model[name],

@@ -245,3 +245,104 @@ def test_cli_prepares_and_reports_errors_in_one_line(
     assert err.startswith("error: ") and "'cost' (data.numeric)" in err
     assert main(["prepare", "data=synthetic_ctr", f"out={tmp_path / 'x'}"]) == 2
     assert "data=table" in capsys.readouterr().err
+
+
+def _table_error(data: dict) -> str:
+    with pytest.raises(DataError) as info:
+        _in_memory(data)
+    return str(info.value)
+
+
+def test_csv_numeric_text_is_named_as_the_in_memory_path_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = {5: "n/a", 17: "abc", 40: "n/a"}
+    df = _frame().with_columns(
+        pl.Series("price", [bad.get(i, "1.5") for i in range(N)], dtype=pl.String)
+    )
+    path = _write(df, tmp_path / "rows.csv")
+    data = {**COLUMNS, "path": str(path), "fill_numeric_nulls": 0.0}
+    expected = (
+        f"{path}: column 'price' must hold numbers (Float64), but 3 value(s) do not parse, "
+        "e.g. ['n/a', 'abc']"
+    )
+    with pytest.raises(DataError) as info:
+        prepare(data, tmp_path / "out", log=lambda _: None)
+    assert str(info.value) == expected == _table_error(data)
+    args = [
+        "prepare",
+        "data=table",
+        f"data.path={path}",
+        "data.labels=[click,buy]",
+        "data.categorical=[user,item]",
+        "data.numeric=[rid,price]",
+        f"out={tmp_path / 'cli'}",
+    ]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+
+
+def test_another_read_failure_names_the_file_in_one_line(tmp_path: Path) -> None:
+    _write(_frame(), tmp_path / "a.csv")
+    # a label polars reads as integers from the first rows, and text far below them
+    bad = _frame(seed=1).with_columns(pl.col("click").cast(pl.String))
+    _write(
+        bad.with_columns(
+            click=pl.when(pl.col("rid") == 2000).then(pl.lit("yes")).otherwise(pl.col("click"))
+        ),
+        tmp_path / "b.csv",
+    )
+    data = {**COLUMNS, "path": str(tmp_path / "*.csv"), "fill_numeric_nulls": 0.0}
+    with pytest.raises(DataError, match=r"^table file .*b\.csv cannot be read: [^\n]+$"):
+        prepare(data, tmp_path / "out", log=lambda _: None)
+
+
+def test_header_only_input_is_named(tmp_path: Path) -> None:
+    empty = _write(_frame()[:0], tmp_path / "empty.csv")
+    assert empty.read_text().count("\n") == 1  # a header, no rows
+    data = {**COLUMNS, "path": str(empty)}
+    with pytest.raises(DataError, match=rf"^{empty}: no data rows"):
+        prepare(data, tmp_path / "out", log=lambda _: None)
+    rows = _write(_frame(), tmp_path / "rows.parquet")
+    empty_test = _write(_frame()[:0], tmp_path / "test.parquet")
+    data = {**COLUMNS, "path": str(rows), "test": str(empty_test), "fill_numeric_nulls": 0.0}
+    with pytest.raises(DataError, match=rf"^{empty_test}: no data rows"):
+        prepare(data, tmp_path / "out", log=lambda _: None)
+
+
+def test_unseen_categories_warn_as_in_memory_and_the_oov_shares_are_recorded(
+    tmp_path: Path,
+) -> None:
+    from mtl.data.validation import UnseenCategoriesWarning
+
+    df = _frame()
+    # test: items all new, cities all missing (not a warning: nothing to see), users known
+    test = df[2500:].with_columns(
+        ("new" + pl.col("item").fill_null("x")).alias("item"), pl.lit(None, pl.Int64).alias("city")
+    )
+    paths = {
+        "train": _write(df[:2000], tmp_path / "train.parquet"),
+        "val": _write(df[2000:2500], tmp_path / "val.parquet"),
+        "test": _write(test, tmp_path / "test.parquet"),
+    }
+    data = {**COLUMNS, **{k: str(v) for k, v in paths.items()}, "fill_numeric_nulls": 0.0}
+    data["min_count"] = 2
+    out = tmp_path / "shards"
+    with pytest.warns(UnseenCategoriesWarning) as shard_warnings:
+        manifest = prepare(data, out, log=lambda _: None)
+    with pytest.warns(UnseenCategoriesWarning) as mem_warnings:
+        tm = _in_memory(data)
+    assert [str(w.message).split(": ", 1)[1] for w in shard_warnings] == [
+        str(w.message).split(": ", 1)[1] for w in mem_warnings
+    ]
+    assert str(shard_warnings[0].message).startswith(f"test split of {paths['test']}: 100% ")
+    assert "['item']" in str(shard_warnings[0].message)
+    assert manifest["unseen_categories"] == {"test": ["item"]}
+    # the share of ids at index 0, against the in-memory encoding
+    for j, f in enumerate(tm.spec.categorical):
+        for split in ("train", "val", "test"):
+            share = float((tm.tensors(split).cat_BF[:, j] == 0).double().mean())
+            assert manifest["oov_share"][f.name][split] == pytest.approx(share, abs=1e-12)
+    # each run on the shards is told again
+    with pytest.warns(UnseenCategoriesWarning, match=r"test split of .*\['item'\]"):
+        ShardsDataModule(path=out).setup("fit")

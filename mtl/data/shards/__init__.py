@@ -3,6 +3,8 @@
 * :mod:`~mtl.data.shards.scan` -- the table's rows as lazy polars queries, checked and split;
 * :mod:`~mtl.data.shards.encoding` -- the feature encoding fitted on the lazy train rows;
 * :mod:`~mtl.data.shards.prepare` -- the shards, the encoding and the manifest (``mtl prepare``);
+* :mod:`~mtl.data.shards.record` -- the data record of the written shards (label rates, OOV ids);
+* :mod:`~mtl.data.shards.folder` -- the prepared folder: manifest checks, what prepare may delete;
 * :mod:`~mtl.data.shards.stream` -- the shards read back as shuffled, sharded batches;
 * :mod:`~mtl.data.shards.datamodule` -- :class:`ShardsDataModule`, ``data=shards``.
 """

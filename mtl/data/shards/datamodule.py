@@ -10,7 +10,6 @@ form the rankers take from the in-memory path.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,37 +19,12 @@ import torch
 from mtl.data.datamodule import SPLITS, RecDataModule, Split
 from mtl.data.features import FittedFeatures
 from mtl.data.shards.encoding import load_encoding
-from mtl.data.shards.prepare import ENCODING_FILE, MANIFEST_FILE, SHARD_FORMAT, column_names
+from mtl.data.shards.folder import ENCODING_FILE, column_names, read_manifest
+from mtl.data.shards.record import warn_unseen
 from mtl.data.shards.stream import ShardBatchLoader, ShardColumns, ShardStream, blocks_of
 from mtl.data.tabular import TabularTensors
 
 __all__ = ["ShardsDataModule", "read_manifest"]
-
-
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a prepared folder.
-
-    Raises:
-        FileNotFoundError: the folder does not exist, or holds no ``manifest.json``
-            (not prepared, or a preparation that did not finish).
-        ValueError: the manifest is of another format version.
-    """
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.path: shard folder not found: {root}")
-    file = root / MANIFEST_FILE
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"data.path: {root} is not a prepared shard folder (no {MANIFEST_FILE}); "
-            f"write one with `mtl prepare data=table data.path=... out={root}`"
-        )
-    manifest = json.loads(file.read_text())
-    if manifest.get("format") != SHARD_FORMAT:
-        raise ValueError(
-            f"{file}: shard format {manifest.get('format')}, expected {SHARD_FORMAT}; "
-            "prepare the folder again (mtl prepare ... --force)"
-        )
-    return manifest
 
 
 def _rank_world(trainer: Any) -> tuple[int, int]:
@@ -109,6 +83,9 @@ class ShardsDataModule(RecDataModule):
             return
         self._manifest = read_manifest(self.path)
         self._fitted = load_encoding(self.path / self._manifest.get("encoding", ENCODING_FILE))
+        # What `mtl prepare` warned about, said again to each run as the in-memory path does.
+        for split, columns in (self._manifest.get("unseen_categories") or {}).items():
+            warn_unseen(f"{split} split of {self.path}", columns)
 
     @property
     def manifest(self) -> dict[str, Any]:

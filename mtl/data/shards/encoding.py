@@ -123,6 +123,7 @@ def fit_lazy(
     min_count: int = 1,
     max_vocab: int | None = None,
     task_weights: Mapping[str, float] | None = None,
+    origin: str | None = None,
 ) -> FittedFeatures:
     """Fit vocabularies and numeric statistics on the lazy ``train`` rows in one streaming pass.
 
@@ -138,6 +139,7 @@ def fit_lazy(
         min_count: categories seen fewer times map to OOV.
         max_vocab: at most this many categories per column (the most frequent).
         task_weights: loss weight per task.
+        origin: the files the rows come from, named in the error for an empty split.
 
     Returns:
         The encoding :func:`~mtl.data.features.fit_features` gives on the same rows.
@@ -169,7 +171,10 @@ def fit_lazy(
             running.add(category_counts(batch, name))
         moments.add(batch)
     if rows == 0:
-        raise ValueError("the train split is empty")
+        where = f"{origin}: " if origin else ""
+        raise ValueError(
+            f"{where}the train split is empty; more rows or other split fractions are needed"
+        )
     vocabularies = {
         name: vocabulary_from_counts(
             running.total(), name, min_count=min_count, max_vocab=max_vocab
@@ -207,9 +212,19 @@ def load_encoding(path: Path) -> FittedFeatures:
 
     Raises:
         FileNotFoundError: no such file.
+        ValueError: the file is not JSON or lacks the spec or the vocabularies.
     """
     if not path.is_file():
         raise FileNotFoundError(f"encoding file not found: {path}")
-    payload = json.loads(path.read_text())
-    vocabularies = {k: pl.Series(k, v, dtype=pl.String) for k, v in payload["vocabularies"].items()}
-    return FittedFeatures(spec=FeatureSpec.from_dict(payload["spec"]), vocabularies=vocabularies)
+    try:
+        payload = json.loads(path.read_text())
+        vocabularies = {
+            k: pl.Series(k, v, dtype=pl.String) for k, v in payload["vocabularies"].items()
+        }
+        spec = FeatureSpec.from_dict(payload["spec"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{path} is not an encoding mtl prepare wrote ({type(exc).__name__}: {exc}); "
+            f"re-run `mtl prepare ... out={path.parent} --force` to write the folder again"
+        ) from exc
+    return FittedFeatures(spec=spec, vocabularies=vocabularies)

@@ -7,9 +7,12 @@ and every row is encoded (int32 ids, float32 standardised numerics, float32 labe
 an int64 user key) and written by polars' streaming sink into
 ``OUT/{train,val,test}/*.parquet`` files of at most ``shard_rows`` rows in row groups
 of ``row_group_rows``. ``OUT/encoding.json`` holds the fitted encoding and
-``OUT/manifest.json`` the shards, their row counts, the label rates, how the split
-was made, and a fingerprint of the inputs (each file's size and modification time)
-and options: a second run with the same fingerprint reuses the shards::
+``OUT/manifest.json`` the shards, their row counts, the label rates, the share of
+ids at the unknown index 0 per column, how the split was made, and a fingerprint of
+the inputs (each file's size and modification time) and options: a second run with
+the same fingerprint reuses the shards. ``OUT`` must not hold an input file, and
+holds nothing else than an earlier preparation's files unless it has a manifest;
+a rewrite deletes only those files (:mod:`~mtl.data.shards.folder`)::
 
     mtl prepare data=table data.path=logs/*.parquet data.labels=[click] \\
         data.categorical=[user_id,item_id] data.numeric=[price] out=shards/logs
@@ -31,7 +34,26 @@ import polars as pl
 from mtl.data.data_record import fractions_text
 from mtl.data.features import check_roles_disjoint
 from mtl.data.shards.encoding import fit_lazy, save_encoding
-from mtl.data.shards.scan import SPLIT, TableQuery, check_rows, scan_files, split_column
+from mtl.data.shards.folder import (
+    ENCODING_FILE,
+    MANIFEST_FILE,
+    SHARD_FORMAT,
+    SPLITS,
+    WRITING,
+    check_out,
+    clear_shards,
+    column_names,
+    manifest_problem,
+)
+from mtl.data.shards.record import shard_record
+from mtl.data.shards.scan import (
+    SPLIT,
+    TableQuery,
+    check_rows,
+    read_failure,
+    scan_files,
+    split_column,
+)
 from mtl.data.sources.table import split_files
 from mtl.data.tabular import category_codes, standardised, user_key
 from mtl.data.validation import DataError
@@ -45,26 +67,12 @@ __all__ = [
     "prepare",
 ]
 
-SHARD_FORMAT = 1
-MANIFEST_FILE = "manifest.json"
-ENCODING_FILE = "encoding.json"
-SPLITS = ("train", "val", "test")
 # The data keys that change the shards' content; the others (batch size...) do not.
 _CONTENT_KEYS = (
     "path", "train", "val", "test", "labels", "categorical", "numeric", "user", "task_kinds",
     "separator", "null_values", "fill_numeric_nulls", "split_by", "split", "n_rows",
     "embed_dim", "max_embed_dim", "min_count", "max_vocab", "task_weights",
 )  # fmt: skip
-
-
-def column_names(kind: str, name: str) -> str:
-    """The shard column of a feature or label: ``cat.<name>``, ``num.<name>``, ``label.<name>``.
-
-    Example:
-        >>> column_names("cat", "item_id")
-        'cat.item_id'
-    """
-    return f"{kind}.{name}"
 
 
 def _file_stamp(path: Path) -> dict[str, Any]:
@@ -122,17 +130,15 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_text())
+    except ValueError:  # not JSON: prepared again
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
-def _complete(out: Path, manifest: Mapping[str, Any]) -> bool:
-    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    return (out / ENCODING_FILE).is_file() and all(
-        (out / s["path"]).is_file() and (out / s["path"]).stat().st_size == s["bytes"]
-        for s in shards
-    )
+def _complete(out: Path, manifest: Any) -> bool:
+    """Whether ``out`` holds every shard ``manifest`` lists, as written (False if malformed)."""
+    return manifest_problem(out, manifest) is None
 
 
 def prepare(
@@ -152,7 +158,8 @@ def prepare(
         out: the folder of the shards.
         row_group_rows: rows per Parquet row group (the unit a reader reads at once).
         shard_rows: at most this many rows per shard file.
-        force: rewrite even when ``out`` holds shards of the same inputs and options.
+        force: rewrite even when ``out`` holds shards of the same inputs and options
+            (never when ``out`` holds an input file).
         log: where progress lines go.
 
     Returns:
@@ -161,7 +168,8 @@ def prepare(
     Raises:
         FileNotFoundError: a path matches no file.
         DataError: a file lacks a named column (the message lists the file's columns),
-            holds bad values, or a split is empty.
+            holds bad values or no rows, cannot be read, or a split is empty; ``out`` is
+            a file, holds an input file, or holds files not written by a preparation.
         ValueError: contradicting options.
 
     Example:
@@ -187,6 +195,8 @@ def prepare(
     start = time.perf_counter()
     rows_files, rows = scan_files(named[rows_key], query, key=rows_key)
     given = {s: scan_files(named[s], query, key=s) for s in ("val", "test") if s in named}
+    all_files = [*rows_files, *(f for files, _ in given.values() for f in files)]
+    check_out(out, all_files)
     inputs = {"rows": [_file_stamp(f) for f in rows_files]} | {
         s: [_file_stamp(f) for f in files] for s, (files, _) in given.items()
     }
@@ -203,85 +213,24 @@ def prepare(
         log(f"prepare: {out} holds shards of these inputs and options; reusing them")
         return earlier  # type: ignore[return-value]
 
-    origin = ", ".join(str(f) for f in rows_files[:3]) + (" ..." if len(rows_files) > 3 else "")
-    rows = check_rows(rows, query, origin=origin)
-    parts = {
-        s: check_rows(lf, query, origin=", ".join(map(str, files)))
-        for s, (files, lf) in given.items()
-    }
-    carved = [s for s in ("val", "test") if s not in given]
-    fracs = dict(zip(SPLITS, (float(f) for f in data.get("split", (0.8, 0.1, 0.1))), strict=True))
-    code = split_column(
-        rows,
-        carved=carved,
-        fractions=fracs,
-        split_by=query.split_by,
-        seed=_seed(data),
-        origin=origin,
-    )
-    rows = rows.with_columns(code.alias(SPLIT))
-    train = rows.filter(pl.col(SPLIT) == 0)
-    log(f"prepare: fitting the encoding on the train rows of {origin}")
-    fitted = fit_lazy(
-        train,
-        roles,
-        embed_dim=data.get("embed_dim"),
-        max_embed_dim=int(data.get("max_embed_dim", 16)),
-        min_count=int(data.get("min_count", 1)),
-        max_vocab=data.get("max_vocab"),
-        task_weights=data.get("task_weights"),
-    )
-    vocab = ", ".join(f"{f.name} {f.vocab_size:,}" for f in fitted.spec.categorical)
-    log(f"prepare: fitted in {time.perf_counter() - start:.1f}s; vocabularies: {vocab or 'none'}")
-
-    schema = rows.collect_schema()
-    exprs = _encode_exprs(fitted, schema)
-    encoded = [rows.select(*exprs, pl.col(SPLIT))] + [
-        lf.select(*exprs, pl.lit(["train", "val", "test"].index(s), dtype=pl.Int32).alias(SPLIT))
-        for s, lf in parts.items()
-    ]
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".writing"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (out / MANIFEST_FILE).unlink(missing_ok=True)  # the old shards are no longer valid
-    pl.concat(encoded, how="vertical").sink_parquet(
-        pl.PartitionBy(tmp, key=SPLIT, include_key=False, max_rows_per_file=shard_rows),
-        row_group_size=row_group_rows,
-        mkdir=True,
-        engine="streaming",
-    )
-    splits: dict[str, Any] = {}
-    for code_value, name in enumerate(SPLITS):
-        written = sorted((tmp / f"{SPLIT}={code_value}").glob("*.parquet"))
-        target = out / name
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir()
-        shards = []
-        for i, src in enumerate(written):
-            dst = target / f"part-{i:05d}.parquet"
-            src.replace(dst)
-            n = pl.scan_parquet(dst).select(pl.len()).collect().item()
-            shards.append({"path": f"{name}/{dst.name}", "rows": n, "bytes": dst.stat().st_size})
-            log(f"prepare: wrote {name}/{dst.name}: {n:,} rows")
-        total = sum(s["rows"] for s in shards)
-        if total == 0:
-            raise DataError(
-                f"{origin}: the {name} split is empty (split={list(fracs.values())}); "
-                "more rows or other fractions are needed"
-            )
-        splits[name] = {"rows": total, "shards": shards}
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    record = _record(out, splits, fitted)
-    if query.split_by and carved:
-        ranges = (
-            rows.group_by(SPLIT)
-            .agg(pl.col(query.split_by).min().alias("lo"), pl.col(query.split_by).max().alias("hi"))
-            .collect(engine="streaming")
+    origin = _names(rows_files)
+    try:
+        splits, record, fitted = _write_shards(
+            data,
+            out,
+            query=query,
+            rows=rows,
+            given={s: lf for s, (_, lf) in given.items()},
+            origins={"rows": origin} | {s: _names(files) for s, (files, _) in given.items()},
+            row_group_rows=row_group_rows,
+            shard_rows=shard_rows,
+            log=log,
+            start=start,
         )
-        record["time_range"] = {
-            SPLITS[c]: [str(lo), str(hi)] for c, lo, hi in ranges.sort(SPLIT).iter_rows()
-        }
+    except pl.exceptions.PolarsError as exc:
+        # A value polars cannot parse, a damaged file...: one line naming the file.
+        raise read_failure(all_files, query, exc) from exc
+    carved = [s for s in ("val", "test") if s not in given]
     save_encoding(fitted, out / ENCODING_FILE)
     head = f"{data.get('name') or 'table'} {named[rows_key]}"
     manifest = {
@@ -301,34 +250,112 @@ def prepare(
     return manifest
 
 
-def _record(out: Path, splits: Mapping[str, Any], fitted: Any) -> dict[str, Any]:
-    """Label rates per split, and a check that no standardised numeric overflowed."""
-    spec = fitted.spec
-    record: dict[str, Any] = {}
-    for name, split in splits.items():
-        lf = pl.scan_parquet([out / s["path"] for s in split["shards"]])
-        stats = lf.select(
-            *[
-                pl.col(column_names("label", t)).cast(pl.Float64).mean().alias(t)
-                for t in spec.task_names
-            ],
-            *[
-                (~pl.col(column_names("num", f.name)).is_finite()).sum().alias(f"bad.{f.name}")
-                for f in spec.numeric
-            ],
-        ).collect(engine="streaming")
-        row = stats.row(0, named=True)
-        for f in spec.numeric:
-            if row[f"bad.{f.name}"]:
-                raise DataError(
-                    f"{name} split: numeric feature {f.name!r} has {row[f'bad.{f.name}']} rows beyond "
-                    f"the float32 range once standardised with the train split's mean {f.mean:g} "
-                    f"and std {f.std:g}; remove, clip or rescale them"
-                )
-        for task in spec.tasks:
-            key = "positive_rate" if task.kind == "binary" else "label_mean"
-            record.setdefault(key, {}).setdefault(task.name, {})[name] = float(row[task.name])
-    return record
+def _names(files: Sequence[Path]) -> str:
+    return ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent is a file, no permission...
+        raise DataError(f"out={out}: cannot create the folder ({exc.strerror})") from exc
+
+
+def _write_shards(
+    data: Mapping[str, Any],
+    out: Path,
+    *,
+    query: TableQuery,
+    rows: pl.LazyFrame,
+    given: Mapping[str, pl.LazyFrame],
+    origins: Mapping[str, str],
+    row_group_rows: int,
+    shard_rows: int,
+    log: Callable[[str], None],
+    start: float,
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Check, split, fit, encode and write: the shards of each split, the data record, the encoding.
+
+    ``rows``: the ``rows`` files (the train rows, and the val/test rows carved from them);
+    ``given``: the rows of the splits read from their own files; ``origins``: the files
+    of each (``rows``, ``val``, ``test``) for messages.
+    """
+    origin = origins["rows"]
+    rows = check_rows(rows, query, origin=origin)
+    parts = {s: check_rows(lf, query, origin=origins[s]) for s, lf in given.items()}
+    carved = [s for s in ("val", "test") if s not in given]
+    fracs = dict(zip(SPLITS, (float(f) for f in data.get("split", (0.8, 0.1, 0.1))), strict=True))
+    code = split_column(
+        rows,
+        carved=carved,
+        fractions=fracs,
+        split_by=query.split_by,
+        seed=_seed(data),
+        origin=origin,
+    )
+    rows = rows.with_columns(code.alias(SPLIT))
+    train = rows.filter(pl.col(SPLIT) == 0)
+    log(f"prepare: fitting the encoding on the train rows of {origin}")
+    fitted = fit_lazy(
+        train,
+        query.roles,
+        embed_dim=data.get("embed_dim"),
+        max_embed_dim=int(data.get("max_embed_dim", 16)),
+        min_count=int(data.get("min_count", 1)),
+        max_vocab=data.get("max_vocab"),
+        task_weights=data.get("task_weights"),
+        origin=origin,
+    )
+    vocab = ", ".join(f"{f.name} {f.vocab_size:,}" for f in fitted.spec.categorical)
+    log(f"prepare: fitted in {time.perf_counter() - start:.1f}s; vocabularies: {vocab or 'none'}")
+
+    exprs = _encode_exprs(fitted, rows.collect_schema())
+    encoded = [rows.select(*exprs, pl.col(SPLIT))] + [
+        lf.select(*exprs, pl.lit(SPLITS.index(s), dtype=pl.Int32).alias(SPLIT))
+        for s, lf in parts.items()
+    ]
+    _make_folder(out)
+    clear_shards(out)  # the old shards are no longer valid
+    tmp = out / WRITING
+    pl.concat(encoded, how="vertical").sink_parquet(
+        pl.PartitionBy(tmp, key=SPLIT, include_key=False, max_rows_per_file=shard_rows),
+        row_group_size=row_group_rows,
+        mkdir=True,
+        engine="streaming",
+    )
+    splits: dict[str, Any] = {}
+    for code_value, name in enumerate(SPLITS):
+        written = sorted((tmp / f"{SPLIT}={code_value}").glob("*.parquet"))
+        target = out / name
+        target.mkdir(exist_ok=True)
+        shards = []
+        for i, src in enumerate(written):
+            dst = target / f"part-{i:05d}.parquet"
+            src.replace(dst)
+            n = pl.scan_parquet(dst).select(pl.len()).collect().item()
+            shards.append({"path": f"{name}/{dst.name}", "rows": n, "bytes": dst.stat().st_size})
+            log(f"prepare: wrote {name}/{dst.name}: {n:,} rows")
+        total = sum(s["rows"] for s in shards)
+        if total == 0:
+            raise DataError(
+                f"{origin}: the {name} split is empty (split={list(fracs.values())}); "
+                "more rows or other fractions are needed"
+            )
+        splits[name] = {"rows": total, "shards": shards}
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    raw = {s: rows.filter(pl.col(SPLIT) == SPLITS.index(s)) for s in carved} | parts
+    record = shard_record(out, splits, fitted, raw=raw, origins=origins)
+    if query.split_by and carved:
+        ranges = (
+            rows.group_by(SPLIT)
+            .agg(pl.col(query.split_by).min().alias("lo"), pl.col(query.split_by).max().alias("hi"))
+            .collect(engine="streaming")
+        )
+        record["time_range"] = {
+            SPLITS[c]: [str(lo), str(hi)] for c, lo, hi in ranges.sort(SPLIT).iter_rows()
+        }
+    return splits, record, fitted
 
 
 def _split_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -27,12 +27,20 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mtl.data.features import ColumnRoles
+from mtl.data.features import ColumnRoles, names_list
 from mtl.data.numeric_range import FLOAT32_MAX
 from mtl.data.sources.table import _columns, _format, _task_kinds, table_files
-from mtl.data.validation import DataError
+from mtl.data.validation import DataError, _describe_bad_values
 
-__all__ = ["ROW", "SPLIT", "TableQuery", "check_rows", "scan_files", "split_column"]
+__all__ = [
+    "ROW",
+    "SPLIT",
+    "TableQuery",
+    "check_rows",
+    "read_failure",
+    "scan_files",
+    "split_column",
+]
 
 ROW = "__row"
 """Row index over the concatenated files of one part (``rows``, ``val`` or ``test``)."""
@@ -40,6 +48,7 @@ SPLIT = "__split"
 """Split code of a row: 0 train, 1 val, 2 test."""
 _BINARY_TEXT = ["0", "1", "0.0", "1.0", "true", "false"]
 _HASH_BITS = 53  # a float64 holds 53-bit integers exactly
+_EXAMPLES = 5  # bad values quoted in a message
 
 
 @dataclass
@@ -71,13 +80,13 @@ class TableQuery:
     @classmethod
     def from_config(cls, data: Mapping[str, object]) -> TableQuery:
         """From the ``data`` node of a ``data=table`` config (its keys, not ``source_kwargs``)."""
-        labels = list(data.get("labels") or [])  # type: ignore[call-overload]
+        labels = names_list(data.get("labels"), key="data.labels")
         if not labels:
             raise ValueError(
                 "data.labels is empty: name the label columns, e.g. data.labels=[click]"
             )
-        categorical = list(data.get("categorical") or [])  # type: ignore[call-overload]
-        numeric = list(data.get("numeric") or [])  # type: ignore[call-overload]
+        categorical = names_list(data.get("categorical"), key="data.categorical")
+        numeric = names_list(data.get("numeric"), key="data.numeric")
         user = data.get("user")
         roles = ColumnRoles(
             categorical=categorical,
@@ -178,7 +187,8 @@ def check_rows(lf: pl.LazyFrame, query: TableQuery, *, origin: str) -> pl.LazyFr
         ``lf`` with the fills applied.
 
     Raises:
-        DataError: naming ``origin``, the column and the count of bad values.
+        DataError: naming ``origin``, the column and the count of bad values, or
+            saying that ``origin`` has no data rows.
     """
     schema = lf.collect_schema()
     roles = query.roles
@@ -207,12 +217,13 @@ def check_rows(lf: pl.LazyFrame, query: TableQuery, *, origin: str) -> pl.LazyFr
         ).sum()
         if dtype.is_float():
             checks[f"numeric {name}: range"] = ((col.abs() > FLOAT32_MAX) & col.is_not_nan()).sum()
-    if not checks:
-        return lf
-    counts = lf.select(**{f"c{i}": e for i, e in enumerate(checks.values())}).collect(
-        engine="streaming"
-    )
-    found = dict(zip(checks, counts.row(0), strict=True))
+    counts = lf.select(
+        pl.len().alias("rows"), **{f"c{i}": e for i, e in enumerate(checks.values())}
+    ).collect(engine="streaming")
+    n_rows, *values = counts.row(0)
+    if n_rows == 0:
+        raise DataError(f"{origin}: no data rows, only the column names; nothing to prepare")
+    found = dict(zip(checks, values, strict=True))
     fills = []
     for what, n in found.items():
         if not n:
@@ -361,3 +372,62 @@ def split_column(
     for i, name in enumerate(parts[1:], start=1):
         code = pl.when(index == i).then(pl.lit(codes[name], dtype=pl.Int32)).otherwise(code)
     return code
+
+
+def _unparsable(path: Path, query: TableQuery) -> str | None:
+    """The first numeric column of CSV file ``path`` with text that is not a number, described
+    as the in-memory reader describes it (file, column, count, examples); None if none."""
+    fmt = _format(path)
+    if fmt not in ("csv", "tsv"):
+        return None
+    regression = [n for n, k in query.roles.labels.items() if k == "regression"]
+    floats = [*query.roles.numeric, *regression]
+    if not floats:
+        return None
+    sep = query.separator if query.separator is not None else ("\t" if fmt == "tsv" else ",")
+    text = pl.scan_csv(path, separator=sep, null_values=query.null_values, infer_schema=False)
+    text = text.select(floats)
+    if query.n_rows:
+        text = text.head(query.n_rows)
+
+    def bad(name: str) -> pl.Expr:
+        return pl.col(name).is_not_null() & pl.col(name).cast(pl.Float64, strict=False).is_null()
+
+    counts = text.select(bad(c).sum() for c in floats).collect(engine="streaming").row(0)
+    for name, count in zip(floats, counts, strict=True):
+        if count:
+            # Streamed up to a bounded number of bad values: their distinct examples.
+            head = text.filter(bad(name)).select(name).head(1000).collect(engine="streaming")
+            examples = head[name].unique(maintain_order=True).head(_EXAMPLES).to_list()
+            return _describe_bad_values(path, name, pl.Float64(), count, examples)
+    return None
+
+
+def read_failure(files: Sequence[Path], query: TableQuery, exc: BaseException) -> DataError:
+    """The one-line :class:`DataError` for a polars error raised while reading ``files``.
+
+    Each file is read again on its own (one streaming pass, on this error path only)
+    until one fails: a numeric CSV value that does not parse is named with its file,
+    column, count and examples, another failure with its file and polars' first line.
+
+    Example:
+        >>> try:  # doctest: +SKIP
+        ...     rows.collect(engine="streaming")
+        ... except pl.exceptions.PolarsError as exc:
+        ...     raise read_failure(files, query, exc) from exc
+        DataError: d/rows.csv: column 'price' must hold numbers (Float64), but 2 value(s) do not parse, e.g. ['n/a']
+    """
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    for path in files:
+        try:
+            _scan_one(path, query).select(pl.all().null_count()).collect(engine="streaming")
+        except pl.exceptions.PolarsError as one:
+            try:
+                message = _unparsable(path, query)
+            except pl.exceptions.PolarsError:  # not even readable as text (a ragged row...)
+                message = None
+            if message is not None:
+                return DataError(message)
+            line = (str(one).strip().splitlines() or [type(one).__name__])[0]
+            return DataError(f"table file {path} cannot be read: {line}")
+    return DataError(f"{', '.join(map(str, files))}: {first}")
