@@ -34,6 +34,8 @@ __all__ = [
     "check_no_cascade_violations",
     "check_row_limit",
     "check_unique",
+    "describe_bad_values",
+    "one_class_label_message",
     "read_error",
     "separator_hint",
     "unparsable_values",
@@ -138,9 +140,15 @@ def unparsable_values(column: pl.Series, dtype: pl.DataType) -> tuple[int, list[
     return len(bad), bad.unique(maintain_order=True).head(_EXAMPLES).to_list()
 
 
-def _describe_bad_values(
+def describe_bad_values(
     path: Path, name: str, dtype: pl.DataType, count: int, examples: list[str]
 ) -> str:
+    """The message for ``count`` values of column ``name`` in ``path`` that do not parse as ``dtype``.
+
+    Example:
+        >>> describe_bad_values(Path("d.csv"), "price", pl.Float64(), 2, ["n/a"])
+        "d.csv: column 'price' must hold numbers (Float64), but 2 value(s) do not parse, e.g. ['n/a']"
+    """
     too_large = [
         v
         for v in examples
@@ -183,11 +191,11 @@ def _diagnose_parse_error(
             dtype = dtype() if isinstance(dtype, type) else dtype
             count, examples = unparsable_values(text.get_column(name), dtype)
             if count:
-                return _describe_bad_values(path, name, dtype, count, examples)
+                return describe_bad_values(path, name, dtype, count, examples)
     if match:
         dtype = _SHORT_DTYPES.get(match["dtype"])
         if dtype is not None:
-            return _describe_bad_values(path, match["column"], dtype, 1, [match["value"]])
+            return describe_bad_values(path, match["column"], dtype, 1, [match["value"]])
     return None
 
 
@@ -452,14 +460,28 @@ def warn_one_class_labels(tensors: TabularTensors, spec: FeatureSpec, *, origin:
     n = len(tensors)
     warned = []
     for task, positives in zip(spec.tasks, positives_T, strict=True):
-        if task.kind != "binary" or 0 < positives < n:
+        message = one_class_label_message(task.name, positives, n, origin=origin)
+        if task.kind != "binary" or message is None:
             continue
-        which, value = ("positive", 0) if positives == 0 else ("negative", 1)
-        warnings.warn(
-            f"{origin}: binary task {task.name!r} has no {which} labels (all {n:,} are {value}), "
-            "so its AUC is undefined",
-            DataWarning,
-            stacklevel=2,
-        )
+        warnings.warn(message, DataWarning, stacklevel=2)
         warned.append(task.name)
     return warned
+
+
+def one_class_label_message(task: str, positives: float, n: int, *, origin: str) -> str | None:
+    """The :func:`warn_one_class_labels` text for binary task ``task`` with ``positives``
+    of ``n`` labels 1, or None when both classes are present (or ``n`` is 0).
+
+    Example:
+        >>> one_class_label_message("click", 5, 5, origin="val split")
+        "val split: binary task 'click' has no negative labels (all 5 are 1), so its AUC is undefined"
+        >>> one_class_label_message("click", 2, 5, origin="val split") is None
+        True
+    """
+    if n == 0 or 0 < positives < n:
+        return None
+    which, value = ("positive", 0) if positives == 0 else ("negative", 1)
+    return (
+        f"{origin}: binary task {task!r} has no {which} labels (all {n:,} are {value}), "
+        "so its AUC is undefined"
+    )

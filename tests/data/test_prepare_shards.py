@@ -209,8 +209,14 @@ def test_null_numerics_without_a_fill_are_refused(tmp_path: Path) -> None:
 def test_non_binary_label_is_refused(tmp_path: Path) -> None:
     path = _write(_frame().with_columns(pl.col("buy") * 2), tmp_path / "rows.parquet")
     data = {**COLUMNS, "path": str(path), "fill_numeric_nulls": 0.0}
-    with pytest.raises(DataError, match=r"label 'buy' must be binary 0/1"):
+    n_bad = int((_frame()["buy"] == 1).sum())  # the 1s became 2s
+    with pytest.raises(DataError) as info:
         prepare(data, tmp_path / "out", log=lambda _: None)
+    assert str(info.value) == (
+        f"{path}: label column 'buy' must be binary 0/1 but has {n_bad} other values "
+        "(dtype Int64), e.g. [2]; a regression label needs data.task_kinds={<label>: regression}"
+    )
+    assert str(info.value) == _table_error(data)
 
 
 def test_a_folder_that_is_not_prepared_is_refused(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from mtl.data.datamodule import SPLITS, RecDataModule, Split
 from mtl.data.features import FittedFeatures
 from mtl.data.shards.encoding import load_encoding
 from mtl.data.shards.folder import ENCODING_FILE, column_names, read_manifest
-from mtl.data.shards.record import warn_unseen
+from mtl.data.shards.record import warn_one_class, warn_unseen
 from mtl.data.shards.stream import ShardBatchLoader, ShardColumns, ShardStream, blocks_of
 from mtl.data.tabular import TabularTensors
 
@@ -86,6 +86,12 @@ class ShardsDataModule(RecDataModule):
         # What `mtl prepare` warned about, said again to each run as the in-memory path does.
         for split, columns in (self._manifest.get("unseen_categories") or {}).items():
             warn_unseen(f"{split} split of {self.path}", columns)
+        splits = self._manifest.get("splits") or {}
+        warn_one_class(
+            self._manifest.get("positive_rate") or {},
+            {s: int(v["rows"]) for s, v in splits.items()},
+            origins={s: f"{s} split of {self.path}" for s in splits},
+        )
 
     @property
     def manifest(self) -> dict[str, Any]:

@@ -6,7 +6,8 @@ counts (:func:`~mtl.data.features.category_counts`, the in-memory path's query) 
 numeric moments are summed into running totals, and the same rules turn them into the
 encoding (:func:`~mtl.data.features.vocabulary_from_counts`,
 :func:`~mtl.data.features.numeric_feature`, :func:`~mtl.data.features.assemble_fitted`),
-so both paths give the same vocabularies, statistics and ids.
+so both paths give the same vocabularies, statistics and ids, and warn alike about
+a column of row ids (:func:`~mtl.data.features.warn_id_like_columns`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mtl.data.features import (
     check_vocab_options,
     numeric_feature,
     vocabulary_from_counts,
+    warn_id_like_columns,
 )
 from mtl.data.spec import FeatureSpec
 
@@ -181,6 +183,13 @@ def fit_lazy(
         )
         for name, running in counts.items()
     }
+    # The warning of the in-memory fit: a column of about one id per train row.
+    warn_id_like_columns(
+        {name: len(vocab) for name, vocab in vocabularies.items()},
+        rows,
+        min_count=min_count,
+        max_vocab=max_vocab,
+    )
     numeric = [
         numeric_feature(name, float(mean), float(std))
         for name, mean, std in zip(roles.numeric, moments.mean, moments.std(), strict=True)

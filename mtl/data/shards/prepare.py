@@ -1,7 +1,7 @@
 """``mtl prepare``: encode a table once into row-grouped Parquet shards for streaming training.
 
 One streaming pass per step, nothing loaded whole: the rows are checked
-(:func:`~mtl.data.shards.scan.check_rows`), split (:func:`~mtl.data.shards.scan.split_column`),
+(:func:`~mtl.data.shards.scan.check_rows`), split (:func:`~mtl.data.shards.split.split_column`),
 the encoding is fitted on the train rows (:func:`~mtl.data.shards.encoding.fit_lazy`),
 and every row is encoded (int32 ids, float32 standardised numerics, float32 labels,
 an int64 user key) and written by polars' streaming sink into
@@ -31,7 +31,6 @@ from typing import Any
 
 import polars as pl
 
-from mtl.data.data_record import fractions_text
 from mtl.data.features import check_roles_disjoint
 from mtl.data.shards.encoding import fit_lazy, save_encoding
 from mtl.data.shards.folder import (
@@ -46,14 +45,8 @@ from mtl.data.shards.folder import (
     manifest_problem,
 )
 from mtl.data.shards.record import shard_record
-from mtl.data.shards.scan import (
-    SPLIT,
-    TableQuery,
-    check_rows,
-    read_failure,
-    scan_files,
-    split_column,
-)
+from mtl.data.shards.scan import TableQuery, check_rows, read_failure, scan_files
+from mtl.data.shards.split import SPLIT, describe_split, split_column, split_seed
 from mtl.data.sources.table import split_files
 from mtl.data.tabular import category_codes, standardised, user_key
 from mtl.data.validation import DataError
@@ -78,36 +71,6 @@ _CONTENT_KEYS = (
 def _file_stamp(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _seed(data: Mapping[str, Any]) -> int:
-    split_seed = data.get("split_seed")
-    return int(data.get("seed", 0) if split_seed is None else split_seed)
-
-
-def _how(data: Mapping[str, Any], carved: Sequence[str], head: str) -> str:
-    fracs = dict(zip(SPLITS, (float(f) for f in data.get("split", (0.8, 0.1, 0.1))), strict=True))
-    given = [s for s in ("val", "test") if s not in carved]
-    column = data.get("split_by")
-    if not carved:
-        return f"{head}; val and test from data.val and data.test"
-    if column:
-        parts = ", ".join(
-            f"the {'latest' if s == carved[-1] else 'next'} {fracs[s]:g} {s}" for s in carved
-        )
-        how = f"{head} by time on {column!r}: the earliest {fracs['train']:g} of the rows train, {parts}"
-    elif len(carved) == 2:
-        how = (
-            f"{head} split {fractions_text(tuple(fracs.values()))} at random by a hash of the "
-            f"row index (split_seed {_seed(data)})"
-        )
-    else:
-        share = fracs[carved[0]] / (fracs["train"] + fracs[carved[0]])
-        how = (
-            f"{head}; {carved[0]}: a random {share:.3g} of the train rows by a hash of the row "
-            f"index (split_seed {_seed(data)})"
-        )
-    return how + "".join(f"; {s} from data.{s}" for s in given)
 
 
 def _encode_exprs(fitted: Any, schema: Mapping[str, pl.DataType]) -> list[pl.Expr]:
@@ -201,7 +164,7 @@ def prepare(
         s: [_file_stamp(f) for f in files] for s, (files, _) in given.items()
     }
     options = {k: data.get(k) for k in _CONTENT_KEYS} | {
-        "split_seed": _seed(data),
+        "split_seed": split_seed(data),
         "row_group_rows": row_group_rows,
         "shard_rows": shard_rows,
         "format": SHARD_FORMAT,
@@ -239,7 +202,7 @@ def prepare(
         "row_group_rows": row_group_rows,
         "encoding": ENCODING_FILE,
         "files": {k: [s["path"] for s in v] for k, v in inputs.items()},
-        "how": _how(data, carved, head),
+        "how": describe_split(data, carved, head),
         "splits": splits,
         **record,
         "prepare_time_s": time.perf_counter() - start,
@@ -290,7 +253,7 @@ def _write_shards(
         carved=carved,
         fractions=fracs,
         split_by=query.split_by,
-        seed=_seed(data),
+        seed=split_seed(data),
         origin=origin,
     )
     rows = rows.with_columns(code.alias(SPLIT))

@@ -4,7 +4,9 @@ Read back from the shards (small int32/float32 columns) once ``mtl prepare`` wro
 them, in one streaming pass per split; the raw rows are read again only for a
 val/test column whose ids all encode to the unknown index 0, to tell ids unseen in
 train (warned about, as the in-memory path's
-:func:`~mtl.data.validation.warn_unseen_categories` does) from missing ones.
+:func:`~mtl.data.validation.warn_unseen_categories` does) from missing ones. A
+binary label of one class in a split is warned about from its rate, as the
+in-memory path's :func:`~mtl.data.validation.warn_one_class_labels` does.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ import polars as pl
 
 from mtl.data.features import FittedFeatures
 from mtl.data.shards.folder import column_names
-from mtl.data.validation import DataError, UnseenCategoriesWarning
+from mtl.data.validation import (
+    DataError,
+    DataWarning,
+    UnseenCategoriesWarning,
+    one_class_label_message,
+)
 
-__all__ = ["shard_record", "warn_unseen"]
+__all__ = ["shard_record", "warn_one_class", "warn_unseen"]
 
 
 def shard_record(
@@ -46,7 +53,8 @@ def shard_record(
         than ``min_count``, or missing), as ``{column: {split: share}}``; and
         ``unseen_categories``, ``{split: [column, ...]}``, where a val/test column
         holds values of which none is known from train (each warned about with an
-        :class:`~mtl.data.validation.UnseenCategoriesWarning`).
+        :class:`~mtl.data.validation.UnseenCategoriesWarning`). A split's binary
+        label of one class is warned about (:func:`warn_one_class`).
 
     Raises:
         DataError: a standardised numeric is beyond the float32 range.
@@ -94,7 +102,52 @@ def shard_record(
             )
             if unseen:
                 record.setdefault("unseen_categories", {})[name] = unseen
+    warn_one_class(
+        record.get("positive_rate") or {},
+        {name: split["rows"] for name, split in splits.items()},
+        origins={
+            name: f"{name} split of {origins.get(name) or origins['rows']}" for name in splits
+        },
+    )
     return record
+
+
+def warn_one_class(
+    positive_rate: Mapping[str, Mapping[str, float]],
+    rows: Mapping[str, int],
+    *,
+    origins: Mapping[str, str],
+) -> dict[str, list[str]]:
+    """Warn, as the in-memory path's :func:`~mtl.data.validation.warn_one_class_labels`
+    does, for each split whose binary label is all 0 or all 1, read from its rate.
+
+    Args:
+        positive_rate: the manifest's ``{task: {split: rate}}`` of the binary tasks.
+        rows: rows per split.
+        origins: per split, its name in the message (``"val split of t.csv"``).
+
+    Returns:
+        ``{split: [task, ...]}`` of the labels warned about.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     warn_one_class({"click": {"train": 0.2, "val": 0.0}}, {"train": 8, "val": 2},
+        ...                    origins={"train": "train split", "val": "val split"})
+        {'val': ['click']}
+    """
+    warned: dict[str, list[str]] = {}
+    for split, n in rows.items():
+        for task, rates in positive_rate.items():
+            if split not in rates:
+                continue
+            # A mean of 0/1 labels is exactly 0 or 1 when all agree: the count it stands for.
+            message = one_class_label_message(task, rates[split] * n, n, origin=origins[split])
+            if message is not None:
+                warnings.warn(message, DataWarning, stacklevel=2)
+                warned.setdefault(split, []).append(task)
+    return warned
 
 
 def _warn_unseen(raw: pl.LazyFrame, columns: Sequence[str], *, origin: str) -> list[str]:

@@ -20,6 +20,7 @@ from mtl.data.numeric_range import check_in_range
 from mtl.data.validation import check_row_limit, read_error
 
 _EXAMPLES = 5
+_BINARY_TEXT = ["0", "1", "0.0", "1.0", "true", "false"]
 
 
 @dataclass
@@ -109,6 +110,35 @@ def read_table(path: Path, what: str, **read_kwargs: Any) -> pl.DataFrame:
     return df
 
 
+def binary_label_ok(name: str) -> pl.Expr:
+    """Whether each value of label column ``name`` is a binary 0/1 (as number, text or boolean).
+
+    Example:
+        >>> pl.DataFrame({"y": [1, 0, 2, None]}).select(binary_label_ok("y"))["y"].to_list()
+        [True, True, False, False]
+    """
+    col = pl.col(name)
+    return col.cast(pl.String).is_in(_BINARY_TEXT) & col.is_not_null()
+
+
+def binary_label_problem(
+    name: str, *, empty: int, other: int, dtype: pl.DataType, examples: list[Any]
+) -> str:
+    """What is wrong with binary label column ``name``: its ``empty`` values and its ``other``
+    non-binary values (of ``dtype``, with ``examples``), each counted when there are any.
+
+    Empty labels are counted apart: "58 other values, e.g. [None]" hides that they are missing.
+
+    Example:
+        >>> binary_label_problem("click", empty=3, other=1, dtype=pl.Int64(), examples=[2])
+        "label column 'click' must be binary 0/1 but has 3 empty values and 1 other values (dtype Int64), e.g. [2]"
+    """
+    parts = [f"{empty} empty values"] if empty else []
+    if other:
+        parts.append(f"{other} other values (dtype {dtype}), e.g. {examples}")
+    return f"label column {name!r} must be binary 0/1 but has {' and '.join(parts)}"
+
+
 def validate_frame(
     df: pl.DataFrame,
     roles: ColumnRoles,
@@ -146,18 +176,14 @@ def validate_frame(
     for name, kind in roles.labels.items():
         col = df.get_column(name)
         if kind == "binary":
-            as_text = col.cast(pl.String)
-            ok = as_text.is_in(["0", "1", "0.0", "1.0", "true", "false"]) & col.is_not_null()
+            ok = df.select(binary_label_ok(name)).to_series()
             if not ok.all():
-                # Empty labels counted apart: "58 other values, e.g. [None]" hides that they are missing.
                 bad = col.filter(~ok).drop_nulls()
-                parts = [f"{col.null_count()} empty values"] if col.null_count() else []
-                if len(bad):
-                    examples = bad.unique(maintain_order=True).head(_EXAMPLES).to_list()
-                    parts.append(f"{len(bad)} other values (dtype {col.dtype}), e.g. {examples}")
-                raise ValueError(
-                    f"{origin}: label column {name!r} must be binary 0/1 but has {' and '.join(parts)}"
+                examples = bad.unique(maintain_order=True).head(_EXAMPLES).to_list()
+                problem = binary_label_problem(
+                    name, empty=col.null_count(), other=len(bad), dtype=col.dtype, examples=examples
                 )
+                raise ValueError(f"{origin}: {problem}")
         elif not col.dtype.is_numeric():
             raise ValueError(
                 f"{origin}: regression label {name!r} must be numeric, got dtype {col.dtype}"
