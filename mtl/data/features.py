@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import polars as pl
 import polars.selectors as cs
 
+from mtl.data.data_warnings import DataWarning
 from mtl.data.numeric_range import check_in_range
 from mtl.data.spec import (
     TASK_KINDS,
@@ -28,7 +29,7 @@ from mtl.data.spec import (
     TaskKind,
     TaskSpec,
 )
-from mtl.data.validation import DataWarning, check_embed_dim
+from mtl.data.validation import check_embed_dim
 
 __all__ = [
     "DEFAULT_MAX_INT_CATEGORIES",

@@ -16,6 +16,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from mtl.cli import main
+from mtl.data.data_warnings import UnseenCategoriesWarning
 from mtl.data.datamodule import RecDataModule
 from mtl.data.features import fit_features
 from mtl.data.sources import load_source
@@ -24,7 +25,7 @@ from mtl.data.sources.base import read_table
 from mtl.data.sources.census import CENSUS_COLUMNS, CENSUS_NUMERIC
 from mtl.data.sources.kuairand import kuairand
 from mtl.data.tabular import encode
-from mtl.data.validation import DataError, UnseenCategoriesWarning
+from mtl.data.validation import DataError
 from mtl.training.build import build_datamodule, build_net
 from mtl.training.config import compose_config
 

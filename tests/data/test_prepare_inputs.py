@@ -12,11 +12,12 @@ import numpy as np
 import polars as pl
 import pytest
 
+from mtl.data.data_warnings import DataWarning
 from mtl.data.shards.datamodule import ShardsDataModule
 from mtl.data.shards.prepare import prepare
 from mtl.data.shards.scan import TableQuery
 from mtl.data.table_datamodule import TableDataModule
-from mtl.data.validation import DataError, DataWarning
+from mtl.data.validation import DataError
 
 BASE = {"labels": ["click"], "categorical": ["user_id", "item_id"], "numeric": ["price"]}
 

@@ -319,7 +319,7 @@ def test_header_only_input_is_named(tmp_path: Path) -> None:
 def test_unseen_categories_warn_as_in_memory_and_the_oov_shares_are_recorded(
     tmp_path: Path,
 ) -> None:
-    from mtl.data.validation import UnseenCategoriesWarning
+    from mtl.data.data_warnings import UnseenCategoriesWarning
 
     df = _frame()
     # test: items all new, cities all missing (not a warning: nothing to see), users known

@@ -14,12 +14,13 @@ import numpy as np
 import polars as pl
 import pytest
 
+from mtl.data.data_warnings import UnseenCategoriesWarning
 from mtl.data.features import fit_features
 from mtl.data.shards.encoding import fit_lazy
 from mtl.data.shards.scan import TableQuery
 from mtl.data.table_datamodule import TableDataModule
 from mtl.data.tabular import category_codes
-from mtl.data.validation import DataError, UnseenCategoriesWarning
+from mtl.data.validation import DataError
 
 
 def _frame(n: int = 300, seed: int = 0) -> pl.DataFrame:
@@ -197,7 +198,7 @@ def test_a_row_limit_of_zero_names_the_data_key(tmp_path: Path) -> None:
 def test_a_binary_label_of_one_class_warns_naming_the_task(
     tmp_path: Path, value: int, which: str
 ) -> None:
-    from mtl.data.validation import DataWarning
+    from mtl.data.data_warnings import DataWarning
 
     path = tmp_path / "rows.parquet"
     _frame().with_columns(like=pl.lit(value)).write_parquet(path)
@@ -244,7 +245,7 @@ def test_a_label_with_only_empty_values_bad_says_so(tmp_path: Path) -> None:
 
 
 def test_a_column_of_row_ids_warns_with_the_keys_that_cap_it(tmp_path: Path) -> None:
-    from mtl.data.validation import DataWarning
+    from mtl.data.data_warnings import DataWarning
 
     n = 2000
     df = _frame(n=n).with_columns(rid=pl.format("r{}", pl.int_range(n)))

@@ -4,9 +4,9 @@ Read back from the shards (small int32/float32 columns) once ``mtl prepare`` wro
 them, in one streaming pass per split; the raw rows are read again only for a
 val/test column whose ids all encode to the unknown index 0, to tell ids unseen in
 train (warned about, as the in-memory path's
-:func:`~mtl.data.validation.warn_unseen_categories` does) from missing ones. A
+:func:`~mtl.data.data_warnings.warn_unseen_categories` does) from missing ones. A
 binary label of one class in a split is warned about from its rate, as the
-in-memory path's :func:`~mtl.data.validation.warn_one_class_labels` does.
+in-memory path's :func:`~mtl.data.data_warnings.warn_one_class_labels` does.
 """
 
 from __future__ import annotations
@@ -18,14 +18,10 @@ from typing import Any
 
 import polars as pl
 
+from mtl.data.data_warnings import DataWarning, UnseenCategoriesWarning, one_class_label_message
 from mtl.data.features import FittedFeatures
 from mtl.data.shards.folder import column_names
-from mtl.data.validation import (
-    DataError,
-    DataWarning,
-    UnseenCategoriesWarning,
-    one_class_label_message,
-)
+from mtl.data.validation import DataError
 
 __all__ = ["shard_record", "warn_one_class", "warn_unseen"]
 
@@ -118,7 +114,7 @@ def warn_one_class(
     *,
     origins: Mapping[str, str],
 ) -> dict[str, list[str]]:
-    """Warn, as the in-memory path's :func:`~mtl.data.validation.warn_one_class_labels`
+    """Warn, as the in-memory path's :func:`~mtl.data.data_warnings.warn_one_class_labels`
     does, for each split whose binary label is all 0 or all 1, read from its rate.
 
     Args:
