@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from mtl.data.tabular import TensorBatchLoader
+from mtl.data.tensor_loader import TensorBatchLoader
 from mtl.training.build import build
 from mtl.training.rec_module import RecModule
 

@@ -77,7 +77,8 @@ from rec_lightning import OneOptimizerRecModule, trainer_epoch_runner
 
 from mtl.data.datamodule import RecDataModule
 from mtl.data.features import FeatureSpec
-from mtl.data.tabular import RecBatch, TabularTensors, TensorBatchLoader
+from mtl.data.tabular import RecBatch, TabularTensors
+from mtl.data.tensor_loader import TensorBatchLoader
 from mtl.models.rec.ranker import Ranker
 from mtl.training.build import build, build_net
 from mtl.training.compile import compile_model

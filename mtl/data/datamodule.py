@@ -18,7 +18,8 @@ from mtl.data.data_record import describe_split, label_rates
 from mtl.data.data_warnings import warn_one_class_labels, warn_unseen_categories
 from mtl.data.features import ColumnRoles, FeatureSpec, FittedFeatures, TaskKind, fit_features
 from mtl.data.sources import SourceData, load_source
-from mtl.data.tabular import TabularTensors, TensorBatchLoader, encode
+from mtl.data.tabular import TabularTensors, encode
+from mtl.data.tensor_loader import TensorBatchLoader
 from mtl.data.validation import check_embed_dim, check_unique
 
 Split = Literal["train", "val", "test"]

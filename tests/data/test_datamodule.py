@@ -13,7 +13,8 @@ import torch
 
 from mtl.data.datamodule import RecDataModule, split_indices
 from mtl.data.sources import load_source
-from mtl.data.tabular import RecBatch, TensorBatchLoader
+from mtl.data.tabular import RecBatch
+from mtl.data.tensor_loader import TensorBatchLoader
 from mtl.models.rec.embedding import FeatureEmbedding
 
 SMALL_CTR = {"n": 3000, "n_users": 60, "n_items": 50}

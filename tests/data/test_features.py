@@ -11,7 +11,6 @@ from mtl.data.features import (
     FeatureSpec,
     NumericFeature,
     TaskSpec,
-    build_feature_spec,
     default_embed_dim,
     fit_features,
     infer_roles,
@@ -93,17 +92,17 @@ def test_constant_numeric_column_does_not_divide_by_zero() -> None:
 def test_embed_dim_rule_and_fixed(train: pl.DataFrame) -> None:
     assert [default_embed_dim(v) for v in (1, 2, 10, 100, 10**6)] == [6, 7, 11, 16, 16]
     assert default_embed_dim(10**6, max_dim=32) == 32
-    spec = build_feature_spec(
+    spec = fit_features(
         train, categorical=["color"], numeric=[], labels={"y": "binary"}, embed_dim=5
-    )
+    ).spec
     assert spec.categorical[0].embed_dim == 5
-    spec = build_feature_spec(
+    spec = fit_features(
         train,
         categorical=["color", "code"],
         numeric=[],
         labels={"y": "binary"},
         embed_dim={"code": 3},
-    )
+    ).spec
     assert [c.embed_dim for c in spec.categorical] == [default_embed_dim(3), 3]
 
 
@@ -117,14 +116,14 @@ def test_infer_roles_from_schema(train: pl.DataFrame) -> None:
 
 
 def test_spec_round_trips_through_dict(train: pl.DataFrame) -> None:
-    spec = build_feature_spec(
+    spec = fit_features(
         train,
         categorical=["color"],
         numeric=["price"],
         labels={"y": "binary"},
         user_column="code",
         task_weights={"y": 2.0},
-    )
+    ).spec
     again = FeatureSpec.from_dict(spec.to_dict())
     assert again == spec
     assert again.tasks == [TaskSpec("y", "binary", 2.0)]

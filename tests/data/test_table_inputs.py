@@ -87,7 +87,7 @@ def test_a_value_that_is_no_name_is_refused_naming_the_key(tmp_path: Path, bad: 
 
 
 def test_whole_floats_are_known_by_their_integer_text() -> None:
-    from mtl.data.features import category_text
+    from mtl.data.vocabulary import category_text
 
     df = pl.DataFrame({"f": [12.0, -3.0, 0.5, None], "s": ["12", "a", "12.0", None]})
     for got in (

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mtl.data.features import fit_features
-from mtl.data.tabular import RecBatch, TabularTensors, TensorBatchLoader, encode
+from mtl.data.tabular import RecBatch, TabularTensors, encode
+from mtl.data.tensor_loader import TensorBatchLoader
 
 
 def _tensors(n: int, with_user: bool = True) -> TabularTensors:

@@ -3,7 +3,7 @@ single-process run with the same global batch and seed, each rank reads its own 
 metrics cover every rank's rows, checkpoints are written once and resume in one process.
 
 Same global batch: each rank's batch is half the single-process batch, and the strided
-shards of :class:`~mtl.data.tabular.TensorBatchLoader` make the two halves of global
+shards of :class:`~mtl.data.tensor_loader.TensorBatchLoader` make the two halves of global
 batch ``b`` exactly the rows of the single-process batch ``b``; DDP averages the two
 half-batch gradients, which is the gradient of the full-batch mean. Dropout is off and
 the MMoE has no batch norm, so nothing else differs (with batch norm each rank would
@@ -27,7 +27,8 @@ import torch.multiprocessing as mp
 
 # Light imports only at the top: the spawned metric workers import this module, and
 # Lightning and the models would double their start-up time on a small machine.
-from mtl.data.tabular import TabularTensors, TensorBatchLoader
+from mtl.data.tabular import TabularTensors
+from mtl.data.tensor_loader import TensorBatchLoader
 from mtl.training.metrics import BinaryTaskMetrics
 from mtl.training.ranks import is_launch_rank_zero
 

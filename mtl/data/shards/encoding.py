@@ -2,12 +2,12 @@
 
 :func:`fit_lazy` is :func:`mtl.data.features.fit_features` for data that is not in
 memory: one streaming pass hands the train rows over in batches; each batch's category
-counts (:func:`~mtl.data.features.category_counts`, the in-memory path's query) and
+counts (:func:`~mtl.data.vocabulary.category_counts`, the in-memory path's query) and
 numeric moments are summed into running totals, and the same rules turn them into the
-encoding (:func:`~mtl.data.features.vocabulary_from_counts`,
+encoding (:func:`~mtl.data.vocabulary.vocabulary_from_counts`,
 :func:`~mtl.data.features.numeric_feature`, :func:`~mtl.data.features.assemble_fitted`),
 so both paths give the same vocabularies, statistics and ids, and warn alike about
-a column of row ids (:func:`~mtl.data.features.warn_id_like_columns`).
+a column of row ids (:func:`~mtl.data.vocabulary.warn_id_like_columns`).
 """
 
 from __future__ import annotations
@@ -21,17 +21,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from mtl.data.features import (
-    ColumnRoles,
-    FittedFeatures,
-    assemble_fitted,
+from mtl.data.features import ColumnRoles, FittedFeatures, assemble_fitted, numeric_feature
+from mtl.data.spec import FeatureSpec
+from mtl.data.vocabulary import (
     category_counts,
     check_vocab_options,
-    numeric_feature,
     vocabulary_from_counts,
     warn_id_like_columns,
 )
-from mtl.data.spec import FeatureSpec
 
 __all__ = ["fit_lazy", "load_encoding", "save_encoding"]
 

@@ -4,7 +4,7 @@ Nothing here loads a table: every function builds or runs a ``LazyFrame`` query
 over the files with polars' streaming engine. The reading rules are the table
 source's (:mod:`mtl.data.sources.table`): only the named columns, ids as text and
 numerics as floats from CSV, ids stored as different dtypes in different files
-made one id space with :func:`~mtl.data.features.category_text`, files
+made one id space with :func:`~mtl.data.vocabulary.category_text`, files
 concatenated in sorted order, ``n_rows`` per file. The checks are
 :func:`mtl.data.sources.base.validate_frame`'s, counted over all rows in one pass,
 with its messages. The split of the rows is :mod:`mtl.data.shards.split`'s
@@ -21,12 +21,20 @@ from typing import Any
 
 import polars as pl
 
-from mtl.data.features import ColumnRoles, category_text, names_list
+from mtl.data.features import ColumnRoles, names_list
 from mtl.data.numeric_range import FLOAT32_MAX
 from mtl.data.shards.split import ROW, SPLIT, split_column
 from mtl.data.sources.base import binary_label_ok, binary_label_problem
 from mtl.data.sources.table import _columns, _format, _task_kinds, table_files
-from mtl.data.validation import DataError, check_row_limit, describe_bad_values, separator_hint
+from mtl.data.validation import (
+    _RAGGED,
+    DataError,
+    check_row_limit,
+    describe_bad_values,
+    ragged_row,
+    separator_hint,
+)
+from mtl.data.vocabulary import category_text
 
 __all__ = [
     "ROW",
@@ -323,5 +331,8 @@ def read_failure(files: Sequence[Path], query: TableQuery, exc: BaseException) -
             if message is not None:
                 return DataError(message)
             line = (str(one).strip().splitlines() or [type(one).__name__])[0]
+            if _RAGGED in line and _format(path) in ("csv", "tsv"):
+                sep = query.separator or ("\t" if _format(path) == "tsv" else ",")
+                line = ragged_row(path, sep) or line
             return DataError(f"table file {path} cannot be read: {line}")
     return DataError(f"{', '.join(map(str, files))}: {first}")

@@ -29,7 +29,8 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mtl.data.tabular import EpochSetter, RecBatch
+from mtl.data.tabular import RecBatch
+from mtl.data.tensor_loader import EpochSetter
 
 __all__ = ["Block", "ShardBatchLoader", "ShardColumns", "ShardStream", "blocks_of", "plan_ranges"]
 
@@ -222,7 +223,7 @@ class ShardStream(IterableDataset):
 class ShardBatchLoader:
     """Epochs of a :class:`ShardStream`, read in this process or by DataLoader workers.
 
-    Like :class:`~mtl.data.tabular.TensorBatchLoader`: the epoch advances per
+    Like :class:`~mtl.data.tensor_loader.TensorBatchLoader`: the epoch advances per
     ``iter()`` unless set (Lightning sets it through ``loader.sampler.set_epoch``), and
     ``state_dict``/``load_state_dict`` record the epoch and the batches served, so a
     resumed run continues where the saved one stopped (mid-epoch, by skipping the

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from mtl.data.features import ColumnRoles, category_text
+from mtl.data.features import ColumnRoles
 from mtl.data.sources.base import SourceData, read_table, validate_frame
 from mtl.data.sources.table_files import TABLE_SUFFIXES, _format, split_files, table_files
 from mtl.data.spec import TASK_KINDS, TaskKind
@@ -32,8 +32,10 @@ from mtl.data.validation import (
     check_row_limit,
     check_unique,
     read_error,
+    refuse_duplicate_names,
     separator_hint,
 )
+from mtl.data.vocabulary import category_text
 
 # The file-finding names stay importable from here (the shard scan and the table data
 # module read them through this module).
@@ -49,9 +51,11 @@ def _columns(path: Path, fmt: str, separator: str) -> list[str]:
             return pl.scan_parquet(path).collect_schema().names()
         if fmt == "ndjson":
             return pl.scan_ndjson(path).collect_schema().names()
-        return pl.read_csv(path, separator=separator, n_rows=1, infer_schema=False).columns
+        columns = pl.read_csv(path, separator=separator, n_rows=1, infer_schema=False).columns
     except (pl.exceptions.PolarsError, OSError, EOFError) as exc:
         raise read_error(path, _WHAT, exc) from exc
+    refuse_duplicate_names(path, columns)
+    return columns
 
 
 def _read_file(
