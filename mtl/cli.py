@@ -158,6 +158,35 @@ def cmd_tool(name: str, argv: Sequence[str]) -> int:
     return int(function(list(argv)))
 
 
+def _quoted(value: str) -> str:
+    """``value`` with its names that hold spaces or non-ASCII characters in double quotes."""
+
+    def quote(name: str) -> str:
+        name = name.strip()
+        return f'"{name}"' if (" " in name or not name.isascii()) else name
+
+    if value.startswith("[") and value.endswith("]"):
+        return "[" + ",".join(quote(v) for v in value[1:-1].split(",")) + "]"
+    return quote(value)
+
+
+def _override_hint(message: str, argv: Sequence[str]) -> str:
+    """A fix to append to Hydra's override parse error when an override holds a space or a
+    non-ASCII character (Hydra's grammar takes unquoted names of ASCII letters only)."""
+    if "LexerNoViableAltException" not in message and "override_grammar" not in message:
+        return ""
+    suspect = [a for a in argv if "=" in a and (" " in a or not a.isascii())]
+    if not suspect:
+        return ""
+    key, value = suspect[0].split("=", 1)
+    example = (
+        f"{key}={_quoted(value)}"
+        if not any(q in value for q in "\"'")
+        else 'data.categorical=[user_id,"artículo"]'
+    )
+    return f"; quote names with spaces or non-ASCII characters: '{example}'"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mtl`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -195,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # never logged): the message is the useful part.
         if os.environ.get("MTL_DEBUG"):
             raise
-        message = " ".join(str(exc).split())
+        message = " ".join(str(exc).split()) + _override_hint(str(exc), argv)
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -157,3 +157,29 @@ def test_a_tool_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
         del TOOLS["failing"]
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "quoted"),
+    [
+        ("data.categorical=[user_id,artículo]", 'data.categorical=[user_id,"artículo"]'),
+        ("data.categorical=[user_id, artículo]", 'data.categorical=[user_id,"artículo"]'),
+        ("data.path=/tmp/dätä.csv", 'data.path="/tmp/dätä.csv"'),
+    ],
+)
+def test_an_override_hydra_cannot_lex_gets_its_quoted_form(
+    override: str, quoted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--print-config", "data=table", override]) == 2
+    err = capsys.readouterr().err
+    hint = f"; quote names with spaces or non-ASCII characters: '{quoted}'\n"
+    assert err.startswith("error: ") and err.count("\n") == 1 and err.endswith(hint)
+    # The form the hint gives is one Hydra takes.
+    assert main(["train", "--print-config", "data=table", quoted]) == 0
+    assert ("artículo" if "artículo" in quoted else "/tmp/dätä.csv") in capsys.readouterr().out
+
+
+def test_other_override_errors_get_no_quoting_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--print-config", "data=table", "data.categorical=[a,b"]) == 2
+    err = capsys.readouterr().err
+    assert "override_grammar" in err and "quote names" not in err

@@ -12,14 +12,14 @@ Callers are :mod:`mtl.data.sources` (reading), :mod:`mtl.data.datamodule`
 
 from __future__ import annotations
 
-import csv
-import gzip
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
+
+from mtl.data.csv_layout import RAGGED_ROW_ERROR, csv_rows, ragged_row
 
 if TYPE_CHECKING:
     from mtl.data.datamodule import RecDataModule
@@ -32,7 +32,6 @@ __all__ = [
     "check_row_limit",
     "check_unique",
     "describe_bad_values",
-    "ragged_row",
     "read_error",
     "refuse_duplicate_names",
     "separator_hint",
@@ -58,9 +57,6 @@ _PARSE_RE = re.compile(
     r"could not parse `(?P<value>.*?)` as dtype `(?P<dtype>\w+)` at column '(?P<column>[^']*)'"
 )
 _INTEGER_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
-# Polars reads a CSV header's second "price" as "price_duplicated_0" and says nothing.
-_DUPLICATED_RE = re.compile(r"^(?P<name>.*)_duplicated_\d+$")
-_RAGGED = "more fields than defined"  # polars' message for a row longer than the header
 # Separators a header read whole as one column most often hides. The override is quoted
 # for the shell and for Hydra, which refuses a bare ";".
 _OTHER_SEPARATORS = {
@@ -165,46 +161,31 @@ def _diagnose_parse_error(
     return None
 
 
-def ragged_row(path: Path, separator: str = ",", quote_char: str | None = '"') -> str | None:
-    """Where CSV file ``path`` first has a row with more fields than its header, or None.
-
-    Read on an error path only, up to that row. Lines count from 1 (the header).
+def refuse_duplicate_names(
+    path: Path, columns: Sequence[str], separator: str = ",", *, used: Iterable[str] | None = None
+) -> None:
+    """Refuse CSV file ``path`` if its header names a ``used`` column twice (polars read it
+    as ``columns``); None: any column. Repeats among the columns a run ignores do no harm.
 
     Example:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "d.csv"
-        >>> _ = path.write_text('a,b\\n1,"x,y"\\n2,3,4\\n')
-        >>> ragged_row(path)
-        'line 3 has 3 fields but the header (line 1) has 2; quote values that hold the separator'
-    """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    quoting = csv.QUOTE_MINIMAL if quote_char else csv.QUOTE_NONE
-    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as handle:
-        rows = csv.reader(handle, delimiter=separator, quotechar=quote_char, quoting=quoting)
-        width = len(next(rows, []))
-        start = rows.line_num + 1  # a quoted value may span lines: a row starts after the last
-        for row in rows:
-            if len(row) > width:
-                return (
-                    f"line {start} has {len(row)} fields but the header (line 1) has {width}; "
-                    "quote values that hold the separator"
-                )
-            start = rows.line_num + 1
-    return None
-
-
-def refuse_duplicate_names(path: Path, columns: Sequence[str]) -> None:
-    """Refuse the columns polars read from a CSV header that names a column more than once.
-
-    Example:
-        >>> refuse_duplicate_names(Path("d.csv"), ["price", "id", "price_duplicated_0"])
+        >>> _ = path.write_text("price,id,price\\n1,2,3\\n")
+        >>> refuse_duplicate_names(path, pl.read_csv(path).columns)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        mtl.data.validation.DataError: d.csv: the header names ['price'] more than once; give each column its own name
+        mtl.data.validation.DataError: ...d.csv: the header names ['price'] more than once; ...
     """
-    names = set(columns)
-    found = (_DUPLICATED_RE.match(c) for c in columns)
-    repeated = list(dict.fromkeys(m["name"] for m in found if m and m["name"] in names))
+    # Polars reads a second "price" as "price_duplicated_0" and says nothing; the file's own
+    # header tells such a repeat from a column really named so.
+    if not any("_duplicated_" in c for c in columns):
+        return
+    with csv_rows(path, separator) as rows:
+        header = next(rows, [])
+    wanted = None if used is None else set(used)
+    repeated = [
+        n for n in dict.fromkeys(header) if header.count(n) > 1 and (wanted is None or n in wanted)
+    ]
     if repeated:
         raise DataError(
             f"{path}: the header names {repeated} more than once; give each column its own name"
@@ -245,7 +226,7 @@ def read_error(
             "download or compress it again"
         )
     kwargs = read_kwargs or {}
-    if _RAGGED in message and path.suffix != ".parquet":
+    if RAGGED_ROW_ERROR in message and path.suffix != ".parquet":
         where = ragged_row(path, kwargs.get("separator", ","), kwargs.get("quote_char", '"'))
         if where is not None:
             return DataError(f"{what} {path} cannot be read: {where}")

@@ -21,19 +21,13 @@ from typing import Any
 
 import polars as pl
 
+from mtl.data.csv_layout import RAGGED_ROW_ERROR, ragged_row
 from mtl.data.features import ColumnRoles, names_list
 from mtl.data.numeric_range import FLOAT32_MAX
 from mtl.data.shards.split import ROW, SPLIT, split_column
 from mtl.data.sources.base import binary_label_ok, binary_label_problem
 from mtl.data.sources.table import _columns, _format, _task_kinds, table_files
-from mtl.data.validation import (
-    _RAGGED,
-    DataError,
-    check_row_limit,
-    describe_bad_values,
-    ragged_row,
-    separator_hint,
-)
+from mtl.data.validation import DataError, check_row_limit, describe_bad_values, separator_hint
 from mtl.data.vocabulary import category_text
 
 __all__ = [
@@ -134,7 +128,7 @@ def _scan_one(path: Path, query: TableQuery) -> pl.LazyFrame:
     if fmt is None:
         raise DataError(f"{path} is not a table file")
     sep = query.separator if query.separator is not None else ("\t" if fmt == "tsv" else ",")
-    present = _columns(path, fmt, sep)
+    present = _columns(path, fmt, sep, used=query.keys)
     missing = [f"{c!r} (data.{k})" for c, k in query.keys.items() if c not in present]
     if missing:
         raise DataError(
@@ -331,8 +325,10 @@ def read_failure(files: Sequence[Path], query: TableQuery, exc: BaseException) -
             if message is not None:
                 return DataError(message)
             line = (str(one).strip().splitlines() or [type(one).__name__])[0]
-            if _RAGGED in line and _format(path) in ("csv", "tsv"):
-                sep = query.separator or ("\t" if _format(path) == "tsv" else ",")
+            fmt = _format(path)
+            if RAGGED_ROW_ERROR in line and fmt in ("csv", "tsv"):
+                default = "\t" if fmt == "tsv" else ","
+                sep = default if query.separator is None else query.separator
                 line = ragged_row(path, sep) or line
             return DataError(f"table file {path} cannot be read: {line}")
     return DataError(f"{', '.join(map(str, files))}: {first}")

@@ -16,7 +16,7 @@ latest is how a ranker meets its future traffic.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ _WHAT = "table file"
 _EXAMPLES = 5
 
 
-def _columns(path: Path, fmt: str, separator: str) -> list[str]:
+def _columns(path: Path, fmt: str, separator: str, used: Iterable[str] | None = None) -> list[str]:
+    """The column names of table file ``path``; a CSV header naming a ``used`` column twice
+    is refused (polars would silently read the first)."""
     try:
         if fmt == "parquet":
             return pl.scan_parquet(path).collect_schema().names()
@@ -53,8 +55,8 @@ def _columns(path: Path, fmt: str, separator: str) -> list[str]:
             return pl.scan_ndjson(path).collect_schema().names()
         columns = pl.read_csv(path, separator=separator, n_rows=1, infer_schema=False).columns
     except (pl.exceptions.PolarsError, OSError, EOFError) as exc:
-        raise read_error(path, _WHAT, exc) from exc
-    refuse_duplicate_names(path, columns)
+        raise read_error(path, _WHAT, exc, {"separator": separator}) from exc
+    refuse_duplicate_names(path, columns, separator, used=used)
     return columns
 
 
@@ -72,7 +74,7 @@ def _read_file(
     fmt = _format(path)
     assert fmt is not None
     sep = separator if separator is not None else ("\t" if fmt == "tsv" else ",")
-    columns = _columns(path, fmt, sep)
+    columns = _columns(path, fmt, sep, used=needed)
     missing = [f"{name!r} (data.{key})" for name, key in needed.items() if name not in columns]
     if missing:
         raise DataError(
