@@ -27,7 +27,8 @@ Training with data parallelism for the rest of the model: :class:`ExpertParallel
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -151,6 +152,39 @@ def gather_experts(shard: ExpertShard, group: GroupLike = None) -> nn.Module:
     return full
 
 
+def map_expert_rows(
+    tensors: Mapping[str, Any], num_experts: int, rows: Callable[[Tensor], Tensor]
+) -> dict[str, Any]:
+    """``tensors`` with each per-expert tensor ``t`` replaced by ``rows(t)``, the rest as they are.
+
+    A per-expert tensor leads with the expert dimension ``num_experts``; scalars,
+    other shapes and non-tensors (an optimiser's ``step``) pass through. The one
+    walk behind sharding and gathering a bank (:func:`shard_experts`,
+    :func:`gather_experts`) and behind a checkpoint's expert weights and
+    optimiser moments (:mod:`mtl.training.lm_expert_parallel`). The input is
+    not modified.
+
+    Args:
+        tensors: e.g. a bank's buffers, its state dict, or one parameter's optimiser state.
+        num_experts: the leading size that marks a per-expert tensor.
+        rows: the new tensor for a per-expert one (a slice, a gather).
+
+    Example:
+        >>> state = {"step": torch.tensor(3.0), "exp_avg": torch.arange(8.0).view(4, 2)}
+        >>> half = map_expert_rows(state, 4, lambda t: t[2:])
+        >>> half["exp_avg"].tolist(), half["step"].item()
+        ([[4.0, 5.0], [6.0, 7.0]], 3.0)
+    """
+    return {
+        key: rows(value) if _is_per_expert(value, num_experts) else value
+        for key, value in tensors.items()
+    }
+
+
+def _is_per_expert(value: object, num_experts: int) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == num_experts
+
+
 def _restacked(bank: nn.Module, num_experts: int, rows: Callable[[Tensor], Tensor]) -> nn.Module:
     """A copy of a stacked bank whose per-expert tensors ``t`` are replaced by ``rows(t)``.
 
@@ -162,14 +196,12 @@ def _restacked(bank: nn.Module, num_experts: int, rows: Callable[[Tensor], Tenso
         for name, p in list(module._parameters.items()):
             if p is None:
                 continue
-            if p.dim() == 0 or p.shape[0] != num_experts:
+            if not _is_per_expert(p, num_experts):
                 raise ValueError(
                     f"parameter {name} of shape {tuple(p.shape)} has no expert dim {num_experts}"
                 )
             module._parameters[name] = nn.Parameter(rows(p.detach()), requires_grad=p.requires_grad)
-        for name, b in list(module._buffers.items()):
-            if b is not None and b.dim() > 0 and b.shape[0] == num_experts:
-                module._buffers[name] = rows(b)
+        module._buffers.update(map_expert_rows(module._buffers, num_experts, rows))
     return out
 
 

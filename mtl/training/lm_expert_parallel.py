@@ -23,14 +23,19 @@ Gradient reduction and clipping over the shards are the plan's own
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtl.moe.expert_parallel import ExpertShard, gather_expert_rows, gather_experts
+from mtl.moe.expert_parallel import (
+    ExpertShard,
+    gather_expert_rows,
+    gather_experts,
+    map_expert_rows,
+)
 from mtl.moe.expert_parallel_plan import ExpertParallelPlan, set_ddp_ignore
 
 log = logging.getLogger(__name__)
@@ -137,9 +142,9 @@ def slice_expert_checkpoint(
     """
     state = checkpoint["state_dict"]
     for prefix, shard in expert_shards(net).items():
-        lo, L = shard.first_expert, shard.local.num_experts
-        for name in shard.local.state_dict():
-            state[f"{prefix}local.{name}"] = state.pop(prefix + name)[lo : lo + L]
+        whole = {name: state.pop(prefix + name) for name in shard.local.state_dict()}
+        own = map_expert_rows(whole, shard.num_experts, _own_rows(shard))
+        state.update({f"{prefix}local.{name}": t for name, t in own.items()})
     _reshard_optimizer_states(
         checkpoint.get("optimizer_states", []), net, plan, params, gather=False
     )
@@ -160,16 +165,23 @@ def _reshard_optimizer_states(
             shard = owners.get(id(p))
             if shard is None or i not in saved["state"]:
                 continue
-            lo, L = shard.first_expert, shard.local.num_experts
-            # a new dict: optimizer.state_dict() shares the live per-parameter state
-            state = saved["state"][i] = dict(saved["state"][i])
-            for key, value in state.items():
-                if not isinstance(value, Tensor) or value.dim() == 0:
-                    continue
-                if gather and value.shape[0] == L:
-                    state[key] = gather_expert_rows(value, plan.mesh["ep"])
-                elif not gather and value.shape[0] == shard.num_experts:
-                    state[key] = value[lo : lo + L]
+            # a new dict (map_expert_rows's): optimizer.state_dict() shares the live state
+            if gather:
+                saved["state"][i] = map_expert_rows(
+                    saved["state"][i],
+                    shard.local.num_experts,
+                    lambda t: gather_expert_rows(t, plan.mesh["ep"]),
+                )
+            else:
+                saved["state"][i] = map_expert_rows(
+                    saved["state"][i], shard.num_experts, _own_rows(shard)
+                )
+
+
+def _own_rows(shard: ExpertShard) -> Callable[[Tensor], Tensor]:
+    """A whole bank's tensor ``(E, ...)`` to this shard's experts' rows ``(L, ...)`` (a view)."""
+    lo, L = shard.first_expert, shard.local.num_experts
+    return lambda t: t[lo : lo + L]
 
 
 def check_equal_batch_counts(num_batches: int, device: torch.device) -> None:

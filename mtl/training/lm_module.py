@@ -54,7 +54,7 @@ from mtl.training.lm_expert_parallel import (
     gather_expert_checkpoint,
     slice_expert_checkpoint,
 )
-from mtl.training.ranks import rank_sum, trainer_world_size
+from mtl.training.ranks import is_multi_process, rank_sum, trainer_world_size
 from mtl.training.routing_logging import log_routing
 from mtl.training.routing_totals import RoutingTotals, sum_over_ranks
 from mtl.training.schedules import OptimizerFactory, SchedulerFactory, optimizers_with_schedule
@@ -163,7 +163,7 @@ class LMModule(pl.LightningModule):
             self.expert_plan = configure_expert_parallel(
                 self, self.net, expert_parallel=self.net.expert_parallel, fsdp=shard is not None
             )
-        elif torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        elif is_multi_process():
             # data parallelism: router losses count every rank's tokens (as the expert-parallel
             # plan's do), so a run equals one process on the global batch
             count_routing_over(self.net, torch.distributed.group.WORLD)

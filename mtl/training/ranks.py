@@ -8,7 +8,8 @@ would find it locked or already holding the run.
 
 Inside a ``LightningModule`` (:func:`trainer_world_size`, :func:`rank_sum`): how many
 processes its trainer runs, and a sum of a tensor over them, for the modules'
-per-step and per-epoch statistics.
+per-step and per-epoch statistics; :func:`is_multi_process`: whether the default
+process group spans several processes, for the modules' ``configure_model``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,23 @@ def trainer_world_size(module: pl.LightningModule) -> int:
         return int(module.trainer.world_size)
     except RuntimeError:  # not attached to a trainer
         return 1
+
+
+def is_multi_process() -> bool:
+    """True when ``torch.distributed``'s default process group runs more than one process.
+
+    For hooks such as ``configure_model`` that act on the process group itself
+    (:func:`trainer_world_size` reads the trainer instead); False without a
+    process group, or with a single-process one.
+
+    Example:
+        >>> is_multi_process()  # no process group here
+        False
+    """
+    # imported here so that the module itself still loads without torch
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank_sum(module: pl.LightningModule) -> SumOverRanks:

@@ -32,7 +32,7 @@ from mtl.moe.group_counts import count_routing_over
 from mtl.training.diagnostics import DiagnosticsAccumulator, ExpertDiagnostics
 from mtl.training.expert_load import ExpertLoad, log_load_histograms
 from mtl.training.metrics import LOG_LOSS_EPS, BinaryTaskMetrics, RegressionTaskMetrics
-from mtl.training.ranks import rank_sum, trainer_world_size
+from mtl.training.ranks import is_multi_process, rank_sum, trainer_world_size
 from mtl.training.schedules import OptimizerFactory, SchedulerFactory, optimizers_with_schedule
 from mtl.training.step_logging import EpochMeans, step_metrics_due
 
@@ -157,8 +157,7 @@ class RecModule(pl.LightningModule):
     def configure_model(self) -> None:
         # data parallelism: the gates' auxiliary losses count every rank's rows (as the LM's
         # router losses do), so a run equals one process on the global batch
-        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        if distributed and _has_gate_losses(self.net):
+        if is_multi_process() and _has_gate_losses(self.net):
             count_routing_over(self.net, torch.distributed.group.WORLD)
 
     def forward(self, batch: RecBatch) -> MultiTaskOutput:

@@ -36,6 +36,7 @@ from mtl.moe.expert_parallel import (
     ExpertParallelDispatch,
     ExpertShard,
     gather_experts,
+    map_expert_rows,
     parallelize_experts,
     reduce_routing_stats,
     shard_experts,
@@ -328,3 +329,33 @@ def test_a_parameter_without_the_expert_dim_cannot_be_sharded() -> None:
     bank.scale = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match=r"parameter scale of shape \(3,\) has no expert dim 4"):
         shard_experts(bank, shard=0, num_shards=2)
+
+
+def test_a_buffer_without_the_expert_dim_is_copied_whole_into_every_shard() -> None:
+    bank = SwiGLUExperts(num_experts=4, d_model=4, d_hidden=4)
+    bank.register_buffer("scale_D", torch.arange(3.0))
+    for r in range(2):
+        torch.testing.assert_close(
+            shard_experts(bank, shard=r, num_shards=2).local.scale_D, torch.tensor([0.0, 1.0, 2.0])
+        )
+
+
+def test_map_expert_rows_replaces_only_tensors_leading_with_the_expert_dim() -> None:
+    moments_E = torch.arange(24.0).view(6, 4)
+    step, mask = torch.tensor(5.0), torch.ones(3, 6)
+    state = {"exp_avg": moments_E, "step": step, "count": 7, "mask": mask, "unset": None}
+    seen: list[torch.Tensor] = []
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return t[2:4] * 10
+
+    out = map_expert_rows(state, 6, rows)
+    assert len(seen) == 1 and seen[0] is moments_E  # scalars, other shapes, non-tensors: untouched
+    torch.testing.assert_close(
+        out["exp_avg"], torch.tensor([[80.0, 90, 100, 110], [120, 130, 140, 150]])
+    )
+    assert out["step"] is step and out["count"] == 7 and out["mask"] is mask
+    assert out["unset"] is None and list(out) == list(state)
+    assert out is not state and state["exp_avg"] is moments_E  # a new dict, the input as it was
+    assert map_expert_rows(state, 3, lambda t: t[:1])["mask"].shape == (1, 6)
