@@ -19,9 +19,11 @@ import polars.selectors as cs
 from mtl.data.data_warnings import DataWarning
 
 __all__ = [
+    "as_text_counts",
     "category_counts",
     "category_text",
     "check_vocab_options",
+    "value_counts",
     "vocabulary_from_counts",
     "warn_id_like_columns",
 ]
@@ -83,20 +85,44 @@ def category_text(name: str) -> pl.Expr:
 
 def category_counts(frame: FrameT, name: str) -> FrameT:
     """Counts of the non-null categories of column ``name`` as text: the ``value``/``n``
-    frame of :func:`vocabulary_from_counts`. Lazy in, lazy out, so the streaming fit of
-    ``mtl prepare`` counts with the very same query.
+    frame of :func:`vocabulary_from_counts`. Lazy in, lazy out.
+
+    The values are counted as they are stored (:func:`value_counts`), then written as
+    text (:func:`as_text_counts`); the streaming fit of ``mtl prepare`` sums the first
+    step over batches and applies the second once, so both paths give the same counts.
 
     Example:
         >>> category_counts(pl.DataFrame({"c": [1.0, 1.0, None]}), "c").rows()
         [('1', 2)]
     """
-    # Strings give one code path for every dtype; fixed names: a column may be called "count".
+    return as_text_counts(value_counts(frame, name))
+
+
+def value_counts(frame: FrameT, name: str) -> FrameT:
+    """Counts ``n`` (Int64) of the non-null values of column ``name``, in its own dtype as ``value``.
+
+    Example:
+        >>> value_counts(pl.DataFrame({"c": [3, 3, None]}), "c").rows()
+        [(3, 2)]
+    """
+    # Fixed names: a column may be called "n" or "count".
     return (
-        frame.select(category_text(name).alias("value"))
+        frame.select(pl.col(name).alias("value"))
         .drop_nulls()
         .group_by("value")
-        .agg(pl.len().alias("n"))
+        .agg(pl.len().cast(pl.Int64).alias("n"))
     )
+
+
+def as_text_counts(counts: FrameT) -> FrameT:
+    """:func:`value_counts` with each value written as :func:`category_text`, counts of values
+    that read the same (``0.0`` and ``-0.0``) summed.
+
+    Example:
+        >>> as_text_counts(pl.DataFrame({"value": [0.0, -0.0, 2.5], "n": [1, 2, 4]})).sort("value").rows()
+        [('0', 3), ('2.5', 4)]
+    """
+    return counts.select(category_text("value"), "n").group_by("value").agg(pl.col("n").sum())
 
 
 def warn_id_like_columns(

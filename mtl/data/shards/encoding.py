@@ -1,9 +1,10 @@
 """Fitting the feature encoding on a lazy train split, and keeping it as JSON.
 
 :func:`fit_lazy` is :func:`mtl.data.features.fit_features` for data that is not in
-memory: one streaming pass hands the train rows over in batches; each batch's category
-counts (:func:`~mtl.data.vocabulary.category_counts`, the in-memory path's query) and
-numeric moments are summed into running totals, and the same rules turn them into the
+memory: one streaming pass hands the train rows over in batches; each batch's value
+counts (:func:`~mtl.data.vocabulary.value_counts`, the first step of the in-memory path's
+:func:`~mtl.data.vocabulary.category_counts`) and numeric moments are summed into running
+totals, written as text once (:func:`~mtl.data.vocabulary.as_text_counts`), and the same rules turn them into the
 encoding (:func:`~mtl.data.vocabulary.vocabulary_from_counts`,
 :func:`~mtl.data.features.numeric_feature`, :func:`~mtl.data.features.assemble_fitted`),
 so both paths give the same vocabularies, statistics and ids, and warn alike about
@@ -24,8 +25,9 @@ import polars as pl
 from mtl.data.features import ColumnRoles, FittedFeatures, assemble_fitted, numeric_feature
 from mtl.data.spec import FeatureSpec
 from mtl.data.vocabulary import (
-    category_counts,
+    as_text_counts,
     check_vocab_options,
+    value_counts,
     vocabulary_from_counts,
     warn_id_like_columns,
 )
@@ -39,7 +41,8 @@ _MERGE_ROWS = 100_000
 
 
 class _RunningCounts:
-    """One column's category counts (``value``/``n``) summed over the batches seen so far.
+    """One column's value counts (:func:`~mtl.data.vocabulary.value_counts`, in the column's
+    own dtype) summed over the batches seen so far; :meth:`total` writes them as text.
 
     A batch's counts wait in a list until the list holds at least as many rows as the
     total (and ``_MERGE_ROWS``); then all are summed at once. Each counted row is thus
@@ -48,26 +51,31 @@ class _RunningCounts:
     """
 
     def __init__(self) -> None:
-        self._total = pl.DataFrame(schema={"value": pl.String, "n": pl.Int64})
+        self._total: pl.DataFrame | None = None
         self._waiting: list[pl.DataFrame] = []
         self._waiting_rows = 0
 
     def add(self, counts: pl.DataFrame) -> None:
         self._waiting.append(counts)
         self._waiting_rows += counts.height
-        if self._waiting_rows >= max(_MERGE_ROWS, self._total.height):
+        if self._waiting_rows >= max(_MERGE_ROWS, self._height()):
             self._merge()
 
+    def _height(self) -> int:
+        return 0 if self._total is None else self._total.height
+
     def _merge(self) -> None:
-        # Int64: a category may be seen more often than the UInt32 a count starts as.
-        parts = [self._total, *(c.with_columns(pl.col("n").cast(pl.Int64)) for c in self._waiting)]
+        parts = ([] if self._total is None else [self._total]) + self._waiting
         self._total = pl.concat(parts).group_by("value").agg(pl.col("n").sum())
         self._waiting, self._waiting_rows = [], 0
 
     def total(self) -> pl.DataFrame:
+        """The counts as :func:`~mtl.data.vocabulary.category_counts` gives them (text values)."""
         if self._waiting:
             self._merge()
-        return self._total
+        if self._total is None:
+            return pl.DataFrame(schema={"value": pl.String, "n": pl.Int64})
+        return as_text_counts(self._total)
 
 
 class _RunningMoments:
@@ -167,7 +175,7 @@ def fit_lazy(
     ):
         rows += batch.height
         for name, running in counts.items():
-            running.add(category_counts(batch, name))
+            running.add(value_counts(batch, name))
         moments.add(batch)
     if rows == 0:
         where = f"{origin}: " if origin else ""
