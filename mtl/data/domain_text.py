@@ -69,9 +69,9 @@ class DomainBlockLoader:
     Args:
         tokens: one 1-D long tensor per domain, each longer than ``block_size``.
         block_size: ``T``.
-        batch_size: ``B``, this rank's batch size (``W * B`` a multiple of ``N``
-            gives every domain the same share of a global batch; ``B`` a multiple
-            of ``N`` gives every rank the rows ``[0, 1, .., N-1, 0, ..]``).
+        batch_size: ``B``, this rank's batch size; ``W * B`` must be a multiple of
+            ``N``, so that every domain gets the same share of a global batch (``B``
+            a multiple of ``N`` gives every rank the rows ``[0, 1, .., N-1, 0, ..]``).
         steps: batches per epoch.
         seed: base seed.
         rank: this process's rank, ``0 <= rank < world_size``.
@@ -111,6 +111,13 @@ class DomainBlockLoader:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         for d, t in enumerate(tokens):
             check_block_size(t, block_size, f"train split of domain {d}")
+        if (world_size * batch_size) % len(tokens):
+            # rows cycle through the domains over the global batch: any remainder favours
+            # the first domains in every batch
+            raise ValueError(
+                f"data.batch_size={batch_size} x {world_size} process(es) is not a multiple of "
+                f"the {len(tokens)} domains: every domain must get the same share of a batch"
+            )
         # unfold is a view (n_d, T + 1): row i is tokens[i : i + T + 1], no copy
         self._windows = [t.long().unfold(0, block_size + 1, 1) for t in tokens]
         self.block_size, self.batch_size, self.steps = block_size, batch_size, steps

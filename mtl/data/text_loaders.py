@@ -52,7 +52,7 @@ class TokenBatch(NamedTuple):
 
 
 def check_block_size(tokens: torch.Tensor, block_size: int, split: str) -> None:
-    """Raise ``ValueError`` unless ``tokens`` (a split named ``split``) holds one block.
+    """Raise ``ValueError`` unless ``tokens`` (``split`` names it: "val split") holds one block.
 
     A block needs ``block_size`` inputs plus one more token for the last target.
     """
@@ -60,7 +60,7 @@ def check_block_size(tokens: torch.Tensor, block_size: int, split: str) -> None:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if len(tokens) < block_size + 1:
         raise ValueError(
-            f"block_size={block_size} is too large for the {split} split: a block needs "
+            f"block_size={block_size} is too large for the {split}: a block needs "
             f"{block_size + 1} tokens but the split has only {len(tokens)} tokens; "
             "lower block_size or val_fraction, or use more text"
         )
@@ -118,7 +118,7 @@ class RandomBlockLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        check_block_size(tokens, block_size, "train")
+        check_block_size(tokens, block_size, "train split")
         if batch_size < 1 or steps < 1:
             raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
         if not 0 <= rank < world_size:
@@ -206,7 +206,7 @@ class PackedBlockLoader:
         world_size: int = 1,
         multiple: int = 1,
     ) -> None:
-        check_block_size(tokens, block_size, "val")
+        check_block_size(tokens, block_size, "val split")
         if batch_size < 1 or multiple < 1 or batch_size % multiple:
             raise ValueError(
                 f"batch_size={batch_size} must be a multiple of multiple={multiple} (both >= 1)"

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -225,8 +226,9 @@ class CharTokenizer(Tokenizer):
                 raise ValueError(
                     f"unknown character {text[pos]!r} (U+{ord(text[pos]):04X}) at position {pos} "
                     f"({int(unknown.sum())} unknown characters in total); the vocabulary has "
-                    f"{len(self.chars)} characters. Fit the tokenizer on text that contains it, "
-                    "or pass unk_token='<unk>'."
+                    f"{len(self.chars)} characters. For training, fit it on text that contains "
+                    "it or set data.tokenizer_kwargs.unk_token='<unk>'; at generate time the "
+                    "checkpoint's vocabulary is fixed, so leave the character out of the prompt."
                 )
             ids = np.where(unknown, len(self.chars), ids)
         return torch.from_numpy(ids.astype(np.int64))
@@ -284,7 +286,7 @@ class BPETokenizer(Tokenizer):
         hf_tokenizer: A trained ``tokenizers.Tokenizer``; use :meth:`train` to make one.
 
     Example:
-        >>> tok = BPETokenizer.train("the cat sat on the mat " * 50, vocab_size=300)
+        >>> tok = BPETokenizer.train("the cat sat on the mat " * 50, vocab_size=260)
         >>> tok.decode(tok.encode("the mat")) == "the mat"
         True
     """
@@ -312,6 +314,15 @@ class BPETokenizer(Tokenizer):
             show_progress=False,
         )
         tok.train_from_iterator(_safe_chunks(text), trainer=trainer)
+        learned = int(tok.get_vocab_size())
+        if learned < vocab_size:
+            # the trainer stops silently when no pair occurs min_frequency times
+            warnings.warn(
+                f"BPE learned only {learned} of the {vocab_size} tokens asked (the text is too "
+                f"small for more merges occurring >= {min_frequency} times)",
+                UserWarning,
+                stacklevel=2,
+            )
         return cls(hf_tokenizer=tok)
 
     @property

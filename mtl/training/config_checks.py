@@ -94,8 +94,11 @@ def check_token_groups(cfg: DictConfig) -> None:
     if not str(_get(cfg, "model.moe._target_") or "").endswith("MixtureOfTokensFFN"):
         return
     group = _get(cfg, "model.moe.group_size")
-    if not _is_int(group) or group < 1:
+    if not _is_int(group):
         return  # the layer refuses it with its own message
+    if group < 1:
+        # here, not in the layer: data.batch_multiple=${model.moe.group_size} would be refused first
+        raise ConfigError(f"model.moe.group_size must be >= 1, got {group}")
     for key in ("data.batch_size", "data.val_batch_size"):
         value = _get(cfg, key)
         if _is_int(value) and value % group:

@@ -11,6 +11,7 @@ import torch
 
 from mtl.data.tokenizers import (
     TOKENIZER_KINDS,
+    BPETokenizer,
     ByteTokenizer,
     CharTokenizer,
     Tokenizer,
@@ -208,3 +209,25 @@ def test_bpe_chunked_encoding_equals_whole_text_encoding() -> None:
     whole = tok._hf.encode(text).ids  # type: ignore[attr-defined]
     assert tok.encode(text).tolist() == whole
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_bpe_warns_when_it_learns_fewer_tokens_than_asked() -> None:
+    pytest.importorskip("tokenizers")
+    text = "the cat sat on the mat\n" * 20
+    with pytest.warns(UserWarning, match=r"BPE learned only \d+ of the 5000 tokens asked") as rec:
+        tok = BPETokenizer.train(text, vocab_size=5000)
+    (msg,) = [str(w.message) for w in rec if "BPE learned only" in str(w.message)]
+    # 256 bytes + one token per merge the trainer learned
+    merges = json.loads(tok.state_dict()["hf_json"])["model"]["merges"]
+    assert f"only {256 + len(merges)} of" in msg and "\n" not in msg
+    assert tok.vocab_size < 5000
+
+
+def test_bpe_is_silent_when_it_learns_the_tokens_asked() -> None:
+    pytest.importorskip("tokenizers")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok = BPETokenizer.train("the cat sat on the mat\n" * 20, vocab_size=260)
+    assert tok.vocab_size == 260

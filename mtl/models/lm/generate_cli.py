@@ -1,7 +1,8 @@
 """``mtl generate CKPT_OR_DIR --prompt TEXT``: sample text from a trained LM or a transformers checkpoint.
 
 ``CKPT_OR_DIR`` is either a Lightning checkpoint of an mtl language-model run
-(its tokenizer is stored in it) or a transformers checkpoint directory of a
+(its tokenizer is stored in it; a run folder stands for its ``checkpoints/last.ckpt``)
+or a transformers checkpoint directory of a
 supported architecture (:mod:`mtl.models.lm.hf`), whose tokenizer is the
 directory's ``tokenizer.json`` (read with the ``tokenizers`` package) or, when
 there is none, bytes (ids 0-255, for models with at least 256 tokens).
@@ -12,6 +13,7 @@ User errors raise ValueError / FileNotFoundError, which ``mtl`` prints as one
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,7 +103,8 @@ def generate_text(
     """Prompt + sampled continuation from a checkpoint file or a transformers directory.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: ``path`` does not exist, or is a folder that is neither
+            a run folder (``checkpoints/last.ckpt``) nor a transformers directory.
         ValueError: ``path`` is not an LM checkpoint, or has no usable tokenizer.
 
     Example:
@@ -112,6 +115,15 @@ def generate_text(
         raise FileNotFoundError(
             f"{path} does not exist (expected an LM checkpoint or a transformers directory)"
         )
+    if path.is_dir() and not (path / "config.json").is_file():
+        run_checkpoint = path / "checkpoints" / "last.ckpt"
+        if not run_checkpoint.is_file():
+            raise FileNotFoundError(
+                f"{path} has neither config.json nor checkpoints/last.ckpt: expected an LM "
+                "checkpoint file, a run folder of `mtl train`, or a transformers checkpoint directory"
+            )
+        print(f"{path} is a run folder: generating from {run_checkpoint}", file=sys.stderr)
+        path = run_checkpoint
     if path.is_dir():
         from mtl.models.lm.hf import load_hf_checkpoint
 

@@ -26,6 +26,7 @@ again.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -276,10 +277,13 @@ def extend_bpe_tokenizer(
     vocab: dict[str, int] = state["model"]["vocab"]
     merges: list[list[str]] = state["model"]["merges"]
     old_size = tokenizer.vocab_size
-    # at most this many merges can be new; the learner may stop earlier on a short text
-    learner = BPETokenizer.train(
-        text, vocab_size=256 + len(merges) + num_new_tokens, min_frequency=min_frequency
-    )
+    # at most this many merges can be new; the learner may stop earlier on a short text,
+    # which the count of new tokens below reports, so the learner's own warning is not shown
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="BPE learned only", category=UserWarning)
+        learner = BPETokenizer.train(
+            text, vocab_size=256 + len(merges) + num_new_tokens, min_frequency=min_frequency
+        )
     learned = json.loads(learner.state_dict()["hf_json"])["model"]["merges"]
     expansion: dict[str, tuple[int, ...]] = {}
     new_tokens: list[str] = []
@@ -296,6 +300,13 @@ def extend_bpe_tokenizer(
             break
     if not new_tokens:
         raise ValueError("the new text yields no token the trained vocabulary lacks")
+    if len(new_tokens) < num_new_tokens:
+        warnings.warn(
+            f"BPE learned only {len(new_tokens)} of the {num_new_tokens} new tokens asked "
+            "(the text is too small)",
+            UserWarning,
+            stacklevel=2,
+        )
     extended = Tokenizer.from_state({"kind": "bpe", "hf_json": json.dumps(state)})
     assert isinstance(extended, BPETokenizer)
     return VocabExtension(

@@ -248,3 +248,25 @@ def test_a_run_loads_the_checkpoint_and_learns_the_merges_once(
     calls.update(load=0, learn=0)
     assert train(cfg)["global_step"] == 2
     assert calls == {"load": 1, "learn": 1}
+
+
+def test_extension_warns_when_the_text_gives_fewer_new_tokens(old_tok: BPETokenizer) -> None:
+    with pytest.warns(
+        UserWarning, match=r"BPE learned only \d+ of the 5000 new tokens asked"
+    ) as rec:
+        ext = extend_bpe_tokenizer(old_tok, NEW_TEXT, num_new_tokens=5000)
+    messages = [str(w.message) for w in rec if "BPE learned only" in str(w.message)]
+    # one warning, about the new tokens (not the learner's own vocabulary size)
+    assert messages == [
+        f"BPE learned only {len(ext.new_tokens)} of the 5000 new tokens asked (the text is too small)"
+    ]
+    assert ext.tokenizer.vocab_size - old_tok.vocab_size == len(ext.new_tokens) < 5000
+
+
+def test_extension_is_silent_when_it_adds_the_tokens_asked(old_tok: BPETokenizer) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ext = extend_bpe_tokenizer(old_tok, NEW_TEXT, num_new_tokens=3)
+    assert len(ext.new_tokens) == 3

@@ -61,11 +61,11 @@ class SafetensorsSource:
     """
 
     def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map: dict[str, str] = _read_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index}: no 'weight_map' mapping tensor names to files")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
@@ -74,7 +74,7 @@ class SafetensorsSource:
                     f"{directory}: no *.safetensors file (only safetensors checkpoints are read)"
                 )
             weight_map = {}
-        self._handles = {f: safe_open(str(directory / f), framework="pt") for f in files}
+        self._handles = {f: _open_safetensors(directory / f) for f in files}
         if not weight_map:
             weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}  # noqa: SIM118 (a safetensors handle is not iterable)
         self._where = weight_map
@@ -86,12 +86,36 @@ class SafetensorsSource:
         return self._handles[self._where[name]].get_tensor(name)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ValueError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _open_safetensors(path: Path) -> Any:
+    """A lazy handle on ``path``; ValueError naming the file when it is missing or unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (listed in the safetensors index)")
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        # typically a truncated download: the header promises more bytes than the file has
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
 def read_config(directory: str | Path) -> HFConfig:
     """``directory/config.json`` as an :class:`HFConfig`; FileNotFoundError naming the path."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected a transformers checkpoint directory")
-    return HFConfig(json.loads(path.read_text()), source=str(path))
+    return HFConfig(_read_json(path), source=str(path))
 
 
 def load_hf_checkpoint(
