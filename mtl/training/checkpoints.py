@@ -31,23 +31,30 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, belongs to another model or data, or was not saved."""
 
 
-def differences(saved: Any, wanted: Any, key: str = "") -> list[str]:
+def differences(
+    saved: Any, wanted: Any, key: str = "", *, names: tuple[str, str] = ("checkpoint", "config")
+) -> list[str]:
     """Dotted keys where two nested configs differ, each as ``key: saved ... config ...``.
+
+    ``names`` label the two sides (``mtl merge`` names the two files).
 
     Example:
         >>> differences({"a": 1, "b": [1, 2]}, {"a": 1, "b": [1, 3]})
         ['b[1]: checkpoint 2, config 3']
+        >>> differences({"k": 2}, {"k": 1}, names=("a.ckpt", "b.ckpt"))
+        ['k: a.ckpt 2, b.ckpt 1']
     """
+    first, second = names
     if isinstance(saved, Mapping) and isinstance(wanted, Mapping):
         out: list[str] = []
         for k in sorted(set(saved) | set(wanted), key=str):
             sub = f"{key}.{k}" if key else str(k)
             if k not in saved:
-                out.append(f"{sub}: not in the checkpoint, config {_short(wanted[k])}")
+                out.append(f"{sub}: not in the {first}, {second} {_short(wanted[k])}")
             elif k not in wanted:
-                out.append(f"{sub}: checkpoint {_short(saved[k])}, not in the config")
+                out.append(f"{sub}: {first} {_short(saved[k])}, not in the {second}")
             else:
-                out += differences(saved[k], wanted[k], sub)
+                out += differences(saved[k], wanted[k], sub, names=names)
         return out
     seq = (list, tuple)
     if isinstance(saved, seq) and isinstance(wanted, seq) and len(saved) == len(wanted):
@@ -55,10 +62,10 @@ def differences(saved: Any, wanted: Any, key: str = "") -> list[str]:
         for i, (a, b) in enumerate(zip(saved, wanted, strict=True)):
             # A feature or task is named by its name, not its position.
             name = a.get("name") if isinstance(a, Mapping) else None
-            out += differences(a, b, f"{key}[{name if name is not None else i}]")
+            out += differences(a, b, f"{key}[{name if name is not None else i}]", names=names)
         return out
     if saved != wanted:
-        return [f"{key or 'value'}: checkpoint {_short(saved)}, config {_short(wanted)}"]
+        return [f"{key or 'value'}: {first} {_short(saved)}, {second} {_short(wanted)}"]
     return []
 
 

@@ -11,17 +11,26 @@ next-token loss ``L_i`` on a few examples of the target domain, as
 LM-Cocktail computes them: ``w = softmax(-L / temperature)`` (temperature 5 in
 its code), so the model that fits the examples best weighs most.
 
+Before any weight is averaged the checkpoints must be of one model class, one
+tokenizer and one model config (``net_config``: e.g. two MoE LMs of the same
+shapes but another ``moe.gate.k`` are refused, naming the key and both values).
+
 The merged file is the first checkpoint with the averaged weights and without
 optimiser and scheduler state: :func:`mtl.training.build.load_module` and
-``mtl generate`` read it like any run's checkpoint. User errors raise
-ValueError / FileNotFoundError, which ``mtl`` prints as one ``error:`` line.
+``mtl generate`` read it like any run's checkpoint. It is written to a temporary
+file beside ``--out`` and renamed, so a crash never leaves half a file; ``--out``
+may not be one of the inputs, nor an existing file without ``--force``. User
+errors raise ValueError / FileNotFoundError, which ``mtl`` prints as one
+``error:`` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl.training.checkpoints import read_checkpoint
+from mtl.training.checkpoints import differences, read_checkpoint
 
 WEIGHT_SUM_TOLERANCE = 1e-6
 DEFAULT_TEMPERATURE = 5.0
@@ -189,30 +198,138 @@ def examples_loss(module: Any, examples: Sequence[tuple[str, str]]) -> float:
     return total / count
 
 
-def merge_checkpoints(
-    paths: Sequence[str | Path], weights: Sequence[float], out: str | Path
-) -> Path:
-    """Write the weighted average of the checkpoints ``paths`` to ``out``.
+def check_out(out: str | Path, paths: Sequence[str | Path], *, force: bool = False) -> Path:
+    """``out``, checked before anything is read: not one of ``paths``, not existing unless ``force``.
 
     Raises:
-        ValueError: bad weights, different architectures or vocabularies.
+        ValueError: ``out`` is one of the inputs (even with ``force``: the merge would
+            replace a model it reads), or exists and ``force`` is false.
+
+    Example:
+        >>> check_out("merged.ckpt", ["a.ckpt", "b.ckpt"])  # doctest: +SKIP
+        PosixPath('merged.ckpt')
+    """
+    out = Path(out)
+    for path in paths:
+        same = Path(path).resolve() == out.resolve()
+        if not same and out.exists() and Path(path).exists():
+            same = os.path.samefile(path, out)  # a hard link or another spelling
+        if same:
+            raise ValueError(
+                f"--out {out} is one of the checkpoints to merge ({path}); write elsewhere"
+            )
+    if out.exists() and not force:
+        raise ValueError(f"--out {out} exists; pass --force to overwrite it")
+    return out
+
+
+def _model_class(checkpoint: Mapping[str, Any]) -> str:
+    """The class name of the checkpoint's network, from its ``net_config`` ``_target_``."""
+    target = ((checkpoint.get("hyper_parameters") or {}).get("net_config") or {}).get("_target_")
+    return str(target).rsplit(".", 1)[-1] if target else "network without net_config"
+
+
+def _a(name: str) -> str:
+    return f"an {name}" if name[:1] in "AEIOU" else f"a {name}"
+
+
+def read_compatible(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The checkpoints ``paths``, checked to be one model: class, then tokenizer, then config.
+
+    Weights are compared by :func:`merge_state_dicts`; this compares what the
+    weights alone do not show (two MoE LMs of the same shapes may route with
+    another ``k``).
+
+    Raises:
+        ValueError: naming both files and what differs
+            (``moe.gate.k: a.ckpt 2, b.ckpt 1``).
         CheckpointError: an unreadable checkpoint.
     """
     names = [str(p) for p in paths]
-    weights = check_weights(weights, len(names))
     checkpoints = [read_checkpoint(p, require=("state_dict",)) for p in names]
-    fingerprints = {(c.get("lm_tokenizer") or {}).get("fingerprint") for c in checkpoints}
-    if len(fingerprints) > 1:
-        raise ValueError("cannot merge LMs with different tokenizers (their token ids differ)")
+    first, first_name = checkpoints[0], names[0]
+    for checkpoint, name in zip(checkpoints[1:], names[1:], strict=True):
+        cls, other_cls = _model_class(first), _model_class(checkpoint)
+        if cls != other_cls:
+            raise ValueError(f"cannot merge: {first_name} is {_a(cls)}, {name} {_a(other_cls)}")
+        fingerprints = [
+            (c.get("lm_tokenizer") or {}).get("fingerprint") for c in (first, checkpoint)
+        ]
+        if fingerprints[0] != fingerprints[1]:
+            raise ValueError(
+                f"cannot merge LMs with different tokenizers: {first_name} and {name} "
+                "(their token ids differ)"
+            )
+        configs = [(c.get("hyper_parameters") or {}).get("net_config") for c in (first, checkpoint)]
+        diffs = differences(*configs, names=(first_name, name))
+        if diffs:
+            more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise ValueError(
+                f"cannot merge models of different configs: {'; '.join(diffs[:3])}{more}"
+            )
+    return checkpoints
+
+
+def write_merged(
+    checkpoints: Sequence[Mapping[str, Any]],
+    names: Sequence[str],
+    weights: Sequence[float],
+    out: Path,
+) -> Path:
+    """Average ``checkpoints`` into ``out``: a temporary file beside it, then a rename.
+
+    Raises:
+        ValueError: different architectures, or ``out`` cannot be written.
+    """
     merged = dict(checkpoints[0])
     for key in TRAINING_STATE_KEYS:
         merged.pop(key, None)
     merged["state_dict"] = merge_state_dicts([c["state_dict"] for c in checkpoints], weights, names)
-    merged["merge"] = {"checkpoints": names, "weights": weights}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(merged, out)
+    merged["merge"] = {"checkpoints": list(names), "weights": list(weights)}
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(merged, tmp)
+        # The rename is atomic: a crash mid-save leaves no half-written --out.
+        os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ValueError(f"could not write --out {out} ({exc.strerror or exc})") from None
     return out
+
+
+def merge_checkpoints(
+    paths: Sequence[str | Path], weights: Sequence[float], out: str | Path, *, force: bool = False
+) -> Path:
+    """Write the weighted average of the checkpoints ``paths`` to ``out``.
+
+    Args:
+        paths: checkpoints of one model class, tokenizer and config.
+        weights: one per checkpoint, summing to 1.
+        out: the merged checkpoint; never one of ``paths``.
+        force: replace an existing ``out``.
+
+    Raises:
+        ValueError: bad weights or ``out``, different classes, configs, architectures
+            or vocabularies.
+        CheckpointError: an unreadable checkpoint.
+    """
+    names = [str(p) for p in paths]
+    out = check_out(out, names, force=force)
+    weights = check_weights(weights, len(names))
+    return write_merged(read_compatible(names), names, weights, out)
+
+
+def check_auto(checkpoints: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
+    """Raise unless every checkpoint is a language model holding its tokenizer (``--auto``)."""
+    for checkpoint, name in zip(checkpoints, names, strict=True):
+        if checkpoint.get("lm_tokenizer") is None:
+            cls = _model_class(checkpoint)
+            without = " without its tokenizer" if cls.endswith("LM") else ""
+            raise ValueError(
+                f"--auto needs language-model checkpoints; {name} is {_a(cls)}{without}"
+            )
 
 
 def auto_weights(
@@ -243,6 +360,7 @@ def _parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="of the --auto softmax"
     )
     p.add_argument("--out", required=True, help="the merged checkpoint to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     return p
 
 
@@ -251,14 +369,21 @@ def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     if args.auto == (args.weights is not None):
         raise ValueError("give either --weights W... or --auto --examples FILE")
+    if args.auto and not args.examples:
+        raise ValueError("--auto needs --examples FILE")
+    names = list(args.checkpoints)
+    # Every check before the (slow) --auto losses and the write.
+    out = check_out(args.out, names, force=args.force)
+    if not args.auto:
+        check_weights(args.weights, len(names))
+    checkpoints = read_compatible(names)
     if args.auto:
-        if not args.examples:
-            raise ValueError("--auto needs --examples FILE")
-        weights, losses = auto_weights(args.checkpoints, args.examples, args.temperature)
-        for path, loss, w in zip(args.checkpoints, losses, weights, strict=True):
+        check_auto(checkpoints, names)
+        weights, losses = auto_weights(names, args.examples, args.temperature)
+        for path, loss, w in zip(names, losses, weights, strict=True):
             print(f"{path}: loss {loss:.4f} -> weight {w:.4f}")
     else:
-        weights = args.weights
-    out = merge_checkpoints(args.checkpoints, weights, args.out)
+        weights = check_weights(args.weights, len(names))
+    out = write_merged(checkpoints, names, weights, out)
     print(f"merged {len(args.checkpoints)} checkpoints -> {out}")
     return 0

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -15,7 +18,12 @@ from mtl.data.text import TextDataModule
 from mtl.data.tokenizers import build_tokenizer
 from mtl.training.build import build_lm, load_module
 from mtl.training.lm_module import LMModule
-from mtl.training.merge import check_weights, cocktail_weights, merge_checkpoints
+from mtl.training.merge import (
+    check_weights,
+    cocktail_weights,
+    merge_checkpoints,
+    merge_state_dicts,
+)
 
 DENSE = {
     "_target_": "mtl.models.lm.TransformerLM",
@@ -149,11 +157,20 @@ def test_weights_sum_to_one() -> None:
     assert w == pytest.approx([v / sum(z) for v in z], rel=1e-12)
 
 
-def test_different_architectures_are_refused_naming_the_parameter(
+def test_different_architectures_are_refused_naming_the_config_key(
     ckpts: dict[str, Path], tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError, match=r"'net\.layers\.0\.ffn\.\w+_proj\.weight' is \(48, 16\)"):
-        merge_checkpoints([ckpts["a"], ckpts["wide"]], [0.5, 0.5], tmp_path / "m.ckpt")
+    a, wide = ckpts["a"], ckpts["wide"]
+    with pytest.raises(ValueError, match=re.escape(f"d_ff: {a} 32, {wide} 48")):
+        merge_checkpoints([a, wide], [0.5, 0.5], tmp_path / "m.ckpt")
+
+
+def test_different_weight_shapes_are_refused_naming_the_parameter() -> None:
+    a = {"w": torch.zeros(2, 3), "b": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"'w' is \(3, 2\) torch.float32 there and \(2, 3\)"):
+        merge_state_dicts([a, {**a, "w": torch.zeros(3, 2)}], [0.5, 0.5], ["a", "b"])
+    with pytest.raises(ValueError, match="'b' is missing from y"):
+        merge_state_dicts([a, {"w": a["w"]}], [0.5, 0.5], ["x", "y"])
 
 
 def test_auto_weights_prefer_the_model_with_lower_loss_on_the_examples(
@@ -199,3 +216,110 @@ def test_auto_needs_examples_and_excludes_weights(
     missing = str(tmp_path / "none.txt")
     assert main(["merge", str(ckpts["a"]), "--auto", "--examples", missing, "--out", out]) == 2
     assert "none.txt" in capsys.readouterr().err
+
+
+def _edited(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of checkpoint ``src`` at ``dst``, changed in place by ``edit``."""
+    checkpoint = torch.load(src, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, dst)
+    return dst
+
+
+def _as_ranker(checkpoint: dict[str, Any]) -> None:
+    checkpoint["hyper_parameters"]["net_config"] = {"_target_": "mtl.models.rec.ranker.Ranker"}
+    checkpoint.pop("lm_tokenizer", None)
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1, err
+    return err
+
+
+def test_out_that_is_an_input_is_refused_and_the_input_kept(
+    ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = tmp_path / "a.ckpt"
+    a.write_bytes(ckpts["a"].read_bytes())
+    before = a.read_bytes()
+    # another spelling of the same file, and --force does not change it
+    for out, extra in ((str(a), []), (f"{tmp_path}/../{tmp_path.name}/a.ckpt", ["--force"])):
+        argv = ["merge", str(a), str(ckpts["b"]), "--weights", ".5", ".5", "--out", out]
+        assert main([*argv, *extra]) == 2
+        assert "one of the checkpoints to merge" in _error_line(capsys)
+    assert a.read_bytes() == before
+
+
+def test_existing_out_needs_force_and_is_replaced_whole(
+    ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.ckpt"
+    out.write_bytes(b"previous")
+    argv = ["merge", str(ckpts["a"]), str(ckpts["b"]), "--weights", ".5", ".5", "--out", str(out)]
+    assert main(argv) == 2
+    assert "exists; pass --force" in _error_line(capsys)
+    assert out.read_bytes() == b"previous"
+    assert main([*argv, "--force"]) == 0
+    assert torch.load(out, weights_only=True)["merge"]["weights"] == [0.5, 0.5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]  # no temporary file left
+
+
+def test_a_failed_save_leaves_the_previous_out_whole(
+    ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "m.ckpt"
+    out.write_bytes(b"previous")
+
+    def save_half_then_fail(obj: Any, f: Any) -> None:
+        Path(f).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(ValueError, match=r"could not write --out .*No space left"):
+        merge_checkpoints([ckpts["a"], ckpts["b"]], [0.5, 0.5], out, force=True)
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]
+
+
+def test_same_shapes_with_another_model_config_are_refused(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    # n_heads changes no weight shape, only how the model computes
+    def more_heads(checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyper_parameters"]["net_config"]["n_heads"] = 4
+
+    a = ckpts["a"]
+    other = _edited(ckpts["b"], tmp_path / "heads4.ckpt", more_heads)
+    with pytest.raises(ValueError, match=re.escape(f"n_heads: {a} 2, {other} 4")):
+        merge_checkpoints([a, other], [0.5, 0.5], tmp_path / "m.ckpt")
+    assert not (tmp_path / "m.ckpt").exists()
+
+
+def test_another_model_class_is_named_before_the_tokenizer(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    a = ckpts["a"]
+    ranker = _edited(a, tmp_path / "r.ckpt", _as_ranker)
+    with pytest.raises(ValueError, match=re.escape(f"{a} is a TransformerLM, {ranker} a Ranker")):
+        merge_checkpoints([a, ranker], [0.5, 0.5], tmp_path / "m.ckpt")
+
+
+def test_different_tokenizers_name_both_files(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    def other_tokenizer(checkpoint: dict[str, Any]) -> None:
+        checkpoint["lm_tokenizer"]["fingerprint"] = "another"
+
+    a = ckpts["a"]
+    other = _edited(a, tmp_path / "tok.ckpt", other_tokenizer)
+    with pytest.raises(ValueError, match=f"different tokenizers: {re.escape(f'{a} and {other}')}"):
+        merge_checkpoints([a, other], [0.5, 0.5], tmp_path / "m.ckpt")
+
+
+def test_auto_refuses_checkpoints_that_are_not_language_models(
+    ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ranker = str(_edited(ckpts["a"], tmp_path / "r.ckpt", _as_ranker))
+    argv = ["merge", ranker, ranker, "--auto", "--examples", str(ckpts["examples"])]
+    assert main([*argv, "--out", str(tmp_path / "m.ckpt")]) == 2
+    err = _error_line(capsys)
+    assert f"--auto needs language-model checkpoints; {ranker} is a Ranker" in err
