@@ -117,12 +117,19 @@ def cmd_list() -> int:
 
 def cmd_train(overrides: Sequence[str], print_config: bool) -> int:
     """Compose ``train``, run it, print the summary."""
-    from mtl.training.config import compose_config, to_yaml
+    from mtl.training.config import compose_config, to_yaml, unset_keys
 
-    cfg = compose_config("train", overrides)
     if print_config:
+        # A config that still has keys to set (experiment=lm_lora) is shown as composed.
+        cfg = compose_config("train", overrides, resolve=False)
+        missing = unset_keys(cfg)
+        if not missing:
+            cfg = compose_config("train", overrides)
         print(to_yaml(cfg))
+        if missing:
+            print(f"# to set before a run: {', '.join(missing)}")
         return 0
+    cfg = compose_config("train", overrides)
     from mtl.training.ranks import is_launch_rank_zero
     from mtl.training.results import summary
     from mtl.training.train import train

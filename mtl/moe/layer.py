@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl.moe.dispatch import DispatchResult
-from mtl.moe.losses import AUX_LOSSES, aux_losses
+from mtl.moe.losses import aux_losses, check_aux_loss_weights
 from mtl.moe.routing import RoutingResult, RoutingStats, routing_stats
 from mtl.moe.shared_expert import shared_output
 
@@ -102,12 +102,7 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.dispatch = dispatch
         self.shared = shared
-        self.aux_loss_weights = dict(aux_loss_weights or {})
-        unknown = set(self.aux_loss_weights) - set(AUX_LOSSES)
-        if unknown:
-            raise ValueError(
-                f"unknown aux_loss_weights {sorted(unknown)}; known: {sorted(AUX_LOSSES)}"
-            )
+        self.aux_loss_weights = check_aux_loss_weights(aux_loss_weights or {})
         self.output_scale = output_scale
 
     @property

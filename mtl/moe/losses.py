@@ -8,7 +8,8 @@ that perfectly uniform routing gives 1.0 (``load_balance_loss``) or 0.0
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -156,6 +157,38 @@ per-token losses (``load_balance``, ``z_loss``, ``entropy``) are this rank's
 share of the group's loss: their mean over the ranks is the loss of the
 group's tokens together. ``importance`` and ``load_cv`` (CV² of per-expert
 sums) stay this rank's own."""
+
+
+def check_aux_loss_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """``weights`` as a plain ``{name: float}`` dict, refusing unknown names and bad weights.
+
+    A negative weight would reward the imbalance the loss measures, and a
+    non-finite one poisons every gradient, so both are refused here rather
+    than trained on silently.
+
+    Example:
+        >>> check_aux_loss_weights({"z_loss": 1e-3})
+        {'z_loss': 0.001}
+        >>> check_aux_loss_weights({"load_balance": -1})
+        Traceback (most recent call last):
+        ...
+        ValueError: aux_loss_weights.load_balance=-1.0: a weight must be finite and >= 0
+    """
+    unknown = sorted(str(k) for k in weights if k not in AUX_LOSSES)
+    if unknown:
+        raise ValueError(f"unknown aux_loss_weights {unknown}; known: {sorted(AUX_LOSSES)}")
+    out: dict[str, float] = {}
+    for name, value in weights.items():
+        try:
+            w = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"aux_loss_weights.{name}={value!r}: a weight must be a number"
+            ) from None
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"aux_loss_weights.{name}={w}: a weight must be finite and >= 0")
+        out[str(name)] = w
+    return out
 
 
 def aux_losses(routing: RoutingResult, weights: dict[str, float]) -> dict[str, Tensor]:

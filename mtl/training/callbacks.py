@@ -95,4 +95,5 @@ class SaveAdapters(pl.Callback):
         if trainer.global_rank != 0 or not has_lora(net):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        save_adapters(net, self.path, config=adapter_config(net))
+        tokenizer = getattr(pl_module, "tokenizer", None)  # the base's: its fingerprint is stored
+        save_adapters(net, self.path, config=adapter_config(net), tokenizer=tokenizer)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 GROUPS: tuple[str, ...] = (
     "model",
@@ -140,11 +140,46 @@ def compose_config(
     name_with_gate(cfg, overrides)
     del cfg["hydra"]
     if resolve:
+        missing = unset_keys(cfg)
+        if missing:
+            examples = " ".join(f"{k}={_MISSING_EXAMPLES.get(k, '<value>')}" for k in missing)
+            raise ConfigError(
+                f"config {config_name!r} needs {', '.join(missing)} (marked ???), e.g. {examples}"
+            )
         try:
             OmegaConf.resolve(cfg)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"could not resolve config {config_name!r}: {exc}") from None
     return cfg
+
+
+_MISSING_EXAMPLES: dict[str, str] = {"model.checkpoint": "runs/x/checkpoints/last.ckpt"}
+"""Example values shown for required keys the user has not set."""
+
+
+def unset_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is the literal ``???``, sorted.
+
+    Nodes are read without resolving: a key that only interpolates a missing one
+    (``checkpoint: ${model.checkpoint}``) is not listed, so the message names the
+    key to set once (``OmegaConf.missing_keys`` instead raises on such a key).
+
+    Example:
+        >>> unset_keys(OmegaConf.create({"model": {"checkpoint": "???", "c": "${model.checkpoint}"}}))
+        ['model.checkpoint']
+    """
+    keys = range(len(cfg)) if isinstance(cfg, ListConfig) else cfg.keys()
+    out: list[str] = []
+    for key in keys:
+        node = cfg._get_node(key)
+        name = f"{prefix}{key}" if isinstance(cfg, DictConfig) else f"{prefix.rstrip('.')}[{key}]"
+        if node is None or node._is_interpolation():
+            continue
+        if node._is_missing():
+            out.append(name)
+        elif isinstance(node, DictConfig | ListConfig):
+            out.extend(unset_keys(node, f"{name}."))
+    return sorted(out)
 
 
 def to_yaml(cfg: DictConfig) -> str:

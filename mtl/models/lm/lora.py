@@ -41,9 +41,6 @@ from mtl.moe.lora import LoRASwiGLUExperts
 if TYPE_CHECKING:
     from mtl.data.tokenizers import Tokenizer
 
-ADAPTER_FORMAT = "mtl-lora-adapters/1"
-"""The ``format`` entry of an adapter file (:func:`save_adapters`)."""
-
 
 class LoRALinear(nn.Linear):
     """``nn.Linear`` plus a rank-``r`` update: ``y = x W^T + b + (alpha / r) (x A^T) B^T``.
@@ -256,6 +253,23 @@ def add_lora(
         The qualified names of the adapted modules.
 
     Raises:
+        ValueError: see :func:`adapted_modules`.
+    """
+    found = adapted_modules(model, rank=rank, alpha=alpha, targets=targets)
+    for name, new in found:
+        _replace(model, name, new)
+    return [name for name, _ in found]
+
+
+def adapted_modules(
+    model: nn.Module, *, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS
+) -> list[tuple[str, nn.Module]]:
+    """The adapted version of every targeted layer, by qualified name; ``model`` is not changed.
+
+    The new modules share the base weights, so building them is cheap; putting
+    them in place is :func:`add_lora`'s step (a caller may check them first).
+
+    Raises:
         ValueError: no module matches ``targets``, or a match is neither a
             plain ``nn.Linear`` nor a ``SwiGLUExperts`` bank, or the model
             already has adapters.
@@ -270,6 +284,7 @@ def add_lora(
     ]
     if not found:
         raise ValueError(f"LoRA targets {sorted(wanted)} match no module of the model")
+    out: list[tuple[str, nn.Module]] = []
     for name, module in found:
         if type(module) is nn.Linear:
             new: nn.Module = LoRALinear.from_linear(module, rank=rank, alpha=alpha)
@@ -280,8 +295,8 @@ def add_lora(
                 f"LoRA target {name} is a {type(module).__name__}; adapters wrap nn.Linear "
                 "and SwiGLUExperts only"
             )
-        _replace(model, name, new)
-    return [name for name, _ in found]
+        out.append((name, new))
+    return out
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -344,34 +359,6 @@ def load_lora_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     model.load_state_dict(dict(state), strict=False)
 
 
-def save_adapters(model: nn.Module, path: str | Path, *, config: LoRAConfig) -> None:
-    """Write the adapters of ``model`` and the config that adds them (no base weights)."""
-    torch.save(
-        {"format": ADAPTER_FORMAT, "config": config.to_dict(), "state": lora_state_dict(model)},
-        Path(path),
-    )
-
-
-def load_adapters(model: nn.Module, path: str | Path) -> LoRAConfig:
-    """Add the adapters of file ``path`` (:func:`save_adapters`) to a base ``model`` and load them.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is not an adapter file, or does not fit the model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapter file {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path} is not an adapter file (format {ADAPTER_FORMAT!r} expected)")
-    cfg = blob["config"]
-    config = LoRAConfig(rank=cfg["rank"], alpha=cfg["alpha"], targets=tuple(cfg["targets"]))
-    config.apply(model)
-    load_lora_state_dict(model, blob["state"])
-    return config
-
-
 def adapter_config(model: nn.Module) -> LoRAConfig:
     """The :class:`LoRAConfig` that adds ``model``'s adapters (rank and alpha of its first adapter).
 
@@ -397,3 +384,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+# The adapter files live in their own module; importing them here keeps
+# ``from mtl.models.lm.lora import save_adapters`` working.
+from mtl.models.lm.lora_io import ADAPTER_FORMAT, load_adapters, save_adapters  # noqa: E402, F401

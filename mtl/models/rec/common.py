@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mtl.moe.expert_bank import ExpertBank
-from mtl.moe.losses import AUX_LOSSES, aux_losses
+from mtl.moe.losses import aux_losses, check_aux_loss_weights
 from mtl.moe.masked_routing import restrict_to_allowed
 from mtl.moe.routing import RoutingResult
 
@@ -86,10 +86,7 @@ def as_loss_weights(value: Mapping[str, float] | None) -> dict[str, float]:
         return {}
     if not isinstance(value, Mapping):
         raise ValueError(f"aux_loss_weights must map loss names to weights, got {value!r}")
-    unknown = sorted(str(k) for k in value if k not in AUX_LOSSES)
-    if unknown:
-        raise ValueError(f"unknown auxiliary losses {unknown}; known: {sorted(AUX_LOSSES)}")
-    return {str(k): float(v) for k, v in value.items()}
+    return check_aux_loss_weights(value)
 
 
 def gate_aux_loss(

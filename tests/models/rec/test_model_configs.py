@@ -67,5 +67,5 @@ def test_output_defaults_and_probabilities() -> None:
 
 
 def test_unknown_aux_loss_is_rejected_at_construction() -> None:
-    with pytest.raises(ValueError, match=r"unknown auxiliary losses \['balance'\]"):
+    with pytest.raises(ValueError, match=r"unknown aux_loss_weights \['balance'\]"):
         MMoE(d_in=4, tasks=["click"], aux_loss_weights={"balance": 0.1})
