@@ -91,6 +91,47 @@ def test_a_non_empty_folder_not_written_by_prepare_is_refused(tmp_path: Path) ->
     assert ShardsDataModule(path=out).rows("train") + ShardsDataModule(path=out).rows("val") > 0
 
 
+def test_files_named_like_a_preparations_are_not_taken_for_one(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.parquet"
+    _frame().write_parquet(rows)
+    # Someone else's manifest.json and encoding.json, and a parquet file named like a shard.
+    out = tmp_path / "app"
+    (out / "train").mkdir(parents=True)
+    (out / MANIFEST_FILE).write_text('{"name": "my web app"}')
+    (out / ENCODING_FILE).write_text('{"theme": "dark"}')
+    (out / "train" / "part-1.parquet").write_bytes(b"mine")
+    (out / "notes.txt").write_text("mine")
+    before = _contents(out)
+    for force in (False, True):
+        with pytest.raises(DataError, match=r"is not a folder written by mtl prepare .*encoding"):
+            prepare(_data(path=rows), out, force=force, log=_quiet)
+        assert _contents(out) == before
+    # A .writing folder holding anything but partition files is not an interrupted run's.
+    fresh = tmp_path / "fresh"
+    (fresh / ".writing").mkdir(parents=True)
+    (fresh / ".writing" / "draft.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"holds \.writing/draft\.txt"):
+        prepare(_data(path=rows), fresh, log=_quiet)
+    assert (fresh / ".writing" / "draft.txt").read_text() == "mine"
+
+
+def test_a_linked_split_folder_is_refused_even_in_a_prepared_folder(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.parquet"
+    _frame().write_parquet(rows)
+    out = tmp_path / "shards"
+    prepare(_data(path=rows), out, log=_quiet)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "part-00000.parquet").write_bytes(b"mine")
+    for f in (out / "val").iterdir():
+        f.unlink()
+    (out / "val").rmdir()
+    (out / "val").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(DataError, match=r"val is a link"):
+        prepare(_data(path=rows), out, force=True, log=_quiet)
+    assert (elsewhere / "part-00000.parquet").read_bytes() == b"mine"
+
+
 def test_rewriting_a_prepared_folder_deletes_only_the_files_prepare_wrote(tmp_path: Path) -> None:
     rows = tmp_path / "rows.parquet"
     _frame().write_parquet(rows)

@@ -161,22 +161,71 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+def _json_dict(file: Path) -> dict[str, Any] | None:
+    """The JSON object in ``file``, or None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _is_our_manifest(file: Path) -> bool:
+    """Whether ``file`` is a manifest ``mtl prepare`` wrote (complete or not): a JSON object
+    of this shard format. A ``manifest.json`` of anything else is a user's file."""
+    manifest = _json_dict(file)
+    return manifest is not None and manifest.get("format") == SHARD_FORMAT
+
+
+def _is_our_encoding(file: Path) -> bool:
+    encoding = _json_dict(file)
+    return encoding is not None and {"spec", "vocabularies"} <= encoding.keys()
+
+
+def _foreign_in_writing(out: Path) -> str | None:
+    """The first entry of ``out/.writing`` that is not a partition file of an interrupted
+    preparation (``<split column>=<code>/*.parquet``), or None."""
+    writing = out / WRITING
+    if not writing.exists():
+        return None
+    if writing.is_symlink() or not writing.is_dir():
+        return WRITING
+    for part in sorted(writing.iterdir()):
+        partition = part.name.rpartition("=")[2].isdigit()
+        if part.is_symlink() or not part.is_dir() or not partition:
+            return str(part.relative_to(out))
+        for file in sorted(part.iterdir()):
+            if file.is_symlink() or not file.is_file() or file.suffix != ".parquet":
+                return str(file.relative_to(out))
+    return None
+
+
 def _foreign(out: Path) -> str | None:
     """The first entry of ``out`` that ``mtl prepare`` did not write, or None."""
     for entry in sorted(out.iterdir()):
-        if entry.name in _OWN_FILES and not entry.is_symlink():
+        if entry.is_symlink():
+            return entry.name
+        if entry.name == MANIFEST_FILE and _is_our_manifest(entry):
             continue
-        if entry.name in SPLITS and entry.is_dir() and not entry.is_symlink():
+        if entry.name == ENCODING_FILE and _is_our_encoding(entry):
+            continue
+        if entry.name in (ENCODING_FILE + ".tmp", WRITING):
+            continue  # a half-written encoding; .writing is looked into apart
+        if entry.name in SPLITS and entry.is_dir():
             for file in sorted(entry.iterdir()):
                 if file.is_symlink() or not file.is_file() or not fnmatch(file.name, SHARD_PATTERN):
                     return str(file.relative_to(out))
             continue
         return entry.name
-    return None
+    return _foreign_in_writing(out)
 
 
 def check_out(out: Path, inputs: Iterable[Path]) -> None:
     """Refuse an ``out=`` folder that writing the shards would damage.
+
+    ``mtl prepare`` deletes and replaces its own files in ``out`` (:func:`clear_shards`):
+    a folder is taken for an earlier preparation's only when its ``manifest.json`` is
+    one; any other folder must hold nothing but what a preparation writes.
 
     Args:
         out: the folder of the shards (need not exist).
@@ -184,8 +233,8 @@ def check_out(out: Path, inputs: Iterable[Path]) -> None:
 
     Raises:
         DataError: ``out`` is a file; an input file lies under ``out`` (no option
-            overrides this); or ``out`` holds files other than a preparation's and no
-            ``manifest.json``.
+            overrides this); a split folder or ``.writing`` is a link or holds other
+            files; or ``out`` holds files other than a preparation's and no manifest of one.
     """
     if out.exists() and not out.is_dir():
         raise DataError(f"out={out} is a file, not a folder; name a new folder for the shards")
@@ -200,13 +249,22 @@ def check_out(out: Path, inputs: Iterable[Path]) -> None:
                 f"out={out} holds the input file {file}; mtl prepare writes and deletes shard "
                 "files there, so name a folder outside the inputs"
             )
-    if out.is_dir() and not (out / MANIFEST_FILE).is_file():
-        foreign = _foreign(out)
-        if foreign is not None:
-            raise DataError(
-                f"out={out} is not empty and is not a folder written by mtl prepare (it holds "
-                f"{foreign}); name a new or empty folder for the shards"
-            )
+    if not out.is_dir():
+        return
+    # Written through, these would put shards (and deletions) somewhere else.
+    links = [n for n in (*SPLITS, WRITING) if (out / n).is_symlink()]
+    if links:
+        raise DataError(
+            f"out={out}: {', '.join(links)} is a link; mtl prepare writes and deletes shard "
+            "files there, so name a new or empty folder"
+        )
+    prepared = _is_our_manifest(out / MANIFEST_FILE)
+    foreign = _foreign_in_writing(out) if prepared else _foreign(out)
+    if foreign is not None:
+        raise DataError(
+            f"out={out} is not empty and is not a folder written by mtl prepare (it holds "
+            f"{foreign}); name a new or empty folder for the shards"
+        )
 
 
 def clear_shards(out: Path) -> None:
