@@ -261,7 +261,11 @@ def read_compatible(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
                 "(their token ids differ)"
             )
         configs = [(c.get("hyper_parameters") or {}).get("net_config") for c in (first, checkpoint)]
-        diffs = differences(*configs, names=(first_name, name))
+        diffs = [
+            d
+            for d in differences(*configs, names=(first_name, name))
+            if not _training_only(d.split(":", 1)[0])
+        ]
         if diffs:
             more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
             raise ValueError(
@@ -292,11 +296,19 @@ def write_merged(
         torch.save(merged, tmp)
         # The rename is atomic: a crash mid-save leaves no half-written --out.
         os.replace(tmp, out)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise ValueError(f"could not write --out {out} ({exc.strerror or exc})") from None
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise ValueError(f"could not write --out {out} ({reason})") from None
     return out
+
+
+def _training_only(key: str) -> bool:
+    """Whether a model-config key changes only training (dropout) or the longest input
+    (``max_seq_len``, from the run's block size), not what the merged weights compute."""
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf == "max_seq_len" or leaf.endswith("dropout")
 
 
 def merge_checkpoints(

@@ -281,6 +281,29 @@ def test_a_failed_save_leaves_the_previous_out_whole(
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]
 
+    # torch.save reports a full disk from its zip writer as a RuntimeError
+    def save_half_then_fail_in_torch(obj: Any, f: Any) -> None:
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 64\nmore")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail_in_torch)
+    with pytest.raises(ValueError, match=r"could not write --out .*unexpected pos 64\)$"):
+        merge_checkpoints([ckpts["a"], ckpts["b"]], [0.5, 0.5], out, force=True)
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]
+
+
+def test_training_only_settings_do_not_stop_a_merge(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    # dropout and the longest input (from the run's block size) change no merged weight
+    def trained_otherwise(checkpoint: dict[str, Any]) -> None:
+        net = checkpoint["hyper_parameters"]["net_config"]
+        net["dropout"] = 0.3
+        net["max_seq_len"] = 2 * int(net.get("max_seq_len") or 64)
+
+    other = _edited(ckpts["b"], tmp_path / "other.ckpt", trained_otherwise)
+    out = merge_checkpoints([ckpts["a"], other], [0.5, 0.5], tmp_path / "m.ckpt")
+    assert torch.load(out, weights_only=True)["merge"]["weights"] == [0.5, 0.5]
+
 
 def test_same_shapes_with_another_model_config_are_refused(
     ckpts: dict[str, Path], tmp_path: Path
