@@ -1,7 +1,8 @@
 """Adapter files: the adapters of a LoRA model, and what they were trained on.
 
-An adapter file (:func:`save_adapters`) holds the adapter tensors, the
-:class:`~mtl.models.lm.lora.LoRAConfig` that adds them, and two marks of the
+An adapter file (:func:`save_adapters`) holds the adapter tensors, the base
+parameters trained along with them (``train_also``, e.g. the routers), the
+:class:`~mtl.models.lm.lora.LoRAConfig` that adds the adapters, and two marks of the
 base they were trained on: its tokenizer's fingerprint and a short hash of a
 few frozen base weights. :func:`load_adapters` checks everything (format,
 adapter names and shapes, tokenizer, base weights) before it changes the model,
@@ -58,6 +59,15 @@ def base_weights_hash(model: nn.Module, names: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _trained_along(model: nn.Module) -> dict[str, Tensor]:
+    """The base parameters left trainable beside the adapters (``train_also``); none when
+    nothing of the base is frozen (then the file holds adapters only)."""
+    base = [(n, p) for n, p in model.named_parameters() if ".lora_" not in f".{n}"]
+    if all(p.requires_grad for _, p in base):
+        return {}
+    return {n: p.detach().cpu().clone() for n, p in base if p.requires_grad}
+
+
 def _hashed_names(model: nn.Module) -> list[str]:
     """The base parameters the hash reads: the frozen ones (all base ones if none is frozen)."""
     base = [(n, p) for n, p in model.named_parameters() if ".lora_" not in f".{n}"]
@@ -96,6 +106,7 @@ def save_adapters(
         "format": ADAPTER_FORMAT,
         "config": config.to_dict(),
         "state": lora_state_dict(model),
+        "trained_along": _trained_along(model),
         "base": base,
     }
     torch.save(blob, Path(path))
@@ -135,6 +146,14 @@ def load_adapters(
     }
     _check_adapter_shapes(path, own, blob["state"])
     _check_base(path, model, blob.get("base"), tokenizer)
+    along = blob.get("trained_along") or {}
+    params = dict(model.named_parameters())
+    for name, value in along.items():
+        if name not in params or params[name].shape != value.shape:
+            raise ValueError(
+                f"{path}: the model has no parameter {name} of shape {tuple(value.shape)}, "
+                "which was trained along with the adapters"
+            )
     for name, module in built:
         prefix = f"{name}."
         module.load_state_dict(
@@ -143,6 +162,9 @@ def load_adapters(
         )
     for name, module in built:
         _replace(model, name, module)
+    with torch.no_grad():
+        for name, value in along.items():
+            params[name].copy_(value)
     return config
 
 

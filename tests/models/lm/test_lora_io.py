@@ -137,3 +137,19 @@ def test_weights_trained_along_are_left_out_of_the_base_hash(tmp_path: Path) -> 
     hashed = torch.load(tmp_path / "a.pt", weights_only=True)["base"]["hashed"]
     assert hashed and not any("gate." in n for n in hashed)
     load_adapters(_lm(0), tmp_path / "a.pt")  # the untouched base is the adapters' base
+
+
+def test_weights_trained_along_are_saved_and_loaded_with_the_adapters(tmp_path: Path) -> None:
+    lm = _lm(0)
+    CONFIG.apply(lm)
+    mark_only_lora_trainable(lm, train_also=("gate.",))
+    with torch.no_grad():
+        lm.layers[1].ffn.gate.proj.weight.add_(1.0)  # as fine-tuning the routers would
+    save_adapters(lm, tmp_path / "a.pt", config=CONFIG)
+    base = _lm(0)
+    load_adapters(base, tmp_path / "a.pt")
+    # the loaded model is the fine-tuned one: routers included, every parameter equal
+    tuned, loaded = dict(lm.named_parameters()), dict(base.named_parameters())
+    assert tuned.keys() == loaded.keys()
+    for name, p in tuned.items():
+        torch.testing.assert_close(loaded[name], p, rtol=0, atol=0, msg=name)
