@@ -260,12 +260,11 @@ def read_compatible(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
                 f"cannot merge LMs with different tokenizers: {first_name} and {name} "
                 "(their token ids differ)"
             )
-        configs = [(c.get("hyper_parameters") or {}).get("net_config") for c in (first, checkpoint)]
-        diffs = [
-            d
-            for d in differences(*configs, names=(first_name, name))
-            if not _training_only(d.split(":", 1)[0])
+        configs = [
+            _model_keys((c.get("hyper_parameters") or {}).get("net_config"))
+            for c in (first, checkpoint)
         ]
+        diffs = differences(*configs, names=(first_name, name))
         if diffs:
             more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
             raise ValueError(
@@ -304,11 +303,18 @@ def write_merged(
     return out
 
 
-def _training_only(key: str) -> bool:
-    """Whether a model-config key changes only training (dropout) or the longest input
+def _model_keys(config: Any) -> Any:
+    """``config`` without the keys that change only training (dropout) or the longest input
     (``max_seq_len``, from the run's block size), not what the merged weights compute."""
-    leaf = key.rsplit(".", 1)[-1]
-    return leaf == "max_seq_len" or leaf.endswith("dropout")
+    if isinstance(config, Mapping):
+        return {
+            k: _model_keys(v)
+            for k, v in config.items()
+            if not (str(k) == "max_seq_len" or str(k).endswith("dropout"))
+        }
+    if isinstance(config, list | tuple):
+        return [_model_keys(v) for v in config]
+    return config
 
 
 def merge_checkpoints(
@@ -386,16 +392,14 @@ def main(argv: Sequence[str]) -> int:
     names = list(args.checkpoints)
     # Every check before the (slow) --auto losses and the write.
     out = check_out(args.out, names, force=args.force)
-    if not args.auto:
-        check_weights(args.weights, len(names))
+    weights = None if args.auto else check_weights(args.weights, len(names))
     checkpoints = read_compatible(names)
     if args.auto:
         check_auto(checkpoints, names)
         weights, losses = auto_weights(names, args.examples, args.temperature)
         for path, loss, w in zip(names, losses, weights, strict=True):
             print(f"{path}: loss {loss:.4f} -> weight {w:.4f}")
-    else:
-        weights = check_weights(args.weights, len(names))
+    assert weights is not None
     out = write_merged(checkpoints, names, weights, out)
     print(f"merged {len(args.checkpoints)} checkpoints -> {out}")
     return 0
